@@ -1,0 +1,10 @@
+"""dyntok: input-adaptive Vision Transformers on current PyTorch and timm, measured for real."""
+from .methods import (AdaptiveViT, LossOutput, Prediction, TrainingPhase, create_model, create_model_from_config,
+                      list_methods, list_models, register_method)
+from .checkpoint import load_model, save_model
+
+__version__ = "0.1.0"
+
+__all__ = ["AdaptiveViT", "LossOutput", "Prediction", "TrainingPhase", "create_model",
+           "create_model_from_config", "list_methods", "list_models", "load_model", "register_method",
+           "save_model", "__version__"]

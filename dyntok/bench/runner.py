@@ -1,0 +1,269 @@
+"""Run a benchmark: train every entry once, evaluate each budget point, time it against the dense model.
+
+The runner only talks to models through the method contract (``calibrate``, ``budget_sweep``,
+``set_budget``, ``predict``, ``dense_macs``); what differs between entries is in the spec, never in code.
+Training and evaluation are cached (see :mod:`.cache`); speed is measured afresh on every run, each budget
+point interleaved with the reference model in this process, on real test images (docs/measurement.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import timm
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..checkpoint import load_model
+from ..data import build_loaders
+from ..measure.evaluate import evaluate
+from ..measure.speed import measure_latency, measure_throughput
+from ..methods import AdaptiveViT
+from ..training import distributed
+from ..training.trainer import train
+from ..report.leaderboard import derived_metrics
+from .cache import EntryCache
+from .plan import EntryPlan, Plan, entry_caches, make_plan, select_entries, sweep_key, train_config
+from .spec import TRAIN_FIELDS, BenchSpec, Entry, format_knobs
+
+__all__ = ["run_benchmark", "prepare", "RESULTS_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "dyntok-bench/1"
+
+
+# ------------------------------------------------------------------------------------------ progress
+class StageBar:
+    """One progress bar over the whole run; each stage advances it by its estimated seconds.
+
+    tqdm's remaining-time estimate then scales the plan's estimates by how fast the run really goes.
+    """
+
+    def __init__(self, total_seconds: float, enabled: bool) -> None:
+        self.bar = tqdm(total=max(total_seconds, 1.0), disable=not enabled, desc="bench",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    @contextlib.contextmanager
+    def stage(self, label: str, seconds: float) -> Iterator[None]:
+        self.bar.set_description_str(label)
+        self.bar.refresh()
+        yield
+        self.bar.update(min(seconds, self.bar.total - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.set_description_str("done")
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _train_entry(spec: BenchSpec, item: EntryPlan, caches: dict[str, EntryCache], device: torch.device,
+                 progress: bool) -> None:
+    entry = item.entry
+    init = caches[entry.init].model_path if entry.init else None
+    config = train_config(spec, entry, item.cache.folder, init, device=str(device), progress=progress)
+    started = time.perf_counter()
+    result = train(config)
+    item.cache.mark_done({"entry": entry.name, "model": entry.model, "train_seconds": time.perf_counter() - started,
+                          "metrics": result.metrics})
+
+
+def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
+    """Knobs as plain JSON values (tensors to lists), exactly as they read back from a cache file."""
+    def plain(value: Any) -> Any:
+        return value.tolist() if isinstance(value, torch.Tensor) else value
+    return json.loads(json.dumps({key: plain(value) for key, value in knobs.items()}))
+
+
+def resolve_points(entry: Entry, model: AdaptiveViT, holdout, cache: EntryCache) -> list[dict[str, Any]]:
+    """The entry's budget points as ``{"label", "knobs"}``, calibrating on the held-out split where asked."""
+    key = sweep_key(entry)
+    cached = cache.load_points(key)
+    if cached is not None:
+        return cached
+    needs_holdout = entry.calibrate is not None or any(p.calibrate is not None for p in entry.budgets or ())
+    if needs_holdout and holdout is None:
+        raise ValueError(f"entry {entry.name!r} calibrates on the held-out split, but data.holdout_size is 0")
+    if entry.calibrate is not None:
+        model.calibrate(holdout, **entry.calibrate)
+    if entry.budgets is None:
+        points = [{"label": format_knobs(knobs), "knobs": _jsonable(knobs)} for knobs in model.budget_sweep()]
+    else:
+        points = []
+        for point in entry.budgets:
+            if point.calibrate is not None:
+                knobs = model.calibrate(holdout, **point.calibrate)
+                label = f"{format_knobs(point.calibrate)} (calibrated)"
+            else:
+                knobs, label = point.knobs, point.label
+            points.append({"label": label, "knobs": _jsonable(knobs)})
+    for point in points:
+        try:
+            model.set_budget(**point["knobs"])
+        except ValueError as error:
+            raise ValueError(f"entry {entry.name!r}, budget point {point['label']}: {error}") from None
+    cache.save_points(key, points)
+    return points
+
+
+def _evaluate_point(model: AdaptiveViT, knobs: dict[str, Any], loader, cache: EntryCache,
+                    device: torch.device) -> dict[str, Any]:
+    model.set_budget(**knobs)
+    record = cache.load_eval(knobs)
+    if record is None:
+        result = evaluate(model, loader, device, progress=False)
+        extras = {key: value.double().mean().item() for key, value in result.extras.items()
+                  if value.ndim == 1 and not value.is_complex()}
+        record = {**result.summary(), "extras_mean": extras}
+        cache.save_eval(knobs, record)
+    return {key: value for key, value in record.items() if key != "knobs"}
+
+
+def _measure_speed(reference: AdaptiveViT, model: AdaptiveViT | None, images: torch.Tensor, spec: BenchSpec,
+                   device: torch.device) -> dict[str, float]:
+    """Throughput and batch-1 latency of ``model`` and the reference, interleaved (reference alone if None)."""
+    settings = spec.speed
+    models = {"reference": reference.predict}
+    if model is not None:
+        models["candidate"] = model.predict
+    throughput = measure_throughput(models, images, settings.batch_size, settings.repeats, settings.warmup, device)
+    latency = measure_latency(models, images[:settings.latency_images], settings.repeats, settings.warmup, device)
+    name = "candidate" if model is not None else "reference"
+    return {"throughput": throughput[name].value, "reference_throughput": throughput["reference"].value,
+            "speedup": throughput[name].value / throughput["reference"].value,
+            "latency_ms": latency[name].value, "reference_latency_ms": latency["reference"].value,
+            "latency_speedup": latency["reference"].value / latency[name].value}
+
+
+def _first_images(loader, count: int) -> torch.Tensor:
+    """The first ``count`` test images, transformed as for evaluation (real content: exits depend on it)."""
+    batches, have = [], 0
+    for images, _ in loader:
+        batches.append(images)
+        have += len(images)
+        if have >= count:
+            break
+    return torch.cat(batches)[:count]
+
+
+# ------------------------------------------------------------------------------------------ environment
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Package versions and the machine, so a number can be traced to where it was measured."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "dyntok": __version__, "platform": platform.platform(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+# ------------------------------------------------------------------------------------------ the run
+def prepare(spec: BenchSpec, output: str | Path, only: list[str] | tuple[str, ...] = ()
+            ) -> tuple[Plan, dict[str, Any], dict[str, EntryCache]]:
+    """Load the data, find what is cached and estimate the rest: everything ``--dry-run`` shows."""
+    entries = select_entries(spec, only)
+    device = distributed.select_device(spec.device)
+    loaders = build_loaders(spec.data)
+    caches = entry_caches(spec, entries, Path(output) / "cache")
+    return make_plan(spec, entries, caches, loaders, device), loaders, caches
+
+
+def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[str, ...] = (),
+                  progress: bool = True) -> dict[str, Any]:
+    """Run (or finish) the benchmark; write ``results.json`` and the report into ``output``; return the results."""
+    output = Path(output)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    plan, loaders, caches = prepare(spec, output, only)
+    for entry in spec.entries:
+        if entry.skipped:
+            log.warning("skipping entry %r (%s): %s", entry.name, entry.model, entry.skipped)
+    device = plan.device
+    bar = StageBar(plan.seconds, progress)
+    try:
+        for item in plan.entries:
+            if item.status != "cached":
+                with bar.stage(f"train {item.entry.name}", item.train_seconds):
+                    _train_entry(spec, item, caches, device, progress)
+        records = _measure_entries(spec, plan, loaders, bar)
+    finally:
+        bar.close()
+    results = {
+        "format": RESULTS_FORMAT,
+        "spec": spec.to_dict(),
+        "dataset": {"name": Path(spec.data.dataset).name, "source": loaders["source"], "num_classes": loaders["num_classes"],
+                    "train_images": len(loaders["train"].dataset),
+                    "holdout_images": len(loaders["holdout"].dataset) if loaders["holdout"] is not None else 0,
+                    "test_images": len(loaders["test"].dataset)},
+        "backbone": spec.backbone,
+        "reference": spec.reference,
+        "speed": {**spec.to_dict()["speed"], "device": str(device),
+                  "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32"},
+        "environment": environment(device),
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
+        "entries": records,
+        "skipped": [{"name": e.name, "model": e.model, "reason": e.skipped} for e in spec.entries if e.skipped],
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    from ..report import render_report
+
+    render_report(output)
+    return results
+
+
+def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: StageBar) -> list[dict[str, Any]]:
+    device = plan.device
+    caches = {item.entry.name: item.cache for item in plan.entries}
+    reference = load_model(caches[spec.reference].model_path, map_location=device).eval()
+    images = _first_images(loaders["test"], spec.speed.images)
+    records = []
+    for item in plan.entries:
+        entry = item.entry
+        model = load_model(item.cache.model_path, map_location=device).eval()
+        with bar.stage(f"calibrate {entry.name}" if item.calibrate_seconds else f"load {entry.name}",
+                       item.calibrate_seconds):
+            points = resolve_points(entry, model, loaders["holdout"], item.cache)
+        measured = []
+        for point in points:
+            with bar.stage(f"eval {entry.name} {point['label']}", item.point_seconds):
+                accuracy = _evaluate_point(model, point["knobs"], loaders["test"], item.cache, device)
+                is_reference = entry.name == spec.reference
+                speed = _measure_speed(reference, None if is_reference else model, images, spec, device)
+            measured.append({**point, **accuracy, **speed})
+        records.append(_entry_record(spec, entry, item.cache, model, measured))
+    reference_gmacs = next(r for r in records if r["name"] == spec.reference)["points"][0]["mean_gmacs"]
+    for record in records:
+        for point in record["points"]:
+            point.update(derived_metrics(point, reference_gmacs))
+    return records
+
+
+def _entry_record(spec: BenchSpec, entry: Entry, cache: EntryCache, model: AdaptiveViT,
+                  points: list[dict[str, Any]]) -> dict[str, Any]:
+    done = cache.done_record() or {}
+    # A model without budget knobs spends the same on every image: a static baseline.
+    kind = "reference" if entry.name == spec.reference else "adaptive" if model.get_budget() else "static"
+    config = train_config(spec, entry).to_dict()
+    return {"name": entry.name, "model": entry.model, "method": entry.method, "kind": kind, "init": entry.init,
+            "model_kwargs": entry.model_kwargs, "train": {key: config[key] for key in TRAIN_FIELDS},
+            "key": cache.key, "cache": str(cache.folder),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "dense_gmacs": model.dense_macs() / 1e9,
+            "train_seconds": done.get("train_seconds"), "train_metrics": done.get("metrics"), "points": points}

@@ -1,0 +1,467 @@
+"""Benchmark specs: the data, the backbone, the training budget and the entries to compare.
+
+A spec is a YAML file (see docs/benchmark.md for every field)::
+
+    name: cpu
+    data: {dataset: cifar10, batch_size: 128, holdout_size: 5000}
+    backbone: vit_cifar_micro
+    train: {epochs: 3, lr: 1.0e-3}            # defaults for every entry
+    speed: {batch_size: 64, images: 1024}
+    entries:
+      - name: dense
+        model: "{backbone}"
+      - name: dynamicvit
+        model: dynamicvit_{backbone}
+        init: dense                           # start from the dense entry's weights (and use it as teacher)
+        train: {epochs: 1}
+        budgets: [{keep_ratio: 0.5}, {keep_ratio: 0.7}]
+      - name: dvt
+        model: dvt_{backbone}
+        calibrate: {}                         # fit on the held-out split, then use the model's budget_sweep()
+
+Parsing checks everything that can be checked without training: field names and types, model names,
+method keyword arguments, and references between entries. Errors name the field, e.g.
+``entries[2].train.epochs: expected a positive number, got 'ten'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import timm
+import yaml
+
+from ..data import DataConfig
+from ..methods.registry import get_method, list_methods, split_model_name
+from ..models.vit import BACKBONE_OVERRIDES, PRESETS
+
+__all__ = ["SpecError", "BudgetPoint", "Entry", "SpeedSettings", "BenchSpec", "PROFILES", "load_spec",
+           "parse_spec", "builtin_spec_path", "TRAIN_FIELDS"]
+
+#: Built-in specs, by ``--profile`` name.
+PROFILES = {"cpu": "cpu.yaml", "full": "cpu_full.yaml", "gpu": "gpu.yaml"}
+
+#: Placeholder in an entry's ``model`` replaced by the spec's ``backbone``.
+BACKBONE_PLACEHOLDER = "{backbone}"
+
+#: Keyword arguments ``create_model`` itself takes besides backbone overrides and method options.
+_CREATE_MODEL_ARGUMENTS = ("pretrained", "pretrained_file")
+
+
+class SpecError(ValueError):
+    """A benchmark spec that does not parse; the message starts with the offending field."""
+
+
+# ------------------------------------------------------------------------------------------ value checks
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def _as_number(value: Any, where: str, what: str) -> float:
+    """A YAML number; strings that read as numbers count too (YAML 1.1 reads ``1e-3`` as a string)."""
+    if isinstance(value, bool):
+        raise SpecError(f"{where}: expected {what}, got {_describe(value)}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise SpecError(f"{where}: expected {what}, got {_describe(value)}") from None
+    if not isinstance(value, (int, float)):
+        raise SpecError(f"{where}: expected {what}, got {_describe(value)}")
+    return value
+
+
+def positive(value: Any, where: str) -> float:
+    number = _as_number(value, where, "a positive number")
+    if not number > 0:
+        raise SpecError(f"{where}: expected a positive number, got {_describe(value)}")
+    return number
+
+
+def non_negative(value: Any, where: str) -> float:
+    number = _as_number(value, where, "a number >= 0")
+    if not number >= 0:
+        raise SpecError(f"{where}: expected a number >= 0, got {_describe(value)}")
+    return number
+
+
+def fraction(value: Any, where: str) -> float:
+    number = _as_number(value, where, "a number in [0, 1)")
+    if not 0 <= number < 1:
+        raise SpecError(f"{where}: expected a number in [0, 1), got {_describe(value)}")
+    return number
+
+
+def integer(value: Any, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{where}: expected an integer >= {minimum}, got {_describe(value)}")
+    return value
+
+
+def positive_integer(value: Any, where: str) -> int:
+    return integer(value, where, minimum=1)
+
+
+def count_or_fraction(value: Any, where: str) -> int | float:
+    """An image count (integer) or a share (a number in [0, 1))."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return fraction(value, where)
+
+
+def boolean(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}: expected true or false, got {_describe(value)}")
+    return value
+
+
+def text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{where}: expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """``check`` that also accepts ``null``."""
+    def check_or_none(value: Any, where: str) -> Any:
+        return None if value is None else check(value, where)
+    return check_or_none
+
+
+def mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}: expected a mapping (key: value), got {_describe(value)}")
+    return dict(value)
+
+
+def _check_keys(values: Mapping[str, Any], known: Mapping[str, Any] | list[str], where: str) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SpecError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"known keys: {', '.join(sorted(known))}")
+
+
+def _validated(values: Mapping[str, Any], checks: Mapping[str, Callable[[Any, str], Any]], where: str
+               ) -> dict[str, Any]:
+    _check_keys(values, checks, where)
+    return {key: checks[key](value, f"{where}.{key}") for key, value in values.items()}
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """Knobs and targets end up in cache keys and results.json, so they must be plain JSON values."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise SpecError(f"{where}: expected plain numbers, strings or lists, got {_describe(value)}") from None
+    return value
+
+
+# ------------------------------------------------------------------------------------------ sections
+#: Training settings a spec may set (globally under ``train:`` or per entry), with their checks.
+#: Everything else in ``TrainConfig`` is the benchmark's business (model, data, output folder, init, device).
+TRAIN_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "epochs": positive,
+    "lr": positive,
+    "min_lr": non_negative,
+    "weight_decay": non_negative,
+    "warmup_epochs": non_negative,
+    "label_smoothing": fraction,
+    "clip_grad": optional(positive),
+    "ema_decay": optional(fraction),
+    "seed": integer,
+    "amp": optional(boolean),
+    "compile": boolean,
+}
+
+#: Checks for the ``DataConfig`` fields whose type matters before loading; the others are passed through.
+_DATA_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "dataset": text,
+    "batch_size": positive_integer,
+    "eval_batch_size": optional(positive_integer),
+    "image_size": optional(positive_integer),
+    "holdout_size": count_or_fraction,
+    "seed": integer,
+}
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How speed is measured (docs/measurement.md): batch size, how many real test images, repetitions."""
+
+    batch_size: int = 64
+    images: int = 1024
+    latency_images: int = 64
+    repeats: int = 5
+    warmup: int = 1
+
+
+_SPEED_CHECKS = {"batch_size": positive_integer, "images": positive_integer, "latency_images": positive_integer,
+                 "repeats": positive_integer, "warmup": integer}
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One point of an entry's sweep: knobs to set, or targets to calibrate for on the held-out split."""
+
+    knobs: dict[str, Any] | None = None
+    calibrate: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.calibrate is not None:
+            return "calibrate " + format_knobs(self.calibrate) if self.calibrate else "calibrate"
+        return format_knobs(self.knobs or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calibrate": self.calibrate} if self.calibrate is not None else dict(self.knobs or {})
+
+
+def format_knobs(knobs: Mapping[str, Any]) -> str:
+    """``{'keep_ratio': 0.7}`` -> ``keep_ratio=0.7``; floats shortened, lists bracketed."""
+    def short(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        if isinstance(value, (list, tuple)):
+            return "[" + ",".join(short(item) for item in value) + "]"
+        return str(value)
+    return " ".join(f"{key}={short(value)}" for key, value in knobs.items()) or "default"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One contender: a model trained with its settings, then evaluated at each budget point.
+
+    ``train`` holds the spec's training defaults with the entry's own settings on top. ``budgets`` is None
+    when the model's own ``budget_sweep()`` decides the points (after ``calibrate``, if given).
+    ``skipped`` says why the entry cannot run here (its method is not registered), else None.
+    """
+
+    name: str
+    model: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    budgets: tuple[BudgetPoint, ...] | None = None
+    calibrate: dict[str, Any] | None = None
+    skipped: str | None = None
+
+    @property
+    def method(self) -> str:
+        return split_model_name(self.model)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["budgets"] = None if self.budgets is None else [point.to_dict() for point in self.budgets]
+        return values
+
+
+_ENTRY_KEYS = ("name", "model", "model_kwargs", "init", "train", "budgets", "calibrate")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """A parsed, checked benchmark spec."""
+
+    name: str
+    data: DataConfig
+    backbone: str
+    entries: tuple[Entry, ...]
+    reference: str = "dense"
+    description: str = ""
+    device: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    source: str = ""
+
+    def entry(self, name: str) -> Entry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"no entry {name!r}; entries: {', '.join(e.name for e in self.entries)}")
+
+    @property
+    def runnable(self) -> tuple[Entry, ...]:
+        return tuple(entry for entry in self.entries if entry.skipped is None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "source": self.source,
+                "data": self.data.to_dict(), "backbone": self.backbone, "reference": self.reference,
+                "device": self.device, "train": dict(self.train), "speed": dataclasses.asdict(self.speed),
+                "entries": [entry.to_dict() for entry in self.entries]}
+
+
+_TOP_LEVEL_KEYS = ("name", "description", "data", "backbone", "reference", "device", "train", "speed", "entries")
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def builtin_spec_path(profile: str) -> Path:
+    """The YAML file of a built-in profile (``cpu``, ``full``, ``gpu``)."""
+    if profile not in PROFILES:
+        raise SpecError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    return Path(str(resources.files("dyntok.bench").joinpath("specs", PROFILES[profile])))
+
+
+def load_spec(path: str | Path) -> BenchSpec:
+    """Read and check a spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no benchmark spec at {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path} is not valid YAML: {error}") from None
+    try:
+        return parse_spec(values, source=str(path))
+    except SpecError as error:
+        raise SpecError(f"{path}: {error}") from None
+
+
+def parse_spec(values: Any, source: str = "") -> BenchSpec:
+    """Check a spec given as a dict (e.g. ``yaml.safe_load`` output) and build a :class:`BenchSpec`."""
+    values = mapping(values, "spec")
+    _check_keys(values, _TOP_LEVEL_KEYS, "spec")
+    for required in ("name", "backbone", "entries"):
+        if required not in values:
+            raise SpecError(f"{required}: missing; a spec needs name, backbone and entries")
+    backbone = text(values["backbone"], "backbone")
+    if not _is_backbone(backbone):
+        raise SpecError(f"backbone: unknown backbone {backbone!r}; use a dyntok preset ({', '.join(PRESETS)}) "
+                        f"or a timm plain-ViT name such as 'deit_small_patch16_224'")
+    defaults = _validated(mapping(values.get("train"), "train"), TRAIN_FIELDS, "train")
+    entries = _parse_entries(values["entries"], backbone, defaults)
+    reference = text(values.get("reference", "dense"), "reference")
+    by_name = {entry.name: entry for entry in entries}
+    if reference not in by_name:
+        raise SpecError(f"reference: no entry named {reference!r}; entries: {', '.join(by_name)}")
+    if by_name[reference].skipped:
+        raise SpecError(f"reference: entry {reference!r} cannot run here ({by_name[reference].skipped})")
+    return BenchSpec(
+        name=text(values["name"], "name"), description=str(values.get("description") or ""),
+        data=_parse_data(values.get("data")), backbone=backbone, entries=tuple(entries), reference=reference,
+        device=text(values.get("device", "auto"), "device"), train=defaults,
+        speed=SpeedSettings(**_validated(mapping(values.get("speed"), "speed"), _SPEED_CHECKS, "speed")),
+        source=source)
+
+
+def _parse_data(values: Any) -> DataConfig:
+    values = mapping(values, "data")
+    known = [f.name for f in dataclasses.fields(DataConfig)]
+    _check_keys(values, known, "data")
+    checked = {key: _DATA_CHECKS[key](value, f"data.{key}") if key in _DATA_CHECKS else value
+               for key, value in values.items()}
+    try:
+        return DataConfig(**checked)
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"data: {error}") from None
+
+
+def _parse_entries(values: Any, backbone: str, defaults: dict[str, Any]) -> list[Entry]:
+    if not isinstance(values, list) or not values:
+        raise SpecError(f"entries: expected a non-empty list of entries, got {_describe(values)}")
+    entries: list[Entry] = []
+    for index, raw in enumerate(values):
+        entry = _parse_entry(raw, f"entries[{index}]", backbone, defaults, {e.name: e for e in entries})
+        entries.append(entry)
+    return entries
+
+
+def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], earlier: dict[str, Entry]
+                 ) -> Entry:
+    raw = mapping(raw, where)
+    _check_keys(raw, _ENTRY_KEYS, where)
+    for required in ("name", "model"):
+        if required not in raw:
+            raise SpecError(f"{where}.{required}: missing; an entry needs at least name and model")
+    name = text(raw["name"], f"{where}.name")
+    if not _NAME_PATTERN.match(name):
+        raise SpecError(f"{where}.name: {name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
+    if name in earlier:
+        raise SpecError(f"{where}.name: {name!r} is used by an earlier entry")
+    model = text(raw["model"], f"{where}.model").replace(BACKBONE_PLACEHOLDER, backbone)
+    skipped = _unregistered_method(model, f"{where}.model")
+    model_kwargs = mapping(raw.get("model_kwargs"), f"{where}.model_kwargs")
+    if skipped is None:
+        _check_method_kwargs(model, model_kwargs, f"{where}.model_kwargs")
+    init = optional(text)(raw.get("init"), f"{where}.init")
+    if init is not None:
+        if init not in earlier:
+            raise SpecError(f"{where}.init: {init!r} is not an earlier entry; entries it may start from: "
+                            f"{', '.join(earlier) or 'none'}")
+        if skipped is None and earlier[init].skipped:
+            skipped = f"it starts from entry {init!r}, which is skipped"
+    train = {**defaults, **_validated(mapping(raw.get("train"), f"{where}.train"), TRAIN_FIELDS, f"{where}.train")}
+    if "epochs" not in train:
+        raise SpecError(f"{where}.train.epochs: missing, and the spec's train section sets no default")
+    return Entry(name=name, model=model, model_kwargs=_json_value(model_kwargs, f"{where}.model_kwargs"),
+                 train=train, init=init, budgets=_parse_budgets(raw.get("budgets"), f"{where}.budgets"),
+                 calibrate=_parse_targets(raw.get("calibrate"), f"{where}.calibrate"), skipped=skipped)
+
+
+def _parse_budgets(values: Any, where: str) -> tuple[BudgetPoint, ...] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not values:
+        raise SpecError(f"{where}: expected a non-empty list of budget points (or leave it out to use the "
+                        f"model's budget_sweep()), got {_describe(values)}")
+    points = []
+    for index, value in enumerate(values):
+        point_where = f"{where}[{index}]"
+        value = mapping(value, point_where)
+        if not value:
+            raise SpecError(f"{point_where}: empty budget point; give knobs (keep_ratio: 0.7) or "
+                            f"calibrate: {{targets}}")
+        if "calibrate" in value:
+            _check_keys(value, ["calibrate"], point_where)
+            points.append(BudgetPoint(calibrate=_parse_targets(value["calibrate"], f"{point_where}.calibrate")))
+        else:
+            points.append(BudgetPoint(knobs=_json_value(value, point_where)))
+    return tuple(points)
+
+
+def _parse_targets(value: Any, where: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return _json_value(mapping(value, where), where)
+
+
+def _is_backbone(name: str) -> bool:
+    return name in PRESETS or timm.is_model(name)
+
+
+def _unregistered_method(model: str, where: str) -> str | None:
+    """Why ``model`` cannot be built here (its method is not registered), None if it can.
+
+    Raises for names that are no model at all, so typos in the backbone part fail at parse time.
+    """
+    _, backbone = split_model_name(model)
+    if _is_backbone(backbone):
+        return None
+    prefix, _, rest = model.partition("_")
+    if rest and _is_backbone(rest):
+        return f"method {prefix!r} is not registered here (registered: {', '.join(list_methods())})"
+    raise SpecError(f"{where}: unknown model {model!r}; a model is <method>_<backbone> or a bare backbone, with "
+                    f"methods {', '.join(list_methods())} and backbones {', '.join(PRESETS)} or a timm ViT name")
+
+
+def _check_method_kwargs(model: str, kwargs: dict[str, Any], where: str) -> None:
+    """Method options must be arguments of the method's ``__init__``; backbone overrides always are."""
+    cls = get_method(split_model_name(model)[0])
+    method_kwargs = {key: value for key, value in kwargs.items()
+                     if key not in BACKBONE_OVERRIDES and key not in _CREATE_MODEL_ARGUMENTS}
+    try:
+        inspect.signature(cls).bind(None, **method_kwargs)
+    except TypeError:
+        accepted = [name for name in inspect.signature(cls).parameters if name != "backbone"]
+        unknown = sorted(set(method_kwargs) - set(accepted))
+        raise SpecError(f"{where}: {cls.__name__} does not take {', '.join(map(repr, unknown))}; it takes "
+                        f"{', '.join(accepted) or 'no options'}, plus backbone overrides "
+                        f"({', '.join(BACKBONE_OVERRIDES)})") from None

@@ -1,0 +1,42 @@
+"""Arguments shared by several sub-commands: data options and ``key=value`` budget knobs."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..data import DataConfig
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="cifar10",
+                       help="cifar10, cifar100, or an image-folder tree (its name in a data root, or its path) "
+                            "laid out as root/{train,test|val}/<class>/* (default: cifar10)")
+    group.add_argument("--data-root", default=None,
+                       help="where to look first; then $DYNTOK_DATA, ./data, ../shared/data")
+    group.add_argument("--download", action="store_true", help="download CIFAR-10/100 with torchvision if missing")
+    group.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
+    group.add_argument("--holdout-size", type=float, default=5000,
+                       help="training images held out for calibration: a count, or a fraction if < 1 "
+                            "(default: 5000)")
+
+
+def data_config(args: argparse.Namespace, **extra: Any) -> DataConfig:
+    holdout = args.holdout_size if args.holdout_size < 1 else int(args.holdout_size)
+    return DataConfig(dataset=args.dataset, data_root=args.data_root, download=args.download,
+                      batch_size=args.batch_size, holdout_size=holdout, **extra)
+
+
+def parse_knobs(pairs: list[str]) -> dict[str, Any]:
+    """``["keep_ratio=0.7", "thresholds=[0.9,0.8]"]`` -> ``{"keep_ratio": 0.7, "thresholds": [0.9, 0.8]}``."""
+    knobs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            knobs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            knobs[key] = value
+    return knobs

@@ -1,0 +1,84 @@
+"""``dyntok eval``: accuracy, per-image GMACs, throughput and batch-1 latency of a saved model."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..data import build_loaders
+from ..measure.evaluate import evaluate
+from ..measure.speed import measure_latency, measure_throughput
+from ..methods import create_model_from_config
+from ..training.distributed import select_device
+from ._common import add_data_arguments, data_config, parse_knobs
+
+
+def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name, help="evaluate a saved model: top-1, GMACs, speed",
+        description="Evaluate a model.safetensors (or a training checkpoint) on the test split: top-1, mean and "
+                    "per-image GMACs, then throughput and batch-1 latency measured interleaved with the dense "
+                    "backbone of the same shape (speed-ups are ratios to it, as docs/measurement.md says).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="model.safetensors or last.safetensors written by dyntok train")
+    parser.add_argument("--budget", action="append", default=[], metavar="KNOB=VALUE",
+                        help="set a budget knob before evaluating, e.g. keep_ratio=0.7 (repeatable)")
+    parser.add_argument("--calibrate-gmacs", type=float, default=None,
+                        help="fit the budget knobs on the held-out split to this mean GMACs first")
+    add_data_arguments(parser)
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--no-speed", action="store_true", help="skip throughput and latency")
+    speed.add_argument("--speed-batch-size", type=int, default=None, help="default: 64 on CPU, 256 on GPU")
+    speed.add_argument("--speed-images", type=int, default=1024, help="test images timed for throughput")
+    speed.add_argument("--latency-images", type=int, default=64, help="test images timed one by one")
+    speed.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--output", default=None, help="write the results as JSON here (default: print only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def dense_reference(model):
+    """The dense backbone of the same shape; its speed does not depend on its weights."""
+    config = dict(model.config, method="dense", method_kwargs={})
+    return create_model_from_config(config)
+
+
+def speed_report(model, images: torch.Tensor, device: torch.device, args: argparse.Namespace) -> dict:
+    dense = dense_reference(model).to(device).eval()
+    predictors = {"model": model.predict, "dense": dense.predict}
+    batch_size = args.speed_batch_size or (256 if device.type == "cuda" else 64)
+    throughput = measure_throughput(predictors, images[:args.speed_images], batch_size, args.repeats, device=device)
+    latency = measure_latency(predictors, images[:args.latency_images], args.repeats, device=device)
+    return {"batch_size": batch_size, "throughput": throughput["model"].value,
+            "dense_throughput": throughput["dense"].value,
+            "speedup": throughput["model"].value / throughput["dense"].value,
+            "latency_ms": latency["model"].value, "dense_latency_ms": latency["dense"].value,
+            "latency_ratio": latency["model"].value / latency["dense"].value}
+
+
+def run(args: argparse.Namespace) -> int:
+    device = select_device(args.device)
+    model = load_model(args.checkpoint, map_location=device).eval()
+    image_size = model.backbone_spec.resolved_kwargs()[1].get("img_size")
+    loaders = build_loaders(data_config(args, image_size=image_size))
+    if args.budget:
+        model.set_budget(**parse_knobs(args.budget))
+    if args.calibrate_gmacs is not None:
+        if loaders["holdout"] is None:
+            raise ValueError("--calibrate-gmacs needs a held-out split (--holdout-size > 0)")
+        model.calibrate(loaders["holdout"], gmacs=args.calibrate_gmacs)
+    result = evaluate(model, loaders["test"], device, progress=not args.no_progress)
+    report = {"checkpoint": args.checkpoint, "config": model.config, "budget": model.get_budget(),
+              **result.summary(), "mac_reduction": model.dense_macs() / 1e9 / result.mean_gmacs}
+    if not args.no_speed:
+        images = torch.cat([batch for batch, _ in loaders["test"]])
+        report["speed"] = speed_report(model, images, device, args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0

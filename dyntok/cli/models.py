@@ -1,0 +1,29 @@
+"""``dyntok models``: list the model names ``create_model`` and ``--model`` accept."""
+from __future__ import annotations
+
+import argparse
+
+from ..measure.macs import vit_macs
+from ..methods import list_methods, list_models
+from ..models import PRESETS, create_backbone
+
+
+def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help="list methods, presets and model names",
+                                   description="List registered methods and CIFAR presets with their size.")
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'dvt_*'")
+    parser.add_argument("--timm", action="store_true", help="also list timm's plain-ViT names")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    print("methods:", ", ".join(list_methods()))
+    print(f"{'preset':<18}{'params (M)':>12}{'GMACs':>10}")
+    for preset in PRESETS:
+        vit = create_backbone(preset)
+        params = sum(p.numel() for p in vit.parameters()) / 1e6
+        print(f"{preset:<18}{params:>12.2f}{vit_macs(vit) / 1e9:>10.4f}")
+    print("\nmodels:")
+    for model_name in list_models(args.pattern, include_timm=args.timm):
+        print(" ", model_name)
+    return 0

@@ -1,0 +1,1 @@
+"""Measurement: analytic MACs, accuracy and speed, one protocol for every method."""

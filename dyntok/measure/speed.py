@@ -1,0 +1,87 @@
+"""Throughput and latency, measured as the project's protocol says (docs/measurement.md).
+
+Speed is only meaningful as a ratio to the dense model measured in the same process, interleaved with it,
+on real test images (a dynamic model's cost depends on content). Each repetition times every model once, in
+rotating order, so drifts in machine speed hit all models alike; the median repetition is reported.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context"]
+
+
+@dataclass
+class SpeedResult:
+    """Median and every repetition; ``value`` is images/s for throughput, ms/image for latency."""
+
+    value: float
+    repetitions: list[float]
+
+
+def inference_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """float32 on CPU, bf16 autocast on GPU (the protocol's settings)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_pass(predict: Callable[[Tensor], object], batches: list[Tensor], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), inference_context(device):
+        for batch in batches:
+            predict(batch)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _interleaved(models: Mapping[str, Callable[[Tensor], object]], batches: list[Tensor], images: int,
+                 repeats: int, warmup: int, device: torch.device, desc: str) -> dict[str, list[float]]:
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            _time_pass(models[name], batches, device)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for rep in tqdm(range(repeats), desc=desc, leave=False):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            seconds[name].append(_time_pass(models[name], batches, device))
+    return seconds
+
+
+def measure_throughput(models: Mapping[str, Callable[[Tensor], object]], images: Tensor, batch_size: int = 64,
+                       repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu"
+                       ) -> dict[str, SpeedResult]:
+    """Images per second of each ``predict`` callable over ``images``, interleaved; median of ``repeats``."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    device = torch.device(device)
+    batches = [chunk.to(device) for chunk in images.split(batch_size)]
+    seconds = _interleaved(models, batches, len(images), repeats, warmup, device, "throughput")
+    return {name: SpeedResult(len(images) / statistics.median(times), [len(images) / t for t in times])
+            for name, times in seconds.items()}
+
+
+def measure_latency(models: Mapping[str, Callable[[Tensor], object]], images: Tensor, repeats: int = 5,
+                    warmup: int = 1, device: str | torch.device = "cpu") -> dict[str, SpeedResult]:
+    """Milliseconds per image at batch size 1, interleaved; median of ``repeats`` passes over ``images``."""
+    device = torch.device(device)
+    batches = [image.unsqueeze(0).to(device) for image in images]
+    seconds = _interleaved(models, batches, len(images), repeats, warmup, device, "latency")
+    return {name: SpeedResult(1000 * statistics.median(times) / len(images),
+                              [1000 * t / len(images) for t in times])
+            for name, times in seconds.items()}

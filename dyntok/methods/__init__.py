@@ -1,0 +1,9 @@
+"""Adaptive ViT methods; importing this package registers every implemented method."""
+from .base import AdaptiveViT, LossOutput, Prediction, TrainingPhase
+from .registry import create_model, create_model_from_config, list_methods, list_models, register_method
+from . import dense  # noqa: F401  (registers "dense")
+from . import dynamicvit  # noqa: F401  (registers "dynamicvit")
+from . import dvt  # noqa: F401  (registers "dvt")
+
+__all__ = ["AdaptiveViT", "LossOutput", "Prediction", "TrainingPhase", "create_model",
+           "create_model_from_config", "list_methods", "list_models", "register_method"]

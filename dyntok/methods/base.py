@@ -1,0 +1,188 @@
+"""The contract every dyntok method fulfils.
+
+The trainer, the evaluator and the benchmark talk to every model through this interface and never ask
+which method they hold. A method is an ``nn.Module`` that:
+
+* is built from a :class:`~dyntok.models.BackboneSpec` plus its own keyword arguments (``create_model``);
+* in training mode, returns from ``forward`` whatever its :meth:`compute_loss` needs;
+* computes its loss: the task loss (given by the trainer, so label smoothing and mixup stay the trainer's
+  business) plus its own terms, using a frozen teacher when it asked for one;
+* in eval mode answers :meth:`predict` with logits **and the MACs actually executed for each image**;
+* exposes budget knobs (keep ratio, thresholds...) that can be changed after training, with a default
+  sweep for the benchmark and, where a knob must be fitted, :meth:`calibrate` on a held-out split;
+* may train in phases (each with its own trainable parameters and learning-rate scales);
+* saves and loads through ``state_dict`` plus :attr:`config` and :meth:`get_budget`.
+
+See docs/architecture.md for the full story.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..models.vit import BackboneSpec
+
+__all__ = ["Prediction", "LossOutput", "TrainingPhase", "AdaptiveViT", "Criterion"]
+
+#: The task loss the trainer hands to :meth:`AdaptiveViT.compute_loss`: ``criterion(logits, target)``.
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Prediction:
+    """What inference returns, in the input order.
+
+    ``macs`` holds, for each image, the multiply-accumulates that were really executed for it (float64).
+    ``extras`` holds per-image method-specific facts, e.g. ``exit_stage`` or ``kept_tokens``.
+    """
+
+    logits: Tensor
+    macs: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """The total loss to back-propagate and its named terms (detached floats, for logging)."""
+
+    total: Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingPhase:
+    """One phase of a method's training (most methods have one, ``main``).
+
+    ``epoch_share`` is this phase's share of the training budget; the trainer switches the model into the
+    phase with :meth:`AdaptiveViT.set_phase` and builds the optimiser from :meth:`AdaptiveViT.param_groups`.
+    """
+
+    name: str = "main"
+    epoch_share: float = 1.0
+
+
+class AdaptiveViT(nn.Module):
+    """Base class of every method; the dense ViT is the simplest implementation."""
+
+    #: The name used in model names (``<method>_<backbone>``) and on the command line (``--method``).
+    method_name: ClassVar[str] = ""
+    #: Whether :meth:`compute_loss` needs a frozen teacher (set with :meth:`attach_teacher`).
+    wants_teacher: ClassVar[bool] = False
+
+    def __init__(self, backbone: BackboneSpec, **method_kwargs: Any) -> None:
+        super().__init__()
+        self.backbone_spec = backbone
+        self.method_kwargs = dict(method_kwargs)
+        self.phase = "main"
+        # The teacher is kept out of ``_modules`` so it is neither saved, trained, nor moved implicitly.
+        self._teacher: list[nn.Module] = []
+
+    # ----------------------------------------------------------------- identity and persistence
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything ``create_model`` needs to rebuild this model (weights aside)."""
+        return {"method": self.method_name, "backbone": self.backbone_spec.to_dict(),
+                "method_kwargs": dict(self.method_kwargs)}
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- training
+    def forward(self, x: Tensor) -> Any:  # pragma: no cover - abstract
+        """Training forward: returns whatever :meth:`compute_loss` needs."""
+        raise NotImplementedError
+
+    def compute_loss(self, output: Any, target: Tensor, criterion: Criterion) -> LossOutput:
+        """Task loss plus the method's own terms (default: the task loss on ``output`` as logits)."""
+        loss = criterion(output, target)
+        return LossOutput(loss, {"task": loss.item()})
+
+    def training_phases(self) -> list[TrainingPhase]:
+        return [TrainingPhase()]
+
+    def set_phase(self, name: str) -> None:
+        known = [phase.name for phase in self.training_phases()]
+        if name not in known:
+            raise ValueError(f"{type(self).__name__} has no training phase {name!r}; phases: {known}")
+        self.phase = name
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups for the current phase, each with an ``lr_scale``.
+
+        Default: every trainable parameter at the base learning rate, without weight decay on biases,
+        norms, position embeddings and tokens (the usual ViT recipe).
+        """
+        return split_weight_decay(self.named_parameters(), weight_decay)
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Give the method a frozen teacher (only called when :attr:`wants_teacher`)."""
+        teacher.eval().requires_grad_(False)
+        self._teacher[:] = [teacher]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
+        """Start from a trained dense model's weights (``DenseViT.state_dict()``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start from a dense checkpoint")
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:  # pragma: no cover - abstract
+        """Inference: logits and per-image executed MACs. Call in eval mode."""
+        raise NotImplementedError
+
+    def dense_macs(self) -> float:
+        """MACs per image when nothing is skipped: the upper end of this model's budget range."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- budget knobs
+    def get_budget(self) -> dict[str, Any]:
+        """Current values of the budget knobs (empty for a model without any)."""
+        return {}
+
+    def set_budget(self, **knobs: Any) -> None:
+        """Change budget knobs after training; unknown knobs or impossible values raise ``ValueError``."""
+        if knobs:
+            raise ValueError(f"{type(self).__name__} has no budget knobs; got {sorted(knobs)}")
+
+    def budget_sweep(self) -> list[dict[str, Any]]:
+        """Knob settings the benchmark evaluates, one point of the accuracy-vs-GMACs curve each."""
+        return [self.get_budget()]
+
+    def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], **target: Any) -> dict[str, Any]:
+        """Fit knobs on a held-out split for a target (e.g. ``gmacs=``); returns the fitted knobs.
+
+        Methods whose knobs are set directly (a keep ratio) need no calibration: the default returns the
+        current budget unchanged.
+        """
+        return self.get_budget()
+
+    # ----------------------------------------------------------------- explanations
+    def kept_patches(self, prediction: Prediction) -> list[Tensor] | None:
+        """Per stage, a (B, num_patches) bool mask of the patches each image used, if the method decides it."""
+        return prediction.extras.get("kept_patches")
+
+
+_NO_DECAY_SUFFIXES = ("bias", "pos_embed", "cls_token", "reg_token", "dist_token")
+
+
+def split_weight_decay(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                       lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Two groups: decayed matrices and undecayed 1-d parameters, biases and tokens."""
+    decay, no_decay = [], []
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(_NO_DECAY_SUFFIXES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
+    return [group for group in groups if group["params"]]

@@ -1,0 +1,431 @@
+"""DVT: a cascade of ViTs over ever finer token grids that stops as soon as it is confident.
+
+Wang et al., "Not All Images are Worth 16x16 Words: Dynamic Transformers for Efficient Image Recognition",
+NeurIPS 2021. Stage k is a timm ViT on a g_k x g_k token grid (coarse first); an image leaves after the first
+stage whose softmax confidence reaches that stage's threshold. Later stages reuse the previous stage's final
+features and attention logits (see :mod:`.dvt_reuse`).
+
+Unlike the published code, which runs every stage and simulates the exits, :meth:`DVT.predict` really stops:
+only the images still undecided (and their reuse tensors) go on to the next stage, and each image is charged
+the MACs of the stages it ran. See docs/methods/dvt.md.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ..measure.macs import vit_macs
+from ..models.vit import BackboneSpec
+from .base import AdaptiveViT, Criterion, LossOutput, Prediction
+from .dvt_reuse import FeatureReuse, RelationReuse, block_forward, check_block_supported, widen_mlp_input
+from .registry import register_method
+
+__all__ = ["DVT", "DVTStage", "StageMemory", "default_grids", "stage_geometry", "geometric_exit_proportions",
+           "thresholds_for_proportions", "exit_stages", "NEVER_EXIT", "SWEEP_Q"]
+
+#: A threshold above any softmax probability: no image leaves at that stage.
+NEVER_EXIT = 2.0
+#: The q of the geometric exit proportions that :meth:`DVT.budget_sweep` visits (the paper sweeps 0.05-2.95).
+SWEEP_Q = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+
+
+# --------------------------------------------------------------------------------------------- geometry
+def default_grids(full_grid: int) -> list[int]:
+    """Half-, three-quarter- and full-resolution grids of a backbone whose grid is ``full_grid``.
+
+    Python's ``round`` (ties to even): 8 -> [4, 6, 8] (32px CIFAR, patch 4); 14 -> [7, 10, 14] (224px, patch 16),
+    the published ImageNet grids.
+    """
+    return [max(1, round(full_grid / 2)), max(1, round(full_grid * 0.75)), full_grid]
+
+
+def stage_geometry(image_side: int, grid: int) -> tuple[int, int]:
+    """(patch size, input side) of a stage: patch ``round(S / g)`` (at least 1), input side ``g * patch``.
+
+    32px and grids 4, 6, 8 -> patch 8 on 32px, 5 on 30px, 4 on 32px; 224px and grids 7, 10, 14 -> 32 on 224px,
+    22 on 220px, 16 on 224px. The image is resized to the input side when that differs from ``S``.
+    """
+    patch = max(1, round(image_side / grid))
+    return patch, grid * patch
+
+
+# --------------------------------------------------------------------------------------------- thresholds
+def geometric_exit_proportions(q: float, stages: int) -> list[float]:
+    """The published budget rule: the share of images leaving at stage k is proportional to q^k."""
+    if not q > 0:
+        raise ValueError(f"q must be positive, got {q}")
+    weights = [q ** k for k in range(1, stages + 1)]
+    return [weight / sum(weights) for weight in weights]
+
+
+def thresholds_for_proportions(confidences: Tensor, proportions: Sequence[float]) -> list[float]:
+    """Thresholds under which the given shares of these samples leave at each stage.
+
+    ``confidences`` is (N, K): column k holds each sample's max softmax probability at exit k. Thresholds are
+    picked stage by stage among the samples still remaining, aiming at the cumulative share that should have
+    left by then (so ties that let a few too many leave early are made up at the next stage). A stage nobody
+    should leave at gets :data:`NEVER_EXIT`. Returns K-1 floats (the last stage takes everything left).
+    """
+    samples, stages = confidences.shape
+    shares = torch.as_tensor(proportions, dtype=torch.float64)
+    if shares.shape != (stages,) or (shares < 0).any() or not shares.sum() > 0:
+        raise ValueError(f"need {stages} non-negative proportions with a positive sum, got {list(proportions)}")
+    wanted_by_stage = (shares / shares.sum()).cumsum(0).mul(samples).round().long().tolist()
+    remaining = torch.ones(samples, dtype=torch.bool)
+    thresholds: list[float] = []
+    for stage in range(stages - 1):
+        wanted = wanted_by_stage[stage] - (samples - int(remaining.sum()))
+        candidates = confidences[remaining, stage].sort(descending=True).values
+        if wanted <= 0 or len(candidates) == 0:
+            threshold = NEVER_EXIT
+        else:
+            threshold = candidates[min(wanted, len(candidates)) - 1].item()
+        remaining &= confidences[:, stage] < threshold
+        thresholds.append(threshold)
+    return thresholds
+
+
+def exit_stages(confidences: Tensor, thresholds: Sequence[float]) -> Tensor:
+    """The stage each sample leaves at (0-based): the first whose confidence reaches its threshold, else the last."""
+    limits = torch.tensor(list(thresholds), dtype=confidences.dtype, device=confidences.device)
+    leaves = confidences[:, :-1] >= limits
+    leaves = torch.cat([leaves, leaves.new_ones(len(leaves), 1)], dim=1)
+    return leaves.int().argmax(dim=1)
+
+
+def _validated_thresholds(thresholds: Any, count: int) -> list[float]:
+    try:
+        values = [float(value) for value in thresholds]
+    except (TypeError, ValueError):
+        values = None
+    if values is None or len(values) != count or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"thresholds must be {count} finite numbers >= 0, one per exit before the last "
+                         f"(confidence in [0, 1]; above 1 means never exit there), got {thresholds!r}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------- stages
+@dataclass
+class StageMemory:
+    """What a stage hands to the next: its final tokens (before the norm) and, when the next stage reuses
+    relations, the pre-softmax attention logits of all its layers, (B, L*H, N, N)."""
+
+    tokens: Tensor
+    relations: Tensor | None = None
+
+    def select(self, keep: Tensor) -> StageMemory:
+        """The memory of the images in ``keep`` (a bool mask or indices over the batch)."""
+        return StageMemory(self.tokens[keep], None if self.relations is None else self.relations[keep])
+
+
+class DVTStage(nn.Module):
+    """One exit of the cascade: a timm ViT at its own token grid, and the modules reusing the previous stage."""
+
+    def __init__(self, vit: VisionTransformer, grid: int) -> None:
+        super().__init__()
+        for block in vit.blocks:
+            check_block_supported(block)
+        if not isinstance(vit.patch_drop, nn.Identity) or vit.dynamic_img_size:
+            raise ValueError("DVT stages need a fixed token grid: no patch dropout, no dynamic_img_size")
+        self.vit, self.grid = vit, grid
+        self.side = vit.patch_embed.img_size[0]
+        self.feature_reuse: nn.ModuleList | None = None
+        self.relation_reuse: RelationReuse | None = None
+        #: Whether the next stage reuses this stage's attention logits (then they must be materialised).
+        self.exports_relations = False
+
+    def add_feature_reuse(self, previous_grid: int, hidden_dim: int, out_dim: int) -> None:
+        """One :class:`FeatureReuse` per block; every block's MLP input grows by ``out_dim``."""
+        dim, num_prefix = self.vit.embed_dim, self.vit.num_prefix_tokens
+        self.feature_reuse = nn.ModuleList(
+            FeatureReuse(dim, hidden_dim, out_dim, previous_grid, self.grid, num_prefix, eps=block.norm2.eps)
+            for block in self.vit.blocks)
+        for block in self.vit.blocks:
+            widen_mlp_input(block, out_dim)
+
+    def add_relation_reuse(self, previous_grid: int) -> None:
+        channels = len(self.vit.blocks) * self.vit.blocks[0].attn.num_heads
+        self.relation_reuse = RelationReuse(channels, previous_grid, self.grid, self.vit.num_prefix_tokens)
+
+    def forward(self, images: Tensor, memory: StageMemory | None = None) -> tuple[Tensor, StageMemory]:
+        """Logits of this exit and the memory for the next stage. ``memory`` is required when reusing."""
+        vit = self.vit
+        x = vit.patch_embed(self._resize(images))
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        biases = self._relation_biases(memory)
+        relations = []
+        for index, block in enumerate(vit.blocks):
+            reused = None if self.feature_reuse is None else self.feature_reuse[index](memory.tokens)
+            x, logits = block_forward(block, x, biases[index], reused, return_logits=self.exports_relations)
+            if logits is not None:
+                relations.append(logits)
+        memory = StageMemory(x, torch.cat(relations, dim=1) if relations else None)
+        return vit.forward_head(vit.norm(x)), memory
+
+    def _resize(self, images: Tensor) -> Tensor:
+        if images.shape[-2:] == (self.side, self.side):
+            return images
+        return F.interpolate(images, size=(self.side, self.side), mode="bilinear", align_corners=False,
+                             antialias=True)
+
+    def _relation_biases(self, memory: StageMemory | None) -> Sequence[Tensor | None]:
+        if self.relation_reuse is None:
+            return [None] * len(self.vit.blocks)
+        if memory is None or memory.relations is None:
+            raise ValueError("this stage reuses relations: pass the previous stage's memory (with relations)")
+        return self.relation_reuse(memory.relations).chunk(len(self.vit.blocks), dim=1)
+
+    def macs(self) -> float:
+        """MACs per image of running this stage, its reuse modules included.
+
+        ``vit_macs`` counts the widened ``fc1`` (D + reuse inputs) of every block as it is.
+        """
+        macs = vit_macs(self.vit)
+        if self.feature_reuse is not None:
+            macs += sum(module.macs() for module in self.feature_reuse)
+        if self.relation_reuse is not None:
+            macs += self.relation_reuse.macs()
+        return macs
+
+
+# --------------------------------------------------------------------------------------------- the method
+@register_method
+class DVT(AdaptiveViT):
+    """Dynamic Vision Transformer: K stages of the backbone on ever finer grids, with early exit.
+
+    Args:
+        backbone: the backbone every stage is built from (each with its own weights).
+        grids: token grid side of each stage, coarse to fine; default :func:`default_grids` of the backbone.
+        feature_reuse: feed the previous stage's final tokens to every block's MLP.
+        relation_reuse: add the previous stage's attention logits to every layer's logits.
+        reuse_hidden: hidden width of the feature-reuse MLPs (published: 128).
+        reuse_dim: features each block's MLP input gains (published: 48).
+
+    Budget knob: ``thresholds``, one per stage but the last; fit them with :meth:`calibrate`.
+    """
+
+    method_name = "dvt"
+
+    def __init__(self, backbone: BackboneSpec, grids: Sequence[int] | None = None, feature_reuse: bool = True,
+                 relation_reuse: bool = True, reuse_hidden: int = 128, reuse_dim: int = 48) -> None:
+        grids = None if grids is None else [int(grid) for grid in grids]
+        super().__init__(backbone, grids=grids, feature_reuse=feature_reuse, relation_reuse=relation_reuse,
+                         reuse_hidden=reuse_hidden, reuse_dim=reuse_dim)
+        self.stages = nn.ModuleList(_build_stages(backbone, grids))
+        for previous, stage in zip(self.stages, self.stages[1:]):
+            if feature_reuse:
+                stage.add_feature_reuse(previous.grid, reuse_hidden, reuse_dim)
+            if relation_reuse:
+                stage.add_relation_reuse(previous.grid)
+                previous.exports_relations = True
+        self.thresholds = [NEVER_EXIT] * (len(self.stages) - 1)
+        # Cost of leaving at each stage (plain CPU tensor: per-image bookkeeping, not model state).
+        self._exit_macs = torch.tensor([stage.macs() for stage in self.stages], dtype=torch.float64).cumsum(0)
+        # Held-out max probabilities (N, K) from the last calibrate(); calibration data, not saved.
+        self._held_out_confidences: Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.stages[0].vit.num_classes
+
+    @property
+    def grids(self) -> list[int]:
+        return [stage.grid for stage in self.stages]
+
+    # ----------------------------------------------------------------- training
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Every stage on every image: the logits of each exit, coarse to fine."""
+        exits, memory = [], None
+        for stage in self.stages:
+            logits, memory = stage(x, memory)
+            exits.append(logits)
+        return exits
+
+    def compute_loss(self, output: list[Tensor], target: Tensor, criterion: Criterion) -> LossOutput:
+        """Sum of the task loss of every exit, equal weights (as published); terms ``exit1``..``exitK``."""
+        losses = torch.stack([criterion(logits, target) for logits in output])
+        terms = {f"exit{k + 1}": value for k, value in enumerate(losses.detach().tolist())}
+        return LossOutput(losses.sum(), terms)
+
+    def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
+        """Start every stage from a dense model (``DenseViT.state_dict()``, keys ``vit.*``).
+
+        Patch-embedding kernels are resampled to each stage's patch size (timm's pseudo-inverse resize) and
+        position embeddings to its grid; MLP inputs widened for feature reuse keep their extra slots fresh,
+        and so do the reuse modules.
+        """
+        dense = {key[len("vit."):]: value for key, value in state_dict.items() if key.startswith("vit.")}
+        if not dense:
+            raise ValueError("expected a DenseViT state_dict (keys starting with 'vit.')")
+        for stage in self.stages:
+            stage.vit.load_state_dict(_fit_dense_to_stage(dense, stage.vit))
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict_all_exits(self, x: Tensor) -> list[Tensor]:
+        """Every exit's logits for every image (anytime accuracy); runs all stages."""
+        return self.forward(x)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        """Early exit for real: each stage runs only on the images no earlier stage was confident about.
+
+        ``extras["exit_stage"]`` (B,) holds the 0-based stage each image left at.
+        """
+        last = len(self.stages) - 1
+        exit_stage = torch.full((len(x),), last, dtype=torch.long, device=x.device)
+        running = torch.arange(len(x), device=x.device)  # input positions of the images still running
+        images, memory, logits = x, None, None
+        for k, stage in enumerate(self.stages):
+            stage_logits, memory = stage(images, memory)
+            if logits is None:
+                logits = stage_logits.new_empty(len(x), stage_logits.shape[-1])
+            if k == last:
+                logits[running] = stage_logits
+                break
+            leaving = _confidence(stage_logits) >= self.thresholds[k]
+            logits[running[leaving]] = stage_logits[leaving]
+            exit_stage[running[leaving]] = k
+            staying = ~leaving
+            still = int(staying.sum())
+            if still == 0:
+                break
+            if still < len(running):
+                images, memory, running = images[staying], memory.select(staying), running[staying]
+        macs = self._exit_macs[exit_stage.cpu()]
+        return Prediction(logits, macs, {"exit_stage": exit_stage})
+
+    def dense_macs(self) -> float:
+        """MACs per image when every stage runs (nobody exits early): the top of the budget range."""
+        return float(self._exit_macs[-1])
+
+    def exit_macs(self) -> list[float]:
+        """MACs per image of leaving at each stage (cumulative over the stages run)."""
+        return self._exit_macs.tolist()
+
+    # ----------------------------------------------------------------- budget
+    def get_budget(self) -> dict[str, Any]:
+        return {"thresholds": list(self.thresholds)}
+
+    def set_budget(self, **knobs: Any) -> None:
+        """``thresholds=[...]``: K-1 confidences in [0, 1] (above 1: never exit at that stage)."""
+        unknown = sorted(set(knobs) - {"thresholds"})
+        if unknown:
+            raise ValueError(f"DVT's budget knob is thresholds=[{len(self.stages) - 1} floats]; got {unknown}")
+        if "thresholds" in knobs:
+            self.thresholds = _validated_thresholds(knobs["thresholds"], len(self.stages) - 1)
+
+    def budget_sweep(self) -> list[dict[str, Any]]:
+        """Thresholds giving the geometric exit proportions q^k for each q in :data:`SWEEP_Q`.
+
+        Fitted on the held-out confidences kept by the last :meth:`calibrate`; before any calibration there is
+        nothing to fit on, so the sweep is just the current budget (with a warning).
+        """
+        if self._held_out_confidences is None:
+            warnings.warn("DVT.budget_sweep() before calibrate(): the sweep is only the current thresholds; "
+                          "call model.calibrate(held_out_loader) first", stacklevel=2)
+            return [self.get_budget()]
+        stages = len(self.stages)
+        return [{"thresholds": thresholds_for_proportions(self._held_out_confidences,
+                                                          geometric_exit_proportions(q, stages))}
+                for q in SWEEP_Q]
+
+    def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], gmacs: float | None = None,
+                  q: float | None = None) -> dict[str, Any]:
+        """Run every stage once over a held-out split, keep each exit's confidences, and fit the thresholds.
+
+        ``q=``: exit proportions proportional to q^k (the published rule). ``gmacs=``: the largest q whose
+        mean GMACs on the held-out split stays within the target. Neither: only collect the confidences
+        (for :meth:`budget_sweep`) and keep the thresholds. Returns the budget.
+        """
+        if gmacs is not None and q is not None:
+            raise ValueError("calibrate for gmacs= or for q=, not both")
+        self._held_out_confidences = self._collect_confidences(loader)
+        if q is not None:
+            proportions = geometric_exit_proportions(q, len(self.stages))
+            self.set_budget(thresholds=thresholds_for_proportions(self._held_out_confidences, proportions))
+        elif gmacs is not None:
+            self.set_budget(thresholds=self._thresholds_for_macs(gmacs * 1e9))
+        return self.get_budget()
+
+    def _collect_confidences(self, loader: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            batches = [torch.stack([_confidence(logits) for logits in self.predict_all_exits(images.to(device))],
+                                   dim=1).cpu() for images, _ in loader]
+        finally:
+            self.train(was_training)
+        if not batches:
+            raise ValueError("the calibration split is empty")
+        return torch.cat(batches)
+
+    def _thresholds_for_macs(self, target_macs: float) -> list[float]:
+        """Bisection on log q: the largest q of the geometric rule whose held-out mean MACs fit the target."""
+        confidences, stages = self._held_out_confidences, len(self.stages)
+        if target_macs < self._exit_macs[0]:
+            raise ValueError(f"{target_macs / 1e9:.4g} GMACs is below the cheapest DVT budget "
+                             f"(every image leaving at stage 1: {self._exit_macs[0] / 1e9:.4g} GMACs)")
+        best = [0.0] * (stages - 1)  # everyone leaves at stage 1: within any target allowed here
+        low, high = math.log(1e-4), math.log(1e4)
+        for _ in range(40):
+            middle = (low + high) / 2
+            thresholds = thresholds_for_proportions(confidences, geometric_exit_proportions(math.exp(middle), stages))
+            if self._exit_macs[exit_stages(confidences, thresholds)].mean() <= target_macs:
+                best, low = thresholds, middle
+            else:
+                high = middle
+        return best
+
+
+def _confidence(logits: Tensor) -> Tensor:
+    """Max softmax probability, computed in float32 whatever the logits' dtype."""
+    return logits.float().softmax(dim=-1).amax(dim=-1)
+
+
+def _build_stages(backbone: BackboneSpec, grids: list[int] | None) -> list[DVTStage]:
+    """One ViT per grid, each at patch ``round(S / g)`` on an input of side ``g * patch``."""
+    reference = backbone.build()
+    side, patch = reference.patch_embed.img_size, reference.patch_embed.patch_size
+    if side[0] != side[1] or patch[0] != patch[1]:
+        raise ValueError(f"DVT needs square images and patches, got img_size {side}, patch_size {patch}")
+    grids = grids if grids is not None else default_grids(reference.patch_embed.grid_size[0])
+    if len(grids) < 2 or any(grid < 1 for grid in grids):
+        raise ValueError(f"DVT needs at least two positive grid sides, got {grids}")
+    stages = []
+    for grid in grids:
+        stage_patch, stage_side = stage_geometry(side[0], grid)
+        if reference is not None and (stage_patch, stage_side) == (patch[0], side[0]):
+            vit, reference = reference, None  # the backbone as built is this stage: no second build
+        else:
+            vit = backbone.build(img_size=stage_side, patch_size=stage_patch)
+        stages.append(DVTStage(vit, grid))
+    return stages
+
+
+def _fit_dense_to_stage(dense: dict[str, Tensor], vit: VisionTransformer) -> dict[str, Tensor]:
+    """The dense weights reshaped for ``vit``: kernels, position embeddings and widened MLP inputs."""
+    fitted = vit.state_dict()
+    for key, value in dense.items():
+        if key not in fitted:
+            raise ValueError(f"dense weight {key!r} has no counterpart in a DVT stage")
+        target = fitted[key]
+        if key == "patch_embed.proj.weight":
+            value = resample_patch_embed(value, list(target.shape[-2:]))
+        elif key == "pos_embed":
+            num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+            value = resample_abs_pos_embed(value, list(vit.patch_embed.grid_size), num_prefix_tokens=num_prefix)
+        elif value.shape != target.shape and value.shape[:-1] == target.shape[:-1]:
+            # norm2 / fc1 widened for feature reuse: dense weights in the leading slots, the rest stays fresh
+            value = torch.cat([value, target[..., value.shape[-1]:]], dim=-1)
+        fitted[key] = value
+    return fitted

@@ -1,0 +1,166 @@
+"""What DVT adds to timm's ViT blocks: reuse of the previous, coarser stage's features and attention.
+
+* :func:`block_forward` is timm's ``Block.forward`` with the two seams DVT needs: an additive bias on the
+  attention logits (timm's own ``attn_mask`` argument) and extra features concatenated to the MLP input. When
+  the next stage reuses relations it also returns the pre-softmax logits, which timm's fused attention never
+  materialises, so :func:`attention_with_logits` writes that one path out with timm's sub-modules.
+* :class:`FeatureReuse` and :class:`RelationReuse` turn what the previous stage computed on its grid into
+  inputs for the current stage's grid.
+
+``tests/test_dvt.py`` holds the rewritten forwards to timm's own output, so a timm upgrade that changes
+``Block`` or ``Attention`` fails loudly instead of silently computing something else.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+from timm.models.vision_transformer import Attention, Block
+from torch import Tensor, nn
+
+from ..measure.macs import linear_macs
+
+__all__ = ["attention_with_logits", "block_forward", "widen_mlp_input", "resample_token_axis",
+           "check_block_supported", "FeatureReuse", "RelationReuse"]
+
+
+def check_block_supported(block: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``block`` is the plain timm pre-norm block these forwards rewrite."""
+    attn = getattr(block, "attn", None)
+    supported = (isinstance(block, Block) and isinstance(attn, Attention) and getattr(attn, "gate", None) is None
+                 and isinstance(block.norm2, nn.LayerNorm) and isinstance(getattr(block.mlp, "fc1", None), nn.Linear))
+    if not supported:
+        raise ValueError(f"DVT needs timm's plain Block (Attention without gate, LayerNorm, Mlp with fc1); got "
+                         f"{type(block).__name__} with {type(attn).__name__} attention")
+
+
+def attention_with_logits(attn: Attention, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """timm ``Attention.forward(x, attn_mask=bias)`` that also returns the pre-softmax logits (B, H, N, N).
+
+    The logits include ``bias``: they are what the softmax saw, which is what the published code hands on.
+    """
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    weights = attn.attn_drop(logits.softmax(dim=-1))
+    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
+    return attn.proj_drop(attn.proj(attn.norm(out))), logits
+
+
+def block_forward(block: Block, x: Tensor, relation_bias: Tensor | None = None, reused: Tensor | None = None,
+                  return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+    """timm ``Block.forward`` plus DVT's reuse; returns the tokens and (if asked) the attention logits.
+
+    ``relation_bias`` (B, H, N, N) is added to the attention logits before the softmax; ``reused`` (B, N, r)
+    is concatenated to the MLP input, whose ``norm2`` and ``fc1`` must have been widened by
+    :func:`widen_mlp_input`. With neither, this is exactly ``block(x)``.
+    """
+    normed = block.norm1(x)
+    if return_logits:
+        attended, logits = attention_with_logits(block.attn, normed, relation_bias)
+    else:  # timm's own (fused) attention; the bias goes through its additive-mask seam
+        attended, logits = block.attn(normed, attn_mask=relation_bias), None
+    x = x + block.drop_path1(block.ls1(attended))
+    mlp_input = x if reused is None else torch.cat([x, reused], dim=-1)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(mlp_input))))
+    return x, logits
+
+
+def widen_mlp_input(block: Block, extra: int) -> None:
+    """Give ``block.norm2`` and ``block.mlp.fc1`` ``extra`` more input features, as published DVT does.
+
+    The block's current weights fill the leading slots (so a pretrained block keeps what it learnt); the new
+    norm entries start at the identity and the new ``fc1`` columns get timm's ViT init (truncated normal,
+    std 0.02) rather than zeros, so gradients reach the reuse modules from the first step.
+    """
+    norm, fc1 = block.norm2, block.mlp.fc1
+    dim = fc1.in_features
+    wide_norm = nn.LayerNorm(dim + extra, eps=norm.eps)
+    wide_fc1 = nn.Linear(dim + extra, fc1.out_features, bias=fc1.bias is not None)
+    with torch.no_grad():
+        wide_norm.weight[:dim] = norm.weight
+        wide_norm.bias[:dim] = norm.bias
+        trunc_normal_(wide_fc1.weight, std=0.02)
+        wide_fc1.weight[:, :dim] = fc1.weight
+        if fc1.bias is not None:
+            wide_fc1.bias.copy_(fc1.bias)
+    block.norm2, block.mlp.fc1 = wide_norm, wide_fc1
+
+
+def resample_token_axis(values: Tensor, old_grid: int, new_grid: int, num_prefix: int) -> Tensor:
+    """Resample the token axis (-2) of ``values`` (..., prefix + old_grid², C) to prefix + new_grid² tokens.
+
+    Tokens are laid out as timm orders them: prefix tokens, then the patch grid row by row. The patches are
+    interpolated bilinearly on their 2-d grid (antialiased when shrinking), each of the C channels on its own;
+    prefix tokens are kept as they are. The channels stay the innermost axis (a channels-last image batch),
+    which lets the interpolation vectorise over them.
+    """
+    if old_grid == new_grid:
+        return values
+    leading, channels = values.shape[:-2], values.shape[-1]
+    patches = values[..., num_prefix:, :].reshape(-1, old_grid, old_grid, channels).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bilinear", align_corners=False,
+                            antialias=new_grid < old_grid)
+    patches = patches.permute(0, 2, 3, 1).reshape(*leading, new_grid * new_grid, channels)
+    return torch.cat([values[..., :num_prefix, :], patches], dim=-2)
+
+
+class FeatureReuse(nn.Module):
+    """Feature reuse for one block: previous stage's final patch tokens -> LayerNorm + MLP -> current grid.
+
+    The output (B, prefix + grid², out_dim) is concatenated to that block's MLP input. The previous stage's
+    class token is not reused; the prefix (class) positions get the mean of the reused patch features. The
+    published DeiT code gives them zeros instead, which leaves the last block of the last stage with a reuse
+    MLP that cannot change the prediction (its patch tokens feed nothing once the class token is pooled).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int, previous_grid: int, grid: int, num_prefix: int,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, hidden_dim, out_dim)
+
+    def forward(self, previous_tokens: Tensor) -> Tensor:
+        # The MLP runs on the previous (coarser) grid, before upsampling: fewer tokens, same result shape.
+        features = self.mlp(self.norm(previous_tokens[:, self.num_prefix:]))
+        features = resample_token_axis(features, self.previous_grid, self.grid, 0)
+        prefix = features.mean(dim=1, keepdim=True).expand(-1, self.num_prefix, -1)
+        return torch.cat([prefix, features], dim=1)
+
+    def macs(self) -> float:
+        """MACs per image: the two MLP layers over the previous stage's patch tokens."""
+        tokens = self.previous_grid ** 2
+        return linear_macs(self.mlp.fc1, tokens) + linear_macs(self.mlp.fc2, tokens)
+
+
+class RelationReuse(nn.Module):
+    """Relationship reuse: previous stage's attention logits of all layers -> additive biases for this one.
+
+    The logits (B, L*H, N', N') go through a 1x1-convolution MLP over the L*H channels (L*H -> 3*L*H -> L*H,
+    GELU), then both token axes are resampled to this stage's grid with :func:`resample_token_axis`: applied
+    to the query axis and then the key axis, the separable bilinear interpolation resamples the patch-patch
+    block grid-to-grid (4-d), the class row and column as 2-d maps, and keeps the class-class entry.
+    """
+
+    def __init__(self, channels: int, previous_grid: int, grid: int, num_prefix: int, expansion: int = 3) -> None:
+        super().__init__()
+        self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
+        self.mlp = nn.Sequential(nn.Conv2d(channels, channels * expansion, kernel_size=1), nn.GELU(),
+                                 nn.Conv2d(channels * expansion, channels, kernel_size=1))
+
+    def forward(self, previous_logits: Tensor) -> Tensor:
+        bias = self.mlp(previous_logits)
+        bias = resample_token_axis(bias, self.previous_grid, self.grid, self.num_prefix)  # query axis
+        bias = resample_token_axis(bias.transpose(-1, -2), self.previous_grid, self.grid, self.num_prefix)
+        return bias.transpose(-1, -2)  # key axis done too
+
+    def macs(self) -> float:
+        """MACs per image: the two 1x1 convolutions at every (query, key) position of the previous stage."""
+        positions = (self.num_prefix + self.previous_grid ** 2) ** 2
+        return float(sum(positions * conv.in_channels * conv.out_channels
+                         for conv in self.mlp if isinstance(conv, nn.Conv2d)))

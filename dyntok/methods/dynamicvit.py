@@ -1,0 +1,390 @@
+"""DynamicViT: learned per-image token pruning (Rao et al., "DynamicViT: Efficient Vision Transformers with
+Dynamic Token Sparsification", NeurIPS 2021).
+
+Before a few blocks, a small prediction module scores every patch token still in play and the least useful
+ones are pruned, so that later blocks run on fewer tokens. With keep ratio ``rho`` the stages keep
+``rho, rho^2, rho^3...`` of the patch tokens; prefix tokens (class, distillation, register) are always kept.
+
+* Training keeps the shapes fixed: hard Gumbel-softmax decisions become an additive attention mask passed
+  through timm's ``Block.forward(x, attn_mask=...)`` seam, so no timm forward is copied.
+* Inference (:meth:`DynamicViT.predict`) really removes tokens: the top-k patches by keep score are gathered,
+  in their original order, and the remaining blocks run on them. MACs count the prediction modules.
+
+See docs/methods/dynamicvit.md for the recipe and for what differs from the official code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..measure.macs import linear_macs, vit_macs
+from ..models.vit import BackboneSpec
+from .base import AdaptiveViT, Criterion, LossOutput, Prediction, TrainingPhase, split_weight_decay
+from .registry import register_method
+
+__all__ = ["DynamicViT", "DynamicViTOutput", "KeepPredictor", "default_prune_locations", "keep_attention_mask",
+           "predictor_macs"]
+
+#: Attention weight a dropped token keeps in training, relative to a kept one (its additive mask is the log
+#: of this). Small enough that nothing measurable leaks, large enough that the attention probabilities of
+#: dropped tokens stay normal floats in float32/bfloat16, so the gradient that tells the predictor what
+#: keeping a dropped token would have changed survives (see :func:`keep_attention_mask`).
+_DROPPED_WEIGHT = 1e-20
+
+#: Keep ratios the benchmark sweeps by default (the paper trains at 0.7).
+_SWEEP_KEEP_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+class KeepPredictor(nn.Module):
+    """The prediction module: per-token log-probabilities of (keep, drop).
+
+    Each token is embedded (LayerNorm, Linear, GELU); the first half of the channels is the token's local
+    feature, the second half is averaged over the tokens still kept into a global feature; their
+    concatenation goes through an MLP ``C -> C/2 -> C/4 -> 2``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.classify = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(),
+            nn.Linear(dim // 2, dim // 4), nn.GELU(),
+            nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, patches: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``patches`` (B, N, C), ``keep`` (B, N) 0/1 weights or None (all kept) -> (B, N, 2) log-probs."""
+        features = self.embed(patches)
+        half = features.shape[-1] // 2
+        local, to_pool = features[..., :half], features[..., half:]
+        if keep is None:
+            pooled = to_pool.mean(dim=1, keepdim=True)
+        else:
+            weights = keep.unsqueeze(-1).to(to_pool.dtype)
+            # clamp: an image whose patches were all dropped gets a zero global feature, not 0/0 = NaN.
+            pooled = (to_pool * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return self.classify(torch.cat([local, pooled.expand_as(to_pool)], dim=-1))
+
+
+def predictor_macs(predictor: KeepPredictor, tokens: int | float) -> float:
+    """MACs of one :class:`KeepPredictor` over ``tokens`` tokens (its linear layers; pooling is a sum)."""
+    return sum(linear_macs(layer, tokens) for layer in predictor.modules() if isinstance(layer, nn.Linear))
+
+
+def default_prune_locations(depth: int) -> list[int]:
+    """Blocks before which tokens are pruned: at 1/4, 1/2 and 3/4 of the depth, rounded down.
+
+    Depth 12 gives the paper's ``[3, 6, 9]``, depth 6 ``[1, 3, 4]``. Never before block 0 (the predictor needs
+    some context), duplicates of shallow models removed (depth 2 gives ``[1]``).
+    """
+    if depth < 2:
+        raise ValueError(f"DynamicViT needs a backbone of depth >= 2 to prune between blocks, got depth {depth}")
+    return sorted({max(1, depth * quarter // 4) for quarter in (1, 2, 3)})
+
+
+def keep_attention_mask(keep: Tensor) -> Tensor:
+    """Additive float32 attention mask (B, 1, N, N) for a (B, N) 0/1 keep mask over all tokens.
+
+    Query ``i`` ignores every dropped key ``j`` and always sees itself (the paper's mask
+    ``G_ij = 1 if i == j else D_j``), so kept tokens never read dropped ones and no row is empty. The mask is
+    ``log(D_j + eps)``: adding it before the softmax multiplies the exponentials by ``D_j + eps`` exactly like
+    the official masked softmax, and its gradient with respect to ``D_j`` is the same, so the task loss
+    reaches the predictors through the straight-through decisions. Every entry is finite: no NaN, whatever
+    the keep ratio and the dtype the attention runs in.
+    """
+    keep = keep.float()
+    num_tokens = keep.shape[1]
+    bias = torch.log(keep + _DROPPED_WEIGHT)[:, None, None, :].expand(-1, 1, num_tokens, -1)
+    itself = torch.eye(num_tokens, dtype=torch.bool, device=keep.device)
+    return bias.masked_fill(itself, 0.0)
+
+
+def hard_gumbel_keep(log_probs: Tensor) -> Tensor:
+    """Hard Gumbel-softmax keep decisions (B, N) from (B, N, 2) log-probs, with straight-through gradients."""
+    decision = F.gumbel_softmax(log_probs, hard=True)[..., 0]
+    # gumbel_softmax's straight-through sum (hard - soft + soft) leaves values a rounding error away from
+    # 0 and 1; snap the forward value exactly (the log-mask needs keep >= 0) and keep the gradient.
+    return decision + (decision.detach().round() - decision.detach())
+
+
+def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """``tokens`` (B, N, C) at positions ``index`` (B, K) -> (B, K, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+@dataclass
+class DynamicViTOutput:
+    """What the training forward returns for :meth:`DynamicViT.compute_loss`.
+
+    ``decisions`` holds, per pruning stage, the (B, num_patches) cumulative keep mask (0/1 values carrying
+    straight-through gradients in training). The teacher fields are set when a teacher is attached.
+    """
+
+    logits: Tensor
+    patch_tokens: Tensor
+    decisions: list[Tensor]
+    teacher_logits: Tensor | None = None
+    teacher_patch_tokens: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------- the method
+@register_method
+class DynamicViT(AdaptiveViT):
+    """A timm ViT whose patch tokens are pruned, per image, by learned prediction modules.
+
+    Args:
+        backbone: the ViT to prune (any timm plain ViT pooling by class token or by average).
+        keep_ratio: ``rho``; stage ``s`` (1-based) keeps ``floor(rho^s * num_patches)`` patch tokens (>= 1).
+            A budget knob: :meth:`set_budget` changes it after training.
+        prune_locations: indices of the blocks the prediction modules run before
+            (default :func:`default_prune_locations`).
+        ratio_weight: weight of the keep-ratio loss.
+        distill_weight: weight of the KL divergence to the teacher's logits.
+        token_distill_weight: weight of the MSE to the teacher's final tokens, on tokens still kept.
+        backbone_lr_scale: learning rate of the backbone relative to the prediction modules.
+        predictor_warmup: share of training during which only the prediction modules learn (the official
+            recipe freezes the backbone for its first 5 of 30 epochs); 0 trains everything from the start.
+    """
+
+    method_name = "dynamicvit"
+    wants_teacher = True
+
+    def __init__(self, backbone: BackboneSpec, keep_ratio: float = 0.7,
+                 prune_locations: Sequence[int] | None = None, ratio_weight: float = 2.0,
+                 distill_weight: float = 0.5, token_distill_weight: float = 0.5, backbone_lr_scale: float = 0.01,
+                 predictor_warmup: float = 5 / 30) -> None:
+        vit = backbone.build()
+        locations = _check_locations(prune_locations, len(vit.blocks))
+        if not 0.0 <= predictor_warmup < 1.0:
+            raise ValueError(f"predictor_warmup is a share of training in [0, 1), got {predictor_warmup}")
+        super().__init__(backbone, keep_ratio=keep_ratio, prune_locations=locations, ratio_weight=ratio_weight,
+                         distill_weight=distill_weight, token_distill_weight=token_distill_weight,
+                         backbone_lr_scale=backbone_lr_scale, predictor_warmup=predictor_warmup)
+        _check_pooling(vit)
+        self.vit = vit
+        self.predictors = nn.ModuleList(KeepPredictor(vit.embed_dim) for _ in locations)
+        self.prune_locations = tuple(locations)
+        self.ratio_weight = ratio_weight
+        self.distill_weight = distill_weight
+        self.token_distill_weight = token_distill_weight
+        self.backbone_lr_scale = backbone_lr_scale
+        self.predictor_warmup = predictor_warmup
+        self.keep_ratio = 1.0
+        self.set_budget(keep_ratio=keep_ratio)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vit.num_classes
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    def stage_keep_ratios(self) -> list[float]:
+        """Target share of patch tokens kept after each pruning stage: ``rho, rho^2, ...``."""
+        return [self.keep_ratio ** (stage + 1) for stage in range(len(self.prune_locations))]
+
+    def stage_keep_counts(self, num_patches: int | None = None) -> list[int]:
+        """Patch tokens kept after each stage at inference: ``floor(rho^s * num_patches)``, at least 1."""
+        num_patches = self.num_patches if num_patches is None else num_patches
+        # The tiny epsilon keeps 0.7**2 * 100 = 48.999999... at 49.
+        return [max(1, math.floor(ratio * num_patches + 1e-9)) for ratio in self.stage_keep_ratios()]
+
+    # ----------------------------------------------------------------- shared pieces of both forwards
+    def _embed(self, x: Tensor) -> Tensor:
+        """Tokens entering the first block: the prologue of timm's ``forward_features``."""
+        vit = self.vit
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+
+    def _stage_before(self, block_index: int) -> int | None:
+        """The pruning stage that runs before block ``block_index``, if any."""
+        try:
+            return self.prune_locations.index(block_index)
+        except ValueError:
+            return None
+
+    # ----------------------------------------------------------------- training
+    def forward(self, x: Tensor) -> DynamicViTOutput:
+        """Masked forward: every token flows through every block, dropped ones masked out of attention.
+
+        In training mode decisions are hard Gumbel-softmax samples; in eval mode they are the top-k tokens
+        :meth:`predict` keeps, so this path and the gathering one can be compared.
+        """
+        prefix = self.vit.num_prefix_tokens
+        tokens = self._embed(x)
+        batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
+        keep = torch.ones(batch, num_patches, device=tokens.device)
+        prefix_keep = keep.new_ones(batch, prefix)
+        counts = self.stage_keep_counts(num_patches)
+        decisions, mask = [], None
+        for index, block in enumerate(self.vit.blocks):
+            stage = self._stage_before(index)
+            if stage is not None:
+                log_probs = self.predictors[stage](tokens[:, prefix:], keep)
+                keep = self._decide(log_probs, keep, counts[stage])
+                decisions.append(keep)
+                mask = keep_attention_mask(torch.cat([prefix_keep, keep], dim=1)).to(tokens.dtype)
+            tokens = block(tokens, attn_mask=mask)
+        tokens = self.vit.norm(tokens)
+        output = DynamicViTOutput(self._masked_head(tokens, keep), tokens[:, prefix:], decisions)
+        if self.teacher is not None:
+            output.teacher_logits, output.teacher_patch_tokens = self._teacher_outputs(x)
+        return output
+
+    def _decide(self, log_probs: Tensor, keep: Tensor, count: int) -> Tensor:
+        """New cumulative keep mask: a dropped token stays dropped."""
+        if self.training:
+            return hard_gumbel_keep(log_probs) * keep
+        scores = log_probs[..., 0].masked_fill(keep == 0, float("-inf"))
+        chosen = scores.topk(count, dim=1).indices
+        return torch.zeros_like(keep).scatter_(1, chosen, 1.0)
+
+    def _masked_head(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """timm's head on the kept tokens only (average pooling must skip the dropped ones)."""
+        if self.vit.global_pool == "avg":
+            prefix = self.vit.num_prefix_tokens
+            weights = keep.unsqueeze(-1).to(tokens.dtype)
+            mean = (tokens[:, prefix:] * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
+            # forward_head averages the patch tokens: hand it their masked mean as the only one.
+            tokens = torch.cat([tokens[:, :prefix], mean], dim=1)
+        return self.vit.forward_head(tokens)
+
+    @torch.no_grad()
+    def _teacher_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        teacher = self.teacher.vit
+        features = teacher.forward_features(x)
+        return teacher.forward_head(features), features[:, teacher.num_prefix_tokens:]
+
+    def compute_loss(self, output: DynamicViTOutput, target: Tensor, criterion: Criterion) -> LossOutput:
+        """Task loss + keep-ratio loss, plus logit and token distillation when a teacher is attached."""
+        task = criterion(output.logits, target)
+        ratio = torch.stack([((decision.mean(dim=1) - goal) ** 2).mean()
+                             for decision, goal in zip(output.decisions, self.stage_keep_ratios())]).mean()
+        total = task + self.ratio_weight * ratio
+        terms = {"task": task.item(), "ratio": ratio.item()}
+        if output.teacher_logits is not None:
+            distill = F.kl_div(F.log_softmax(output.logits.float(), dim=-1),
+                               F.log_softmax(output.teacher_logits.float(), dim=-1),
+                               reduction="batchmean", log_target=True)
+            token_distill = _kept_token_mse(output.patch_tokens, output.teacher_patch_tokens,
+                                            output.decisions[-1].detach())
+            total = total + self.distill_weight * distill + self.token_distill_weight * token_distill
+            terms.update(distill=distill.item(), token_distill=token_distill.item())
+        return LossOutput(total, terms)
+
+    def training_phases(self) -> list[TrainingPhase]:
+        if self.predictor_warmup == 0:
+            return [TrainingPhase()]
+        return [TrainingPhase("warmup", self.predictor_warmup), TrainingPhase("main", 1.0 - self.predictor_warmup)]
+
+    def set_phase(self, name: str) -> None:
+        """``warmup`` freezes the backbone (only predictors learn), ``main`` trains both."""
+        super().set_phase(name)
+        self.vit.requires_grad_(name == "main")
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        groups = split_weight_decay(self.predictors.named_parameters(), weight_decay)
+        if self.phase == "main":
+            groups += split_weight_decay(self.vit.named_parameters(), weight_decay, lr_scale=self.backbone_lr_scale)
+        return groups
+
+    def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a ``DenseViT.state_dict()`` into the backbone; the predictors keep their fresh weights."""
+        foreign = sorted(key for key in state_dict if not key.startswith("vit."))
+        if foreign:
+            raise ValueError(f"init_from_dense expects a DenseViT state dict (keys 'vit.*'); got {foreign[:3]}...")
+        self.vit.load_state_dict({key[len("vit."):]: value for key, value in state_dict.items()})
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        """Prune by gathering: after each stage only the top-k patch tokens, in their original order, go on."""
+        prefix = self.vit.num_prefix_tokens
+        tokens = self._embed(x)
+        batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
+        counts = self.stage_keep_counts(num_patches)
+        # Original position of each patch token still present, to report what was kept.
+        positions = torch.arange(num_patches, device=tokens.device).expand(batch, -1)
+        kept_patches = []
+        for index, block in enumerate(self.vit.blocks):
+            stage = self._stage_before(index)
+            if stage is not None:
+                scores = self.predictors[stage](tokens[:, prefix:])[..., 0]
+                chosen = scores.topk(counts[stage], dim=1).indices.sort(dim=1).values
+                tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], chosen)], dim=1)
+                positions = positions.gather(1, chosen)
+                kept_patches.append(torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)
+                                    .scatter_(1, positions, True))
+            tokens = block(tokens)
+        logits = self.vit.forward_head(self.vit.norm(tokens))
+        macs = torch.full((batch,), self._macs_per_image(num_patches), dtype=torch.float64)
+        kept_tokens = torch.full((batch,), tokens.shape[1] - prefix, dtype=torch.long)
+        return Prediction(logits, macs, {"kept_patches": kept_patches, "kept_tokens": kept_tokens})
+
+    def _macs_per_image(self, num_patches: int) -> float:
+        """Blocks at the token counts they really see, plus the prediction modules (same for every image)."""
+        prefix = self.vit.num_prefix_tokens
+        patches_per_block, patches = [], num_patches
+        predictor_total = 0.0
+        counts = self.stage_keep_counts(num_patches)
+        for index in range(len(self.vit.blocks)):
+            stage = self._stage_before(index)
+            if stage is not None:
+                predictor_total += predictor_macs(self.predictors[stage], patches)
+                patches = counts[stage]
+            patches_per_block.append(patches + prefix)
+        return vit_macs(self.vit, patches_per_block) + predictor_total
+
+    def dense_macs(self) -> float:
+        return vit_macs(self.vit)
+
+    # ----------------------------------------------------------------- budget knobs
+    def get_budget(self) -> dict[str, Any]:
+        return {"keep_ratio": self.keep_ratio}
+
+    def set_budget(self, **knobs: Any) -> None:
+        unknown = sorted(set(knobs) - {"keep_ratio"})
+        if unknown:
+            raise ValueError(f"DynamicViT has one budget knob, keep_ratio; got {unknown}")
+        if "keep_ratio" in knobs:
+            ratio = knobs["keep_ratio"]
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+                raise ValueError(f"keep_ratio is the share of patch tokens each stage keeps, in (0, 1]; "
+                                 f"got {ratio!r}")
+            self.keep_ratio = float(ratio)
+
+    def budget_sweep(self) -> list[dict[str, Any]]:
+        return [{"keep_ratio": ratio} for ratio in _SWEEP_KEEP_RATIOS]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _kept_token_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
+    """Mean squared error over the channels of the tokens ``keep`` marks (0 when none is kept)."""
+    per_token = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+    return (per_token * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def _check_locations(locations: Sequence[int] | None, depth: int) -> list[int]:
+    if locations is None:
+        return default_prune_locations(depth)
+    locations = [int(location) for location in locations]
+    increasing = all(a < b for a, b in zip(locations, locations[1:]))
+    if not locations or not increasing or locations[0] < 0 or locations[-1] >= depth:
+        raise ValueError(f"prune_locations must be strictly increasing block indices in [0, {depth - 1}], "
+                         f"got {locations}")
+    return locations
+
+
+def _check_pooling(vit: nn.Module) -> None:
+    """Pruning needs a head that reads the class token, or an average it can restrict to the kept tokens."""
+    pools_kept_only = vit.global_pool == "token" or (
+        vit.global_pool == "avg" and not getattr(vit, "pool_include_prefix", False))
+    if getattr(vit, "attn_pool", None) is not None or not pools_kept_only:
+        raise ValueError(f"DynamicViT supports backbones pooling by class token or by average "
+                         f"(global_pool='token' or 'avg'), got global_pool={vit.global_pool!r}")

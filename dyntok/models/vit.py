@@ -1,0 +1,112 @@
+"""Plain Vision Transformer backbones, built by timm by name.
+
+Every method in dyntok starts from a timm ``VisionTransformer``: the dense model is one, DynamicViT prunes
+the tokens flowing through one, DVT stacks several. This module is the single place where backbones are
+made, so that presets, overrides and pretrained weights behave the same for every method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+from timm.models.vision_transformer import VisionTransformer
+
+__all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "list_backbones"]
+
+#: Keyword arguments of ``create_model`` that shape the backbone rather than the method.
+BACKBONE_OVERRIDES = (
+    "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes",
+    "drop_path_rate", "drop_rate", "class_token", "global_pool", "qkv_bias",
+)
+
+#: Presets sized for 32x32 CIFAR that train from scratch on 2 CPU cores in minutes.
+#: Each is a timm architecture plus overrides; MACs are per 32x32 image (see docs/models.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    # 64 patch tokens of 4x4 pixels; the default for tests and the CPU benchmark.
+    "vit_cifar_tiny": dict(
+        arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
+        mlp_ratio=2.0, num_classes=10,
+    ),
+    # Same width and depth as tiny with a wider MLP: the "small ViT" most experiments start from.
+    "vit_cifar_small": dict(
+        arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
+        mlp_ratio=4.0, num_classes=10,
+    ),
+    # A deeper model for the thorough (hours-long) CPU profile and for GPUs.
+    "vit_cifar_base": dict(
+        arch="vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=384, depth=9, num_heads=6,
+        mlp_ratio=4.0, num_classes=10,
+    ),
+    # A deliberately small ViT, the static "smaller model" baseline.
+    "vit_cifar_micro": dict(
+        arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+        mlp_ratio=2.0, num_classes=10,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a method needs to build its backbone(s): a name plus overrides.
+
+    ``name`` is a dyntok preset or any timm plain-ViT name (``vit_*``, ``deit_*``). ``overrides`` follow
+    timm's keyword names (``img_size``, ``patch_size``, ``embed_dim``...). ``pretrained`` loads timm's weights
+    (from the hub, or from ``pretrained_file`` when given).
+    """
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    pretrained_file: str | None = None
+
+    def resolved_kwargs(self, **extra: Any) -> tuple[str, dict[str, Any]]:
+        """The timm architecture name and the keyword arguments it is built with."""
+        if self.name in PRESETS:
+            kwargs = dict(PRESETS[self.name])
+            arch = kwargs.pop("arch")
+        else:
+            arch, kwargs = self.name, {}
+        kwargs.update(self.overrides)
+        kwargs.update(extra)
+        return arch, kwargs
+
+    def build(self, **extra: Any) -> VisionTransformer:
+        """A fresh backbone; ``extra`` overrides win over the spec's (DVT changes ``patch_size`` per stage)."""
+        return create_backbone(self.name, pretrained=self.pretrained, pretrained_file=self.pretrained_file,
+                               **{**self.overrides, **extra})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "overrides": dict(self.overrides)}
+
+
+def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | None = None,
+                    **overrides: Any) -> VisionTransformer:
+    """Build a timm plain ViT by preset or timm name.
+
+    Raises ``ValueError`` for names that are neither, or that timm builds as something other than a plain
+    ``VisionTransformer`` (the methods rewrite its token flow and need its block structure).
+    """
+    spec = BackboneSpec(name, overrides)
+    arch, kwargs = spec.resolved_kwargs()
+    if name not in PRESETS and not timm.is_model(arch):
+        raise ValueError(f"unknown backbone {name!r}: use a dyntok preset ({', '.join(PRESETS)}) "
+                         f"or a timm plain-ViT name such as 'vit_tiny_patch16_224' or 'deit_small_patch16_224'")
+    if pretrained_file is not None:
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    if pretrained and name in PRESETS and pretrained_file is None:
+        raise ValueError(f"preset {name!r} has no published weights; train it, or pass pretrained_file=")
+    model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "
+                         f"VisionTransformer (vit_*, deit_*)")
+    return model
+
+
+def list_backbones(include_timm: bool = False) -> list[str]:
+    """Preset names, plus timm's plain-ViT names when ``include_timm``."""
+    names = list(PRESETS)
+    if include_timm:
+        names += timm.list_models(["vit_*", "deit_*"])
+    return names

@@ -1,0 +1,142 @@
+"""The leaderboard: one row per (entry, budget point), as a markdown table.
+
+Columns (docs/benchmark.md, "Reading the leaderboard"):
+
+* top-1 on the test split, marked ``*`` when the point is on the accuracy-vs-GMACs Pareto front;
+* mean GMACs per image, as executed;
+* MAC reduction = reference GMACs / GMACs;
+* speed-up = measured throughput / the reference's throughput, measured interleaved in the same process;
+* realised = speed-up / MAC reduction (docs/measurement.md): 1.0 means every MAC saved became time saved;
+* b=1 speed-up = the reference's batch-1 latency / this latency (where small extra kernels hurt).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+__all__ = ["Row", "derived_metrics", "pareto_front", "leaderboard_rows", "render_table", "render_leaderboard",
+           "describe_setup"]
+
+
+def derived_metrics(point: dict[str, Any], reference_gmacs: float) -> dict[str, float | None]:
+    """MAC reduction against the reference, and the realised share of it (needs a measured speed-up)."""
+    reduction = reference_gmacs / point["mean_gmacs"]
+    speedup = point.get("speedup")
+    return {"mac_reduction": reduction, "realised_speedup": None if speedup is None else speedup / reduction}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For ``(cost, accuracy)`` pairs, whether each is on the front: no other point is at most as costly and at
+    least as accurate while strictly better in one of the two."""
+    def dominated(cost: float, accuracy: float) -> bool:
+        return any(other_cost <= cost and other_accuracy >= accuracy
+                   and (other_cost < cost or other_accuracy > accuracy)
+                   for other_cost, other_accuracy in points)
+    return [not dominated(cost, accuracy) for cost, accuracy in points]
+
+
+@dataclass
+class Row:
+    entry: str
+    kind: str  # "reference", "static" or "adaptive"
+    knob: str
+    top1: float  # percent
+    gmacs: float
+    mac_reduction: float
+    speedup: float | None
+    realised: float | None
+    latency_speedup: float | None
+    pareto: bool
+
+
+def leaderboard_rows(results: dict[str, Any]) -> list[Row]:
+    """Every measured point, entries in spec order, each entry's points from most to least compute."""
+    reference = _reference_gmacs(results)
+    flat = [(entry, point) for entry in results["entries"]
+            for point in sorted(entry["points"], key=lambda p: -p["mean_gmacs"])]
+    front = pareto_front([(point["mean_gmacs"], point["top1"]) for _, point in flat])
+    rows = []
+    for (entry, point), on_front in zip(flat, front):
+        derived = derived_metrics(point, reference)
+        rows.append(Row(entry=entry["name"], kind=entry.get("kind", "adaptive"), knob=point.get("label", "default"),
+                        top1=100 * point["top1"], gmacs=point["mean_gmacs"], mac_reduction=derived["mac_reduction"],
+                        speedup=point.get("speedup"), realised=derived["realised_speedup"],
+                        latency_speedup=point.get("latency_speedup"), pareto=on_front))
+    return rows
+
+
+def _reference_gmacs(results: dict[str, Any]) -> float:
+    for entry in results["entries"]:
+        if entry["name"] == results["reference"]:
+            return entry["points"][0]["mean_gmacs"]
+    raise ValueError(f"results have no entry for the reference {results['reference']!r}")
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def render_table(rows: list[Row]) -> str:
+    """The markdown table of ``rows``."""
+    lines = ["| entry | knob | top-1 (%) | GMACs | MAC reduction | speed-up | realised | b=1 speed-up |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        name = row.entry if row.kind == "adaptive" else f"{row.entry} ({row.kind})"
+        realised = "n/a" if row.realised is None else f"{row.realised:.2f}"
+        lines.append(f"| {name} | {row.knob} | {row.top1:.2f}{'*' if row.pareto else ''} | {row.gmacs:.4g} | "
+                     f"{_times(row.mac_reduction)} | {_times(row.speedup)} | {realised} | "
+                     f"{_times(row.latency_speedup)} |")
+    return "\n".join(lines)
+
+
+COLUMN_NOTES = (
+    "`*`: on the Pareto front of accuracy vs GMACs. MAC reduction = reference GMACs / GMACs. "
+    "Speed-up = measured throughput / the reference's, measured interleaved in the same process. "
+    "Realised = speed-up / MAC reduction (1.00: every MAC saved became time saved). "
+    "b=1 speed-up = the reference's batch-1 latency / this latency."
+)
+
+
+def describe_setup(results: dict[str, Any]) -> str:
+    """One paragraph: data, backbone, machine, versions and speed settings."""
+    env, speed, data = results.get("environment", {}), results.get("speed", {}), results.get("dataset", {})
+    machine = env.get("gpu") or f"{env.get('cpu', 'unknown CPU')}, {env.get('cores', '?')} cores"
+    return (f"{data.get('name', '?')} ({data.get('source', 'source unknown')}; {data.get('test_images', '?')} test "
+            f"images), backbone {results.get('backbone', '?')}. Measured on {env.get('device', '?')} ({machine}) "
+            f"with torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, dyntok {env.get('dyntok', '?')}, "
+            f"Python {env.get('python', '?')}. Speed: {speed.get('dtype', '?')}, batch {speed.get('batch_size', '?')}"
+            f", {speed.get('images', '?')} test images, median of {speed.get('repeats', '?')} repetitions; "
+            f"latency over {speed.get('latency_images', '?')} images at batch 1.")
+
+
+def _training_table(results: dict[str, Any]) -> str:
+    lines = ["| entry | model | starts from | epochs | lr | params (M) | train time |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for entry in results["entries"]:
+        train = entry.get("train", {})
+        seconds = entry.get("train_seconds")
+        duration = "?" if seconds is None else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+        params = entry.get("params_m")
+        lines.append(f"| {entry['name']} | `{entry.get('model', '?')}` {_kwargs(entry.get('model_kwargs'))}| "
+                     f"{entry.get('init') or 'scratch'} | {train.get('epochs', '?')} | {train.get('lr', '?')} | "
+                     f"{'?' if params is None else f'{params:.2f}'} | {duration} |")
+    return "\n".join(lines)
+
+
+def _kwargs(kwargs: dict[str, Any] | None) -> str:
+    return "".join(f"{key}={value} " for key, value in (kwargs or {}).items())
+
+
+def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
+    """The whole ``leaderboard.md``: setup, leaderboard, training summary, skipped entries and plots."""
+    spec = results.get("spec", {})
+    parts = [f"# Benchmark `{spec.get('name', '?')}`: {results.get('dataset', {}).get('name', '?')}, "
+             f"{results.get('backbone', '?')}", "", describe_setup(results), "",
+             render_table(leaderboard_rows(results)), "", COLUMN_NOTES, "", "## Training", "",
+             _training_table(results)]
+    skipped = results.get("skipped") or []
+    if skipped:
+        parts += ["", "Skipped: " + "; ".join(f"{s['name']} (`{s['model']}`): {s['reason']}" for s in skipped) + "."]
+    for plot in plots:
+        parts += ["", f"![{plot.rsplit('.', 1)[0].replace('_', ' ')}]({plot})"]
+    return "\n".join(parts) + "\n"

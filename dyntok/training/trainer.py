@@ -1,0 +1,299 @@
+"""``dyntok train``: one loop that trains any method through the method contract.
+
+The loop never asks which method it trains: it calls ``forward``, ``compute_loss``, ``param_groups`` and
+``training_phases`` and nothing else. Training state (weights, EMA, optimiser, RNG, position in the
+schedule) is written atomically to ``last.safetensors`` after every epoch (and every ``save_every`` steps),
+so ``--resume`` continues exactly where a killed run stopped: same batches, same augmentation, same
+dropout draws, same final weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..checkpoint import (load_model, load_tensors, optimizer_state_from_tensors, optimizer_state_to_tensors,
+                          save_model, save_tensors)
+from ..data import DataConfig, build_loaders
+from ..measure.evaluate import evaluate
+from ..methods import AdaptiveViT, create_model
+from .distributed import DistributedContext, init_distributed
+from .schedule import warmup_cosine
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved beside the checkpoints as ``train_config.json``."""
+
+    model: str = "vit_cifar_tiny"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "runs/vit_cifar_tiny"
+    epochs: float = 10.0
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    ema_decay: float | None = None
+    init: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    compile: bool = False
+    save_every: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        values = dict(values)
+        values["data"] = DataConfig(**values.get("data", {}))
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_path: Path
+    metrics: dict[str, Any]
+
+
+@dataclass
+class _Progress:
+    """Where training stands; enough to resume exactly."""
+
+    phase: int = 0
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    """Trains one model on one (or, under torchrun, every) rank. Use :func:`train`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.ctx, self.device = init_distributed(config.device)
+        self.loaders = build_loaders(_per_rank(config.data, self.ctx.world_size), rank=self.ctx.rank,
+                                     world_size=self.ctx.world_size)
+        torch.manual_seed(config.seed)
+        model_kwargs = {"num_classes": self.loaders["num_classes"], **config.model_kwargs}
+        self.model: AdaptiveViT = create_model(config.model, **model_kwargs).to(self.device)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if config.data.mixup else config.label_smoothing)
+        self.amp = config.amp if config.amp is not None else self.device.type == "cuda"
+        self.ema = None
+        self.progress = _Progress()
+        self._start_from_dense()
+
+    # ------------------------------------------------------------------ setup
+    def _start_from_dense(self) -> None:
+        if not self.config.init:
+            if self.model.wants_teacher and self.ctx.is_main:
+                log.warning("%s learns from a teacher; without --init it trains without distillation",
+                            self.config.model)
+            return
+        dense = load_model(self.config.init, map_location=self.device)
+        self.model.init_from_dense(dense.state_dict())
+        if self.model.wants_teacher:
+            self.model.attach_teacher(dense)
+
+    def _phase_steps(self, phase_index: int) -> int:
+        phase = self.model.training_phases()[phase_index]
+        return max(1, round(self.config.epochs * phase.epoch_share * len(self.loaders["train"])))
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = self.model.param_groups(self.config.weight_decay)
+        for group in groups:
+            group["lr"] = self.config.lr * group["lr_scale"]
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.999))
+
+    def _wrap(self) -> nn.Module:
+        """What the forward goes through: DDP across ranks, optionally compiled."""
+        module: nn.Module = self.model
+        if self.ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids)
+        if self.config.compile:
+            module = torch.compile(module)
+        return module
+
+    def _make_ema(self):
+        if self.config.ema_decay is None:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.model, decay=self.config.ema_decay)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_state(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.ctx.is_main:
+            return
+        optim_tensors, optim_meta = optimizer_state_to_tensors(optimizer.state_dict())
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"kind": "training", "config": self.model.config, "budget": self.model.get_budget(),
+                "train_config": self.config.to_dict(), "progress": self.progress.as_dict(),
+                "optimizer": optim_meta}
+        save_tensors(self.out / "last.safetensors", tensors, meta)
+
+    def _restore_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+        tensors, meta = load_tensors(self.out / "last.safetensors")
+        if meta["config"] != self.model.config:
+            raise ValueError(f"{self.out}/last.safetensors was written for a different model "
+                             f"({meta['config']}); use another --output-dir or drop --resume")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.progress = _Progress(**meta["progress"])
+        self._optimizer_meta = meta["optimizer"]
+        return tensors
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+        optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+        optimizer.load_state_dict(optimizer_state_from_tensors(optim, self._optimizer_meta))
+        if self.ema is not None:
+            self.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+
+    # ------------------------------------------------------------------ the loop
+    def _train_step(self, module: nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> dict:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            output = module(images)
+            loss = self.model.compute_loss(output, targets, self.criterion)
+        if not torch.isfinite(loss.total):
+            raise FloatingPointError(f"loss is {loss.total.item()} at step {self.progress.step}; "
+                                     f"lower --lr or raise --clip-grad (last checkpoint is intact)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        if self.config.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.step)
+        return loss.terms
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, total_steps: int) -> float:
+        warmup = round(self.config.warmup_epochs / max(self.config.epochs, 1e-9) * total_steps)
+        lr = warmup_cosine(self.progress.step, total_steps, self.config.lr, warmup, self.config.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _run_epoch(self, module, optimizer, total_steps: int, epoch_offset: int) -> dict[str, float]:
+        loader = self.loaders["train"]
+        loader.set_epoch(epoch_offset + self.progress.epoch)
+        remaining = min(len(loader) - self.progress.batch, total_steps - self.progress.step)
+        bar = tqdm(total=remaining, disable=not (self.config.progress and self.ctx.is_main),
+                   desc=f"{self.model.phase} epoch {self.progress.epoch + 1}", leave=False)
+        sums: dict[str, float] = {}
+        seen, start = 0, time.perf_counter()
+        for images, targets in loader.iterate(start_batch=self.progress.batch):
+            if self.progress.step >= total_steps:
+                break
+            lr = self._set_lr(optimizer, total_steps)
+            terms = self._train_step(module, optimizer, images.to(self.device), targets.to(self.device))
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value
+            seen += 1
+            self.progress.step += 1
+            self.progress.batch += 1
+            speed = seen * images.shape[0] * self.ctx.world_size / (time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(terms.values()):.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+            if self.config.save_every and self.progress.step % self.config.save_every == 0:
+                self._save_state(optimizer)
+        bar.close()
+        return {key: value / max(seen, 1) for key, value in sums.items()}
+
+    def _write_log(self, record: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            with open(self.out / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _train_phase(self, phase_index: int, resume_tensors: dict | None) -> None:
+        phases = self.model.training_phases()
+        self.model.set_phase(phases[phase_index].name)
+        optimizer = self._make_optimizer()
+        self.ema = self.ema or self._make_ema()
+        if resume_tensors is not None:
+            self._load_optimizer(optimizer, resume_tensors)
+        module = self._wrap()
+        total_steps = self._phase_steps(phase_index)
+        epochs = math.ceil(total_steps / len(self.loaders["train"]))
+        epoch_offset = sum(math.ceil(self._phase_steps(i) / len(self.loaders["train"])) for i in range(phase_index))
+        while self.progress.epoch < epochs:
+            module.train()
+            started = time.perf_counter()
+            terms = self._run_epoch(module, optimizer, total_steps, epoch_offset)
+            self.progress.epoch += 1
+            self.progress.batch = 0
+            self._save_state(optimizer)
+            self._write_log({"phase": self.model.phase, "epoch": self.progress.epoch, "step": self.progress.step,
+                             "seconds": round(time.perf_counter() - started, 2),
+                             **{f"train_{k}": round(self.ctx.mean(v), 5) for k, v in terms.items()}})
+
+    def fit(self) -> TrainResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        resume_tensors = None
+        if self.config.resume and (self.out / "last.safetensors").exists():
+            resume_tensors = self._restore_state(None)
+        elif (self.out / "last.safetensors").exists() and self.ctx.is_main:
+            log.warning("%s already holds a checkpoint; starting over (pass --resume to continue it)", self.out)
+        if self.ctx.is_main:
+            (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        phases = self.model.training_phases()
+        for phase_index in range(self.progress.phase, len(phases)):
+            self._train_phase(phase_index, resume_tensors if phase_index == self.progress.phase else None)
+            resume_tensors = None
+            if phase_index + 1 < len(phases):
+                self.progress = _Progress(phase=phase_index + 1, step=0)
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        final = self.ema.module if self.ema is not None else self.model
+        model_path = self.out / "model.safetensors"
+        metrics: dict[str, Any] = {}
+        if self.ctx.is_main:
+            save_model(final, model_path)
+            result = evaluate(final, self.loaders["test"], self.device, progress=self.config.progress,
+                              desc="test")
+            metrics = {"test": result.summary(), "steps": self.progress.step}
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        self.ctx.barrier()
+        return TrainResult(self.out, model_path, metrics)
+
+
+def _per_rank(data: DataConfig, world_size: int) -> DataConfig:
+    """``batch_size`` is global: each of ``world_size`` ranks loads its share of every batch."""
+    if data.batch_size % world_size:
+        raise ValueError(f"batch size {data.batch_size} does not split evenly over {world_size} processes")
+    return dataclasses.replace(data, batch_size=data.batch_size // world_size)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.model`` and return where its weights and metrics were written."""
+    return Trainer(config).fit()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry point that does all set-up on a fresh machine with Python 3.10+:
+#   ./run.sh bench [ARGS...]   the main job: train, calibrate, measure and report every method (dyntok bench)
+#   ./run.sh test  [ARGS...]   the test suite (pytest)
+#   ./run.sh dyntok ARGS...    any other dyntok command inside the project's environment
+# The environment lives in .venv and is (re)built only when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.dyntok-installed
+
+ensure_env() {
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+        || { echo "dyntok needs Python 3.10 or newer (found $("$PYTHON" --version))" >&2; exit 1; }
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    local want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+        echo "$want" > "$STAMP"
+    fi
+}
+
+command=${1:-bench}
+shift || true
+ensure_env
+case "$command" in
+    bench) exec "$VENV/bin/dyntok" bench "$@" ;;
+    test) exec "$VENV/bin/python" -m pytest "$@" ;;
+    dyntok) exec "$VENV/bin/dyntok" "$@" ;;
+    *) echo "usage: ./run.sh {bench|test|dyntok} [ARGS...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,200 @@
+"""The benchmark's cache: keys follow the training settings, finished work is reused, interrupted work resumed.
+
+Training is replaced by a stub that saves a freshly built model, so these tests check the runner's
+bookkeeping in seconds; ``test_benchmark_end_to_end`` (slow) runs the real trainer on a tiny dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dyntok
+from dyntok.bench import plan as bench_plan
+from dyntok.bench import runner
+from dyntok.bench.cache import EntryCache, training_key
+from dyntok.bench.plan import ModelCost, entry_caches, train_config
+from dyntok.bench.spec import parse_spec
+from dyntok.checkpoint import save_model
+from dyntok.training.trainer import TrainResult
+
+#: A 4x4-token backbone of width 32: every model of the spec builds and runs in milliseconds.
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """3 classes x 8 training and 4 test images of 16x16 pixels, in an image-folder tree."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for label in range(3):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = (rng.random((16, 16, 3)) * 80 + 80 * label).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+def tiny_spec(dataset: Path, cache_dir: Path, extra_entries: tuple = ()) -> dict:
+    return {
+        "name": "tiny", "backbone": "vit_cifar_micro", "device": "cpu",
+        "data": {"dataset": str(dataset), "batch_size": 4, "holdout_size": 6, "cache_dir": str(cache_dir)},
+        "train": {"epochs": 0.25, "warmup_epochs": 0},
+        "speed": {"batch_size": 4, "images": 8, "latency_images": 2, "repeats": 1, "warmup": 0},
+        "entries": [
+            {"name": "dense", "model": "{backbone}", "model_kwargs": TINY},
+            {"name": "dynamicvit", "model": "dynamicvit_{backbone}", "model_kwargs": TINY, "init": "dense",
+             "budgets": [{"keep_ratio": 0.5}, {"keep_ratio": 1.0}]},
+            {"name": "dvt", "model": "dvt_{backbone}", "model_kwargs": TINY, "calibrate": {}},
+            *extra_entries,
+        ],
+    }
+
+
+@pytest.fixture
+def stub_training(monkeypatch):
+    """Replace the trainer (and the timing probe) with instant stand-ins; returns the configs trained."""
+    trained = []
+
+    def fake_train(config):
+        trained.append(config)
+        model = dyntok.create_model(config.model, **config.model_kwargs)
+        path = save_model(model, Path(config.output_dir) / "model.safetensors")
+        return TrainResult(Path(config.output_dir), path, {"test": {"top1": 0.5}})
+
+    monkeypatch.setattr(runner, "train", fake_train)
+    monkeypatch.setattr(bench_plan, "probe_cost", lambda spec, entry, *args, **kwargs: ModelCost(
+        0.01, 0.001, 0.001, len(entry.budgets) if entry.budgets else 1))
+    return trained
+
+
+# ------------------------------------------------------------------------------------------ keys
+def keys(values: dict) -> dict[str, str]:
+    spec = parse_spec(values)
+    return {name: cache.key for name, cache in entry_caches(spec, list(spec.runnable), "cache").items()}
+
+
+def test_key_is_stable_and_follows_training_settings(tmp_path):
+    values = tiny_spec(tmp_path / "data", tmp_path / "decoded")
+    before = keys(values)
+    assert keys(values) == before
+
+    values["entries"][2]["train"] = {"lr": 0.01}
+    after = keys(values)
+    assert after["dvt"] != before["dvt"] and after["dense"] == before["dense"]
+
+    values["train"]["epochs"] = 0.5  # the default every entry inherits
+    assert all(keys(values)[name] != after[name] for name in after)
+
+
+def test_key_follows_the_dense_init_and_the_data(tmp_path):
+    values = tiny_spec(tmp_path / "data", tmp_path / "decoded")
+    before = keys(values)
+    values["entries"][0]["model_kwargs"] = {**TINY, "depth": 3}
+    after = keys(values)
+    # dynamicvit starts from dense, so retraining dense invalidates it; dvt trains from scratch.
+    assert after["dense"] != before["dense"] and after["dynamicvit"] != before["dynamicvit"]
+    assert after["dvt"] == before["dvt"]
+    values["data"]["batch_size"] = 8
+    assert keys(values)["dvt"] != before["dvt"]
+
+
+def test_key_ignores_where_and_how_a_run_happens(tmp_path):
+    spec = parse_spec(tiny_spec(tmp_path / "data", tmp_path / "decoded"))
+    entry = spec.entries[0]
+    config = train_config(spec, entry)
+    moved = train_config(dataclasses.replace(spec, data=dataclasses.replace(spec.data, data_root="/elsewhere")),
+                         entry, output_dir="/tmp/x", device="cuda", progress=False)
+    assert training_key(config) == training_key(moved)
+    assert training_key(config, init_key="abc") != training_key(config)
+
+
+def test_done_marker_must_match_the_key(tmp_path):
+    cache = EntryCache.at(tmp_path, "dense", "k" * 64)
+    assert not cache.is_done and not cache.is_started
+    cache.folder.mkdir(parents=True)
+    cache.model_path.write_bytes(b"weights")
+    assert not cache.is_done  # weights without the marker: training may have been cut short
+    cache.mark_done({"train_seconds": 1.0})
+    assert cache.is_done
+    assert not EntryCache(cache.folder, "other" * 8).is_done
+    cache.save_eval({"keep_ratio": 0.5}, {"top1": 0.25})
+    assert cache.load_eval({"keep_ratio": 0.5}) == {"knobs": {"keep_ratio": 0.5}, "top1": 0.25}
+    assert cache.load_eval({"keep_ratio": 0.6}) is None
+
+
+# ------------------------------------------------------------------------------------------ the runner
+def test_finished_entries_are_not_retrained_and_evaluations_are_reused(tiny_dataset, tmp_path, stub_training,
+                                                                      monkeypatch):
+    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
+    first = runner.run_benchmark(spec, tmp_path / "report", progress=False)
+    assert [config.model for config in stub_training] == [entry.model for entry in spec.entries]
+    dense_cache = entry_caches(spec, list(spec.runnable), tmp_path / "report" / "cache")["dense"]
+    assert stub_training[1].init == str(dense_cache.model_path)  # dynamicvit starts from the cached dense model
+    assert all(config.resume for config in stub_training)
+
+    evaluations = []
+    monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: evaluations.append(args))
+    second = runner.run_benchmark(spec, tmp_path / "report", progress=False)
+    assert len(stub_training) == 3 and evaluations == []
+
+    def accuracy(results):
+        return [(e["name"], p["label"], p["top1"], p["mean_gmacs"]) for e in results["entries"] for p in e["points"]]
+    assert accuracy(second) == accuracy(first)
+    assert [e["kind"] for e in first["entries"]] == ["reference", "adaptive", "adaptive"]
+    assert len(first["entries"][2]["points"]) > 1  # DVT's sweep, after calibration on the held-out split
+
+
+def test_adding_an_entry_trains_only_that_entry(tiny_dataset, tmp_path, stub_training):
+    values = tiny_spec(tiny_dataset, tmp_path / "decoded")
+    runner.run_benchmark(parse_spec(values), tmp_path / "report", progress=False)
+    static = {"name": "patch8", "model": "{backbone}", "model_kwargs": {**TINY, "patch_size": 8}}
+    values = tiny_spec(tiny_dataset, tmp_path / "decoded", extra_entries=(static,))
+    results = runner.run_benchmark(parse_spec(values), tmp_path / "report", progress=False)
+    assert [config.model_kwargs.get("patch_size") for config in stub_training] == [4, 4, 4, 8]
+    assert results["entries"][-1]["kind"] == "static"
+
+
+def test_interrupted_entry_is_resumed_in_its_folder(tiny_dataset, tmp_path, stub_training):
+    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
+    report = tmp_path / "report"
+    cache = entry_caches(spec, list(spec.runnable), report / "cache")["dense"]
+    cache.folder.mkdir(parents=True)
+    (cache.folder / "last.safetensors").write_bytes(b"a checkpoint of a killed run")
+    plan, _, _ = runner.prepare(spec, report, only=["dense"])
+    assert [(item.entry.name, item.status) for item in plan.entries] == [("dense", "resume")]
+    runner.run_benchmark(spec, report, only=["dense"], progress=False)
+    assert len(stub_training) == 1
+    assert stub_training[0].resume and stub_training[0].output_dir == str(cache.folder)
+
+
+def test_results_json_records_spec_versions_and_machine(tiny_dataset, tmp_path, stub_training):
+    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
+    runner.run_benchmark(spec, tmp_path / "report", only=["dynamicvit"], progress=False)
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert {"torch", "timm", "dyntok", "python", "cpu", "cores", "gpu"} <= set(results["environment"])
+    assert results["spec"]["name"] == "tiny" and [e["name"] for e in results["entries"]] == ["dense", "dynamicvit"]
+    point = results["entries"][1]["points"][0]
+    for key in ("top1", "mean_gmacs", "throughput", "speedup", "latency_ms", "latency_speedup", "mac_reduction",
+                "realised_speedup"):
+        assert np.isfinite(point[key]), key
+    assert point["realised_speedup"] == pytest.approx(point["speedup"] / point["mac_reduction"])
+    assert (tmp_path / "report" / "leaderboard.md").is_file()
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end(tiny_dataset, tmp_path):
+    """The real trainer, one step per phase, every stage of the run; then a re-run that trains nothing."""
+    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
+    results = runner.run_benchmark(spec, tmp_path / "report", progress=False)
+    assert [len(entry["points"]) > 0 for entry in results["entries"]] == [True] * 3
+    for name in ("results.json", "leaderboard.md", "accuracy_vs_gmacs.png", "accuracy_vs_throughput.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    plan, _, _ = runner.prepare(spec, tmp_path / "report")
+    assert {item.status for item in plan.entries} == {"cached"}

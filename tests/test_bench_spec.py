@@ -1,0 +1,160 @@
+"""Benchmark specs: the built-ins parse, every registered method is benchmarked, bad specs say what is wrong."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+import dyntok
+from dyntok.bench.plan import select_entries
+from dyntok.bench.spec import PROFILES, SpecError, builtin_spec_path, load_spec, parse_spec
+
+
+def minimal_spec() -> dict:
+    return {
+        "name": "mini",
+        "backbone": "vit_cifar_micro",
+        "data": {"dataset": "cifar10", "batch_size": 32},
+        "train": {"epochs": 1, "lr": "1e-3"},
+        "entries": [
+            {"name": "dense", "model": "{backbone}"},
+            {"name": "dynamicvit", "model": "dynamicvit_{backbone}", "init": "dense",
+             "budgets": [{"keep_ratio": 0.5}, {"keep_ratio": 0.7}]},
+            {"name": "dvt", "model": "dvt_{backbone}", "train": {"epochs": 2},
+             "budgets": [{"calibrate": {"q": 0.5}}]},
+        ],
+    }
+
+
+def error_for(values: dict) -> str:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(values)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_builtin_specs_parse(profile):
+    spec = load_spec(builtin_spec_path(profile))
+    assert spec.runnable and spec.reference in {entry.name for entry in spec.runnable}
+    assert all(entry.train["epochs"] > 0 for entry in spec.entries)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_registered_method_is_in_the_builtin_spec(profile):
+    spec = load_spec(builtin_spec_path(profile))
+    benchmarked = {entry.method for entry in spec.runnable}
+    missing = set(dyntok.list_methods()) - benchmarked
+    assert not missing, f"add an entry for {sorted(missing)} to {builtin_spec_path(profile).name}"
+
+
+def test_builtin_cpu_spec_has_static_baselines():
+    spec = load_spec(builtin_spec_path("cpu"))
+    static = [entry for entry in spec.runnable if entry.method == "dense" and entry.name != spec.reference]
+    assert any("patch_size" in entry.model_kwargs for entry in static), "the same ViT at fewer tokens"
+    assert any({"depth", "embed_dim"} & set(entry.model_kwargs) for entry in static), "a smaller ViT"
+
+
+def test_valid_spec_fills_placeholders_defaults_and_budgets():
+    spec = parse_spec(minimal_spec())
+    dense, dynamicvit, dvt = spec.entries
+    assert dense.model == "vit_cifar_micro" and dynamicvit.model == "dynamicvit_vit_cifar_micro"
+    assert dense.train == {"epochs": 1, "lr": 1e-3}  # "1e-3" is a string to YAML 1.1, a number to us
+    assert dvt.train["epochs"] == 2 and dvt.train["lr"] == 1e-3
+    assert [point.knobs for point in dynamicvit.budgets] == [{"keep_ratio": 0.5}, {"keep_ratio": 0.7}]
+    assert dvt.budgets[0].calibrate == {"q": 0.5} and dvt.budgets[0].knobs is None
+    assert dense.budgets is None and spec.reference == "dense"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["entries"][2]["train"].update(epochs="ten"),
+     "entries[2].train.epochs: expected a positive number, got 'ten'"),
+    (lambda s: s["entries"][1].update(train={"lr": -1}), "entries[1].train.lr: expected a positive number"),
+    (lambda s: s["train"].update(seed=1.5), "train.seed: expected an integer"),
+    (lambda s: s["data"].update(batch_size=0), "data.batch_size: expected an integer >= 1, got 0"),
+    (lambda s: s.update(speed={"repeats": "five"}), "speed.repeats: expected an integer >= 1, got 'five'"),
+    (lambda s: s["entries"][1].update(init="teacher"), "entries[1].init: 'teacher' is not an earlier entry"),
+    (lambda s: s["entries"][1].update(name="dense"), "entries[1].name: 'dense' is used by an earlier entry"),
+    (lambda s: s["entries"][0].update(name="a/b"), "entries[0].name: 'a/b' must be letters"),
+    (lambda s: s["entries"][1].update(budgets=[]), "entries[1].budgets: expected a non-empty list"),
+    (lambda s: s["entries"][1].update(budgets=[{}]), "entries[1].budgets[0]: empty budget point"),
+    (lambda s: s["entries"][2].update(budgets=[{"calibrate": {"q": 1}, "x": 1}]),
+     "entries[2].budgets[0]: unknown key 'x'; known keys: calibrate"),
+    (lambda s: s.update(reference="baseline"), "reference: no entry named 'baseline'"),
+    (lambda s: s.update(backbone="vit_cifar_nano"), "backbone: unknown backbone 'vit_cifar_nano'"),
+    (lambda s: s.pop("entries"), "entries: missing"),
+    (lambda s: s["entries"][0].pop("model"), "entries[0].model: missing"),
+    (lambda s: s.update(train={}), "entries[0].train.epochs: missing"),
+])
+def test_bad_values_name_the_field(edit, message):
+    values = minimal_spec()
+    edit(values)
+    assert message in error_for(values)
+
+
+def test_unknown_keys_are_rejected_with_the_known_keys():
+    values = minimal_spec()
+    values["entries"][1]["epochs"] = 3
+    message = error_for(values)
+    assert message.startswith("entries[1]: unknown key 'epochs'; known keys:")
+    assert "train" in message and "budgets" in message
+    values = minimal_spec()
+    values["train"]["learning_rate"] = 0.1
+    assert "train: unknown key 'learning_rate'; known keys:" in error_for(values)
+    values = minimal_spec()
+    values["data"]["batchsize"] = 3
+    assert "data: unknown key 'batchsize'" in error_for(values)
+    values = minimal_spec()
+    values["entrys"] = []
+    assert "spec: unknown key 'entrys'" in error_for(values)
+
+
+def test_unknown_models_fail_at_parse_time():
+    values = minimal_spec()
+    values["entries"][0]["model"] = "vit_cifar_mirco"
+    assert "entries[0].model: unknown model 'vit_cifar_mirco'" in error_for(values)
+
+
+def test_unknown_method_options_fail_at_parse_time():
+    values = minimal_spec()
+    values["entries"][1]["model_kwargs"] = {"keep_ratoi": 0.5, "depth": 2}
+    message = error_for(values)
+    assert "entries[1].model_kwargs: DynamicViT does not take 'keep_ratoi'" in message and "keep_ratio" in message
+
+
+def test_unregistered_method_is_skipped_with_a_note_not_an_error():
+    values = minimal_spec()
+    values["entries"].append({"name": "tome", "model": "tome_{backbone}"})
+    values["entries"].append({"name": "after-tome", "model": "{backbone}", "init": "tome"})
+    spec = parse_spec(values)
+    assert "method 'tome' is not registered" in spec.entry("tome").skipped
+    assert "starts from entry 'tome'" in spec.entry("after-tome").skipped
+    assert [entry.name for entry in spec.runnable] == ["dense", "dynamicvit", "dvt"]
+
+
+def test_load_spec_reports_the_file_and_yaml_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**minimal_spec(), "name": ""}))
+    with pytest.raises(SpecError, match=r"bad.yaml: name: expected a non-empty string"):
+        load_spec(path)
+    path.write_text("entries: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+    with pytest.raises(FileNotFoundError):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_only_adds_what_an_entry_needs():
+    spec = parse_spec(minimal_spec())
+    assert [entry.name for entry in select_entries(spec, ["dynamicvit"])] == ["dense", "dynamicvit"]
+    assert [entry.name for entry in select_entries(spec, ["dvt"])] == ["dense", "dvt"]
+    assert len(select_entries(spec)) == 3
+    with pytest.raises(ValueError, match="no such entry; entries: dense, dynamicvit, dvt"):
+        select_entries(spec, ["dvtt"])
+
+
+def test_spec_round_trips_through_its_dict():
+    spec = parse_spec(minimal_spec())
+    values = copy.deepcopy(spec.to_dict())
+    assert values["entries"][2]["budgets"] == [{"calibrate": {"q": 0.5}}]
+    assert values["data"]["batch_size"] == 32
