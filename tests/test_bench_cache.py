@@ -41,7 +41,9 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_spec(dataset: Path, cache_dir: Path, extra_entries: tuple = ()) -> dict:
+def tiny_spec(dataset: Path, cache_dir: Path, dvt_sweep: bool = False, extra_entries: tuple = ()) -> dict:
+    """Dense, DynamicViT from dense, and DVT at one calibrated point (or its whole sweep: slower to time)."""
+    dvt_budget = {} if dvt_sweep else {"budgets": [{"calibrate": {"q": 1.0}}]}
     return {
         "name": "tiny", "backbone": "vit_cifar_micro", "device": "cpu",
         "data": {"dataset": str(dataset), "batch_size": 4, "holdout_size": 6, "cache_dir": str(cache_dir)},
@@ -51,7 +53,7 @@ def tiny_spec(dataset: Path, cache_dir: Path, extra_entries: tuple = ()) -> dict
             {"name": "dense", "model": "{backbone}", "model_kwargs": TINY},
             {"name": "dynamicvit", "model": "dynamicvit_{backbone}", "model_kwargs": TINY, "init": "dense",
              "budgets": [{"keep_ratio": 0.5}, {"keep_ratio": 1.0}]},
-            {"name": "dvt", "model": "dvt_{backbone}", "model_kwargs": TINY, "calibrate": {}},
+            {"name": "dvt", "model": "dvt_{backbone}", "model_kwargs": TINY, **dvt_budget},
             *extra_entries,
         ],
     }
@@ -148,17 +150,19 @@ def test_finished_entries_are_not_retrained_and_evaluations_are_reused(tiny_data
         return [(e["name"], p["label"], p["top1"], p["mean_gmacs"]) for e in results["entries"] for p in e["points"]]
     assert accuracy(second) == accuracy(first)
     assert [e["kind"] for e in first["entries"]] == ["reference", "adaptive", "adaptive"]
-    assert len(first["entries"][2]["points"]) > 1  # DVT's sweep, after calibration on the held-out split
+    assert first["entries"][2]["points"][0]["label"] == "q=1 (calibrated)"
 
 
 def test_adding_an_entry_trains_only_that_entry(tiny_dataset, tmp_path, stub_training):
-    values = tiny_spec(tiny_dataset, tmp_path / "decoded")
-    runner.run_benchmark(parse_spec(values), tmp_path / "report", progress=False)
+    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
+    runner.run_benchmark(spec, tmp_path / "report", only=["dynamicvit"], progress=False)
     static = {"name": "patch8", "model": "{backbone}", "model_kwargs": {**TINY, "patch_size": 8}}
-    values = tiny_spec(tiny_dataset, tmp_path / "decoded", extra_entries=(static,))
-    results = runner.run_benchmark(parse_spec(values), tmp_path / "report", progress=False)
-    assert [config.model_kwargs.get("patch_size") for config in stub_training] == [4, 4, 4, 8]
-    assert results["entries"][-1]["kind"] == "static"
+    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded", extra_entries=(static,)))
+    results = runner.run_benchmark(spec, tmp_path / "report", only=["dynamicvit", "patch8"], progress=False)
+    assert [config.model for config in stub_training] == ["vit_cifar_micro", "dynamicvit_vit_cifar_micro",
+                                                          "vit_cifar_micro"]
+    assert stub_training[-1].model_kwargs["patch_size"] == 8
+    assert [entry["kind"] for entry in results["entries"]] == ["reference", "adaptive", "static"]
 
 
 def test_interrupted_entry_is_resumed_in_its_folder(tiny_dataset, tmp_path, stub_training):
@@ -167,7 +171,7 @@ def test_interrupted_entry_is_resumed_in_its_folder(tiny_dataset, tmp_path, stub
     cache = entry_caches(spec, list(spec.runnable), report / "cache")["dense"]
     cache.folder.mkdir(parents=True)
     (cache.folder / "last.safetensors").write_bytes(b"a checkpoint of a killed run")
-    plan, _, _ = runner.prepare(spec, report, only=["dense"])
+    plan, _ = runner.prepare(spec, report, only=["dense"])
     assert [(item.entry.name, item.status) for item in plan.entries] == [("dense", "resume")]
     runner.run_benchmark(spec, report, only=["dense"], progress=False)
     assert len(stub_training) == 1
@@ -191,10 +195,11 @@ def test_results_json_records_spec_versions_and_machine(tiny_dataset, tmp_path, 
 @pytest.mark.slow
 def test_benchmark_end_to_end(tiny_dataset, tmp_path):
     """The real trainer, one step per phase, every stage of the run; then a re-run that trains nothing."""
-    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
+    spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded", dvt_sweep=True))
     results = runner.run_benchmark(spec, tmp_path / "report", progress=False)
-    assert [len(entry["points"]) > 0 for entry in results["entries"]] == [True] * 3
+    assert [len(entry["points"]) for entry in results["entries"]][:2] == [1, 2]
+    assert len(results["entries"][2]["points"]) > 1  # DVT's own sweep, after calibrating on the held-out split
     for name in ("results.json", "leaderboard.md", "accuracy_vs_gmacs.png", "accuracy_vs_throughput.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    plan, _, _ = runner.prepare(spec, tmp_path / "report")
+    plan, _ = runner.prepare(spec, tmp_path / "report")
     assert {item.status for item in plan.entries} == {"cached"}

@@ -63,8 +63,9 @@ def test_save_load_round_trip_is_bit_exact(method, images, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_budget_sweep_points_are_settable(method, images):
+def test_budget_sweep_points_are_settable(method, images, labels):
     model = tiny_model(method).eval()
+    model.calibrate([(images, labels), (images.flip(0), labels)])  # methods with fitted knobs need data first
     for point in model.budget_sweep():
         model.set_budget(**point)
         assert model.predict(images).logits.shape[0] == len(images)
@@ -91,3 +92,9 @@ def test_methods_start_from_a_dense_checkpoint(method):
     dense = tiny_model("dense")
     model = tiny_model(method)
     model.init_from_dense(dense.state_dict())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_exit_gives_logits_for_every_image(method, images):
+    exits = tiny_model(method).eval().predict_all_exits(images)
+    assert exits and all(logits.shape == (len(images), TINY["num_classes"]) for logits in exits)

@@ -11,9 +11,10 @@ from torch import nn
 import dyntok
 from dyntok.checkpoint import load_model, save_model
 from dyntok.measure.macs import count_macs_with_torch
-from dyntok.methods.dvt import (NEVER_EXIT, default_grids, exit_stages, geometric_exit_proportions, stage_geometry,
-                                thresholds_for_proportions)
+from dyntok.methods.dvt import (DVT, NEVER_EXIT, default_grids, exit_stages, geometric_exit_proportions,
+                                stage_geometry, thresholds_for_proportions)
 from dyntok.methods.dvt_reuse import RelationReuse, attention_with_logits, block_forward, resample_token_axis
+from dyntok.models.vit import BackboneSpec
 
 #: 16px images; default grids (2, 3, 4) -> patch 8 on 16px, patch 5 on 15px, patch 4 on 16px.
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
@@ -262,3 +263,18 @@ def test_save_load_round_trip_keeps_thresholds(images, tmp_path):
     assert loaded.get_budget() == {"thresholds": [0.25, 0.75]}
     assert loaded.config == model.config
     torch.testing.assert_close(loaded.predict(images).logits, model.predict(images).logits, rtol=0, atol=0)
+
+
+PREFIX_VARIANTS = [dict(reg_tokens=2, no_embed_class=True), dict(class_token=False, global_pool="avg")]
+
+
+@pytest.mark.parametrize("prefix", PREFIX_VARIANTS)
+def test_register_tokens_and_no_class_token(prefix, images):
+    torch.manual_seed(0)
+    model = DVT(BackboneSpec("vit_cifar_tiny", {**TINY, **prefix})).train()
+    loss = model.compute_loss(model(images), torch.arange(len(images)) % 5, nn.CrossEntropyLoss())
+    loss.total.backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.parameters())
+    model.eval()
+    counted = count_macs_with_torch(model.predict, images[:1])
+    assert model.predict(images[:1]).macs.item() == pytest.approx(counted, rel=0.01)

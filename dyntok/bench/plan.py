@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..measure.speed import inference_context
 from ..methods import AdaptiveViT, create_model
 from ..training.trainer import TrainConfig
 from .cache import EntryCache, digest, training_key
@@ -80,13 +81,17 @@ class ModelCost:
     points: int
 
 
-def _seconds(fn, repeats: int = 2) -> float:
+def _seconds(fn, device: torch.device, repeats: int = 2) -> float:
     """Best of ``repeats`` timed calls after one warm-up call."""
     fn()
     best = float("inf")
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -95,34 +100,41 @@ def _default_point_count(model: AdaptiveViT, entry: Entry, images: torch.Tensor)
     """How many points the model's own sweep has (calibrating on one batch first, if the entry does)."""
     if entry.budgets is not None:
         return len(entry.budgets)
-    if entry.calibrate is not None:
-        model.calibrate([(images, torch.zeros(len(images), dtype=torch.long))], **entry.calibrate)
+    model.calibrate([(images, torch.zeros(len(images), dtype=torch.long))], **(entry.calibrate or {}))
     return len(model.budget_sweep())
 
 
-def probe_cost(spec: BenchSpec, entry: Entry, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-               train: bool) -> ModelCost:
+def probe_cost(spec: BenchSpec, entry: Entry, batch: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+               device: torch.device, train: bool) -> ModelCost:
     """Time a freshly built model of ``entry`` on a real batch (weights do not change the cost much)."""
+    def build(entry: Entry) -> AdaptiveViT:
+        # Like the trainer, take the number of classes from the data unless the entry sets it.
+        return create_model(entry.model, **{"num_classes": num_classes, **entry.model_kwargs}).to(device)
+
     torch.manual_seed(0)
-    model = create_model(entry.model, **entry.model_kwargs).to(device)
+    model = build(entry)
     images, targets = batch[0].to(device), batch[1].to(device)
     train_step = 0.0
     if train:
         if entry.init and model.wants_teacher:
-            init = spec.entry(entry.init)
-            model.attach_teacher(create_model(init.model, **init.model_kwargs).to(device))
+            model.attach_teacher(build(spec.entry(entry.init)))
         criterion = nn.CrossEntropyLoss()
+        amp = entry.train.get("amp")
+        amp = device.type == "cuda" if amp is None else amp  # the trainer's default
         model.train()
 
         def step() -> None:
-            model.compute_loss(model(images), targets, criterion).total.backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = model.compute_loss(model(images), targets, criterion).total
+            loss.backward()
             model.zero_grad(set_to_none=True)
 
-        train_step = _seconds(step)
+        train_step = _seconds(step, device)
     model.eval()
     with torch.inference_mode():
-        infer = _seconds(lambda: model.predict(images)) / len(images)
-        latency = _seconds(lambda: model.predict(images[:1]))
+        with inference_context(device):
+            infer = _seconds(lambda: model.predict(images), device) / len(images)
+            latency = _seconds(lambda: model.predict(images[:1]), device)
         points = _default_point_count(model, entry, images)
     return ModelCost(train_step, infer, latency, points)
 
@@ -154,6 +166,9 @@ class Plan:
     def seconds(self) -> float:
         return sum(item.seconds for item in self.entries)
 
+    def entry(self, name: str) -> EntryPlan:
+        return next(item for item in self.entries if item.entry.name == name)
+
     def describe(self, output: str | Path) -> str:
         """A table of what will run, for ``--dry-run`` and the log."""
         spec = self.spec
@@ -184,12 +199,13 @@ def make_plan(spec: BenchSpec, entries: list[Entry], caches: dict[str, EntryCach
     test_images = len(loaders["test"].dataset)
     holdout_images = len(loaders["holdout"].dataset) if loaders["holdout"] is not None else 0
     speed = spec.speed
-    reference = probe_cost(spec, spec.entry(spec.reference), batch, device, train=False)
+    classes = loaders["num_classes"]
+    reference = probe_cost(spec, spec.entry(spec.reference), batch, classes, device, train=False)
     items = []
     for entry in entries:
         cache = caches[entry.name]
         status = "cached" if cache.is_done else "resume" if cache.is_started else "train"
-        cost = probe_cost(spec, entry, batch, device, train=status != "cached")
+        cost = probe_cost(spec, entry, batch, classes, device, train=status != "cached")
         train_seconds = 0.0
         if status != "cached":
             # The trainer ends with one pass over the test split.
@@ -207,7 +223,7 @@ def make_plan(spec: BenchSpec, entries: list[Entry], caches: dict[str, EntryCach
 def _calibrations(entry: Entry) -> int:
     """Passes over the held-out split an entry's sweep needs."""
     points = [point for point in entry.budgets or () if point.calibrate is not None]
-    return len(points) + (entry.calibrate is not None)
+    return len(points) + (entry.calibrate is not None or entry.budgets is None)
 
 
 def _points_cached(entry: Entry, cache: EntryCache) -> bool:

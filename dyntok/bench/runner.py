@@ -27,9 +27,10 @@ from ..data import build_loaders
 from ..measure.evaluate import evaluate
 from ..measure.speed import measure_latency, measure_throughput
 from ..methods import AdaptiveViT
+from ..report import render_report
+from ..report.leaderboard import derived_metrics
 from ..training import distributed
 from ..training.trainer import train
-from ..report.leaderboard import derived_metrics
 from .cache import EntryCache
 from .plan import EntryPlan, Plan, entry_caches, make_plan, select_entries, sweep_key, train_config
 from .spec import TRAIN_FIELDS, BenchSpec, Entry, format_knobs
@@ -59,17 +60,20 @@ class StageBar:
         yield
         self.bar.update(min(seconds, self.bar.total - self.bar.n))
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Fill the bar: the estimates never add up exactly to what ran."""
         self.bar.set_description_str("done")
         self.bar.update(self.bar.total - self.bar.n)
+
+    def close(self) -> None:
         self.bar.close()
 
 
 # ------------------------------------------------------------------------------------------ stages
-def _train_entry(spec: BenchSpec, item: EntryPlan, caches: dict[str, EntryCache], device: torch.device,
-                 progress: bool) -> None:
+def _train_entry(spec: BenchSpec, plan: Plan, item: EntryPlan, progress: bool) -> None:
     entry = item.entry
-    init = caches[entry.init].model_path if entry.init else None
+    init = plan.entry(entry.init).cache.model_path if entry.init else None
+    device = plan.device
     config = train_config(spec, entry, item.cache.folder, init, device=str(device), progress=progress)
     started = time.perf_counter()
     result = train(config)
@@ -93,19 +97,17 @@ def resolve_points(entry: Entry, model: AdaptiveViT, holdout, cache: EntryCache)
     needs_holdout = entry.calibrate is not None or any(p.calibrate is not None for p in entry.budgets or ())
     if needs_holdout and holdout is None:
         raise ValueError(f"entry {entry.name!r} calibrates on the held-out split, but data.holdout_size is 0")
-    if entry.calibrate is not None:
-        model.calibrate(holdout, **entry.calibrate)
+    # A sweep may be derived from the held-out data (DVT's thresholds), so calibrate before asking for it;
+    # for methods whose knobs are set directly, calibrate() changes nothing.
+    if entry.calibrate is not None or (entry.budgets is None and holdout is not None):
+        model.calibrate(holdout, **(entry.calibrate or {}))
     if entry.budgets is None:
         points = [{"label": format_knobs(knobs), "knobs": _jsonable(knobs)} for knobs in model.budget_sweep()]
     else:
         points = []
         for point in entry.budgets:
-            if point.calibrate is not None:
-                knobs = model.calibrate(holdout, **point.calibrate)
-                label = f"{format_knobs(point.calibrate)} (calibrated)"
-            else:
-                knobs, label = point.knobs, point.label
-            points.append({"label": label, "knobs": _jsonable(knobs)})
+            knobs = model.calibrate(holdout, **point.calibrate) if point.calibrate is not None else point.knobs
+            points.append({"label": point.label, "knobs": _jsonable(knobs)})
     for point in points:
         try:
             model.set_budget(**point["knobs"])
@@ -176,13 +178,14 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ the run
 def prepare(spec: BenchSpec, output: str | Path, only: list[str] | tuple[str, ...] = ()
-            ) -> tuple[Plan, dict[str, Any], dict[str, EntryCache]]:
-    """Load the data, find what is cached and estimate the rest: everything ``--dry-run`` shows."""
+            ) -> tuple[Plan, dict[str, Any]]:
+    """Load the data, find what is cached and estimate the rest (what ``--dry-run`` shows); returns the plan
+    and the data loaders."""
     entries = select_entries(spec, only)
     device = distributed.select_device(spec.device)
     loaders = build_loaders(spec.data)
     caches = entry_caches(spec, entries, Path(output) / "cache")
-    return make_plan(spec, entries, caches, loaders, device), loaders, caches
+    return make_plan(spec, entries, caches, loaders, device), loaders
 
 
 def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[str, ...] = (),
@@ -190,7 +193,7 @@ def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[s
     """Run (or finish) the benchmark; write ``results.json`` and the report into ``output``; return the results."""
     output = Path(output)
     started = datetime.datetime.now(datetime.timezone.utc)
-    plan, loaders, caches = prepare(spec, output, only)
+    plan, loaders = prepare(spec, output, only)
     for entry in spec.entries:
         if entry.skipped:
             log.warning("skipping entry %r (%s): %s", entry.name, entry.model, entry.skipped)
@@ -200,17 +203,15 @@ def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[s
         for item in plan.entries:
             if item.status != "cached":
                 with bar.stage(f"train {item.entry.name}", item.train_seconds):
-                    _train_entry(spec, item, caches, device, progress)
+                    _train_entry(spec, plan, item, progress)
         records = _measure_entries(spec, plan, loaders, bar)
+        bar.finish()
     finally:
         bar.close()
     results = {
         "format": RESULTS_FORMAT,
         "spec": spec.to_dict(),
-        "dataset": {"name": Path(spec.data.dataset).name, "source": loaders["source"], "num_classes": loaders["num_classes"],
-                    "train_images": len(loaders["train"].dataset),
-                    "holdout_images": len(loaders["holdout"].dataset) if loaders["holdout"] is not None else 0,
-                    "test_images": len(loaders["test"].dataset)},
+        "dataset": _dataset_record(spec, loaders),
         "backbone": spec.backbone,
         "reference": spec.reference,
         "speed": {**spec.to_dict()["speed"], "device": str(device),
@@ -223,16 +224,20 @@ def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[s
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    from ..report import render_report
-
     render_report(output)
     return results
 
 
+def _dataset_record(spec: BenchSpec, loaders: dict[str, Any]) -> dict[str, Any]:
+    holdout = loaders["holdout"]
+    return {"name": Path(spec.data.dataset).name, "source": loaders["source"], "num_classes": loaders["num_classes"],
+            "train_images": len(loaders["train"].dataset), "holdout_images": len(holdout.dataset) if holdout else 0,
+            "test_images": len(loaders["test"].dataset)}
+
+
 def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: StageBar) -> list[dict[str, Any]]:
     device = plan.device
-    caches = {item.entry.name: item.cache for item in plan.entries}
-    reference = load_model(caches[spec.reference].model_path, map_location=device).eval()
+    reference = load_model(plan.entry(spec.reference).cache.model_path, map_location=device).eval()
     images = _first_images(loaders["test"], spec.speed.images)
     records = []
     for item in plan.entries:
@@ -241,12 +246,12 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
         with bar.stage(f"calibrate {entry.name}" if item.calibrate_seconds else f"load {entry.name}",
                        item.calibrate_seconds):
             points = resolve_points(entry, model, loaders["holdout"], item.cache)
+        candidate = None if entry.name == spec.reference else model  # the reference is timed on its own
         measured = []
         for point in points:
             with bar.stage(f"eval {entry.name} {point['label']}", item.point_seconds):
                 accuracy = _evaluate_point(model, point["knobs"], loaders["test"], item.cache, device)
-                is_reference = entry.name == spec.reference
-                speed = _measure_speed(reference, None if is_reference else model, images, spec, device)
+                speed = _measure_speed(reference, candidate, images, spec, device)
             measured.append({**point, **accuracy, **speed})
         records.append(_entry_record(spec, entry, item.cache, model, measured))
     reference_gmacs = next(r for r in records if r["name"] == spec.reference)["points"][0]["mean_gmacs"]

@@ -16,8 +16,7 @@ A spec is a YAML file (see docs/benchmark.md for every field)::
         train: {epochs: 1}
         budgets: [{keep_ratio: 0.5}, {keep_ratio: 0.7}]
       - name: dvt
-        model: dvt_{backbone}
-        calibrate: {}                         # fit on the held-out split, then use the model's budget_sweep()
+        model: dvt_{backbone}                 # no budgets: calibrate on the held-out split, then budget_sweep()
 
 Parsing checks everything that can be checked without training: field names and types, model names,
 method keyword arguments, and references between entries. Errors name the field, e.g.
@@ -216,8 +215,9 @@ class BudgetPoint:
 
     @property
     def label(self) -> str:
+        """How the point appears in the leaderboard: ``keep_ratio=0.7``, ``q=0.5 (calibrated)``."""
         if self.calibrate is not None:
-            return "calibrate " + format_knobs(self.calibrate) if self.calibrate else "calibrate"
+            return f"{format_knobs(self.calibrate)} (calibrated)" if self.calibrate else "calibrated"
         return format_knobs(self.knobs or {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,7 +240,8 @@ class Entry:
     """One contender: a model trained with its settings, then evaluated at each budget point.
 
     ``train`` holds the spec's training defaults with the entry's own settings on top. ``budgets`` is None
-    when the model's own ``budget_sweep()`` decides the points (after ``calibrate``, if given).
+    when the model's own ``budget_sweep()`` decides the points, after a calibration on the held-out split
+    (with the ``calibrate`` targets, if given).
     ``skipped`` says why the entry cannot run here (its method is not registered), else None.
     """
 

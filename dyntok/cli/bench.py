@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     output = args.output or Path("reports") / (spec.name if args.spec is not None else args.profile)
     if args.dry_run:
-        plan, _, _ = prepare(spec, output, args.only)
+        plan, _ = prepare(spec, output, args.only)
         print(plan.describe(output))
         return 0
     results = run_benchmark(spec, output, args.only)

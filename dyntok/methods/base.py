@@ -7,7 +7,9 @@ which method they hold. A method is an ``nn.Module`` that:
 * in training mode, returns from ``forward`` whatever its :meth:`compute_loss` needs;
 * computes its loss: the task loss (given by the trainer, so label smoothing and mixup stay the trainer's
   business) plus its own terms, using a frozen teacher when it asked for one;
-* in eval mode answers :meth:`predict` with logits **and the MACs actually executed for each image**;
+* in eval mode answers :meth:`predict` with logits **and the MACs actually executed for each image**
+  (``extras`` may add per-image facts under standard keys: ``exit_stage``, ``kept_patches``), and
+  :meth:`predict_all_exits` with every exit's logits for methods that have several;
 * exposes budget knobs (keep ratio, thresholds...) that can be changed after training, with a default
   sweep for the benchmark and, where a knob must be fitted, :meth:`calibrate` on a held-out split;
 * may train in phases (each with its own trainable parameters and learning-rate scales);
@@ -137,6 +139,11 @@ class AdaptiveViT(nn.Module):
         """Inference: logits and per-image executed MACs. Call in eval mode."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def predict_all_exits(self, x: Tensor) -> list[Tensor]:
+        """Every exit's logits for every image (anytime accuracy); one exit unless the method has several."""
+        return [self.predict(x).logits]
+
     def dense_macs(self) -> float:
         """MACs per image when nothing is skipped: the upper end of this model's budget range."""
         raise NotImplementedError
@@ -152,7 +159,11 @@ class AdaptiveViT(nn.Module):
             raise ValueError(f"{type(self).__name__} has no budget knobs; got {sorted(knobs)}")
 
     def budget_sweep(self) -> list[dict[str, Any]]:
-        """Knob settings the benchmark evaluates, one point of the accuracy-vs-GMACs curve each."""
+        """Knob settings the benchmark evaluates, one point of the accuracy-vs-GMACs curve each.
+
+        Methods whose knobs are fitted (DVT's thresholds) derive the sweep from the data seen by
+        :meth:`calibrate`, so callers calibrate first.
+        """
         return [self.get_budget()]
 
     def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], **target: Any) -> dict[str, Any]:

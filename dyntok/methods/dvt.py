@@ -142,21 +142,32 @@ class DVTStage(nn.Module):
         #: Whether the next stage reuses this stage's attention logits (then they must be materialised).
         self.exports_relations = False
 
-    def add_feature_reuse(self, previous_grid: int, hidden_dim: int, out_dim: int) -> None:
+    def add_feature_reuse(self, previous: DVTStage, hidden_dim: int, out_dim: int) -> None:
         """One :class:`FeatureReuse` per block; every block's MLP input grows by ``out_dim``."""
-        dim, num_prefix = self.vit.embed_dim, self.vit.num_prefix_tokens
         self.feature_reuse = nn.ModuleList(
-            FeatureReuse(dim, hidden_dim, out_dim, previous_grid, self.grid, num_prefix, eps=block.norm2.eps)
+            FeatureReuse(previous.vit.embed_dim, hidden_dim, out_dim, previous.grid, self.grid,
+                         self.vit.num_prefix_tokens, eps=block.norm2.eps)
             for block in self.vit.blocks)
         for block in self.vit.blocks:
             widen_mlp_input(block, out_dim)
 
-    def add_relation_reuse(self, previous_grid: int) -> None:
-        channels = len(self.vit.blocks) * self.vit.blocks[0].attn.num_heads
-        self.relation_reuse = RelationReuse(channels, previous_grid, self.grid, self.vit.num_prefix_tokens)
+    def add_relation_reuse(self, previous: DVTStage) -> None:
+        """Bias every layer's attention logits with the previous stage's (which then exports them)."""
+        if previous.attention_maps != self.attention_maps:
+            raise ValueError(f"relation reuse maps layer l, head h of one stage to layer l, head h of the next: "
+                             f"need the same depth x heads, got {previous.attention_maps} and {self.attention_maps}")
+        self.relation_reuse = RelationReuse(self.attention_maps, previous.grid, self.grid, self.vit.num_prefix_tokens)
+        previous.exports_relations = True
+
+    @property
+    def attention_maps(self) -> int:
+        """Attention maps per image over all layers: depth x heads."""
+        return sum(block.attn.num_heads for block in self.vit.blocks)
 
     def forward(self, images: Tensor, memory: StageMemory | None = None) -> tuple[Tensor, StageMemory]:
         """Logits of this exit and the memory for the next stage. ``memory`` is required when reusing."""
+        if memory is None and (self.feature_reuse is not None or self.relation_reuse is not None):
+            raise ValueError("this stage reuses the previous stage: pass that stage's memory")
         vit = self.vit
         x = vit.patch_embed(self._resize(images))
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
@@ -179,8 +190,8 @@ class DVTStage(nn.Module):
     def _relation_biases(self, memory: StageMemory | None) -> Sequence[Tensor | None]:
         if self.relation_reuse is None:
             return [None] * len(self.vit.blocks)
-        if memory is None or memory.relations is None:
-            raise ValueError("this stage reuses relations: pass the previous stage's memory (with relations)")
+        if memory.relations is None:
+            raise ValueError("this stage reuses relations, but the previous stage did not export its attention")
         return self.relation_reuse(memory.relations).chunk(len(self.vit.blocks), dim=1)
 
     def macs(self) -> float:
@@ -222,10 +233,9 @@ class DVT(AdaptiveViT):
         self.stages = nn.ModuleList(_build_stages(backbone, grids))
         for previous, stage in zip(self.stages, self.stages[1:]):
             if feature_reuse:
-                stage.add_feature_reuse(previous.grid, reuse_hidden, reuse_dim)
+                stage.add_feature_reuse(previous, reuse_hidden, reuse_dim)
             if relation_reuse:
-                stage.add_relation_reuse(previous.grid)
-                previous.exports_relations = True
+                stage.add_relation_reuse(previous)
         self.thresholds = [NEVER_EXIT] * (len(self.stages) - 1)
         # Cost of leaving at each stage (plain CPU tensor: per-image bookkeeping, not model state).
         self._exit_macs = torch.tensor([stage.macs() for stage in self.stages], dtype=torch.float64).cumsum(0)

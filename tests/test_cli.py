@@ -1,0 +1,67 @@
+"""The command line: every --help works, train then eval end to end, and user errors are one clear line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dyntok.cli import SUBCOMMANDS, main
+
+from .conftest import REPO_ROOT
+
+TINY_ARGS = ["--model-arg", "img_size=16", "--model-arg", "depth=2", "--model-arg", "embed_dim=32",
+             "--model-arg", "num_heads=2"]
+
+
+def test_top_level_help_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "dyntok", "--help"], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0
+    for command in SUBCOMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: dyntok " + command in capsys.readouterr().out
+
+
+def test_train_then_eval(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", str(image_folder), "--batch-size", "8", "--holdout-size", "0",
+                 "--epochs", "1", "--output-dir", str(out), "--no-progress", *TINY_ARGS])
+    assert code == 0 and (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    code = main(["eval", str(out / "model.safetensors"), "--dataset", str(image_folder), "--holdout-size", "0",
+                 "--batch-size", "8", "--repeats", "1", "--speed-images", "8", "--latency-images", "2",
+                 "--no-progress", "--output", str(report)])
+    assert code == 0
+    result = json.loads(report.read_text())
+    assert result["num_images"] == 24 and 0 <= result["top1"] <= 1
+    assert result["mean_gmacs"] > 0 and result["mac_reduction"] == pytest.approx(1.0)
+    assert result["speed"]["throughput"] > 0 and result["speed"]["dense_throughput"] > 0
+
+
+def test_missing_data_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DYNTOK_DATA", str(tmp_path / "nowhere"))
+    code = main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--epochs", "1",
+                 "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "dyntok train: error:" in err and "--data-root" in err and str(tmp_path / "empty") in err
+
+
+def test_bad_budget_knob_is_one_clear_error(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--dataset", str(image_folder), "--batch-size", "8", "--holdout-size", "0", "--epochs", "1",
+          "--output-dir", str(out), "--no-progress", *TINY_ARGS])
+    code = main(["eval", str(out / "model.safetensors"), "--dataset", str(image_folder), "--holdout-size", "0",
+                 "--budget", "keep_ratio=0.5", "--no-speed", "--no-progress"])
+    assert code == 2 and "no budget knobs" in capsys.readouterr().err
