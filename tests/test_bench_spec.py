@@ -158,3 +158,21 @@ def test_spec_round_trips_through_its_dict():
     values = copy.deepcopy(spec.to_dict())
     assert values["entries"][2]["budgets"] == [{"calibrate": {"q": 0.5}}]
     assert values["data"]["batch_size"] == 32
+
+
+def test_dvt_ablation_spec_shares_the_default_runs_cache_entries(tmp_path):
+    from dyntok.bench.plan import entry_caches
+    from dyntok.bench.spec import builtin_spec_path, load_spec
+
+    from .conftest import REPO_ROOT
+
+    default = load_spec(builtin_spec_path("cpu"))
+    ablation = load_spec(REPO_ROOT / "benchmarks" / "dvt_ablation.yaml")
+    shared = {"dense", "dvt"}
+    default_caches = entry_caches(default, [e for e in default.entries if e.name in shared], tmp_path)
+    ablation_caches = entry_caches(ablation, [e for e in ablation.entries if e.name in shared], tmp_path)
+    for name in shared:
+        assert ablation_caches[name].folder == default_caches[name].folder, name
+    kwargs = {e.name: e.model_kwargs for e in ablation.entries}
+    assert kwargs["dvt_no_feature_reuse"] == {"feature_reuse": False}
+    assert kwargs["dvt_no_relation_reuse"] == {"relation_reuse": False}

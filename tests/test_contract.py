@@ -98,3 +98,12 @@ def test_methods_start_from_a_dense_checkpoint(method):
 def test_every_exit_gives_logits_for_every_image(method, images):
     exits = tiny_model(method).eval().predict_all_exits(images)
     assert exits and all(logits.shape == (len(images), TINY["num_classes"]) for logits in exits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 1, 16, 16), (3, 16, 16)], ids=str)
+def test_wrong_input_shapes_get_a_clear_error(method, shape):
+    model = tiny_model(method)
+    for call in (model.eval().predict, model.train().forward):
+        with pytest.raises(ValueError, match=r"takes images of shape \(batch, 3, 16, 16\)"):
+            call(torch.randn(shape))

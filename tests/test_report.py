@@ -126,3 +126,18 @@ def test_load_results_rejects_broken_json(tmp_path):
     (tmp_path / "results.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_results(tmp_path)
+
+
+def test_anytime_accuracy_and_exit_shares_are_reported_for_multi_exit_entries(report_dir):
+    results = made_up_results()
+    cascade = {"name": "cascade", "kind": "adaptive", "model": "dvt_vit_cifar_micro", "exit_top1": [0.6, 0.7, 0.8],
+               "points": [{"label": "q=0.5", "knobs": {}, "top1": 0.78, "mean_gmacs": 0.6,
+                           "exit_shares": [0.5, 0.3, 0.2]}]}
+    results["entries"].append(cascade)
+    results["entries"][0]["exit_top1"] = [0.8]  # single-exit entries stay out of the table
+    (report_dir / "results.json").write_text(json.dumps(results))
+    leaderboard = render_report(report_dir)[0].read_text()
+    assert "## Anytime accuracy" in leaderboard
+    assert "| cascade | 60.00 | 70.00 | 80.00 |" in leaderboard
+    assert "| cascade | q=0.5 | 50.0 | 30.0 | 20.0 |" in leaderboard
+    assert "| dense | 80.00 |" not in leaderboard

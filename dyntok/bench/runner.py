@@ -126,8 +126,34 @@ def _evaluate_point(model: AdaptiveViT, knobs: dict[str, Any], loader, cache: En
         extras = {key: value.double().mean().item() for key, value in result.extras.items()
                   if value.ndim == 1 and not value.is_complex()}
         record = {**result.summary(), "extras_mean": extras}
+        if "exit_stage" in result.extras:
+            record["exit_shares"] = _exit_shares(result.extras["exit_stage"])
         cache.save_eval(knobs, record)
     return {key: value for key, value in record.items() if key != "knobs"}
+
+
+@torch.no_grad()
+def anytime_accuracy(model: AdaptiveViT, loader, cache: EntryCache, device: torch.device) -> list[float]:
+    """Test top-1 of every exit when every image runs to it (one value for single-exit models)."""
+    cached = cache.load_anytime()
+    if cached is not None:
+        return cached
+    correct: list[float] | None = None
+    seen = 0
+    for images, labels in loader:
+        exits = model.predict_all_exits(images.to(device))
+        hits = [(logits.argmax(-1).cpu() == labels).sum().item() for logits in exits]
+        correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
+        seen += len(labels)
+    exit_top1 = [hits / seen for hits in correct or []]
+    cache.save_anytime(exit_top1)
+    return exit_top1
+
+
+def _exit_shares(exit_stage: torch.Tensor) -> list[float]:
+    """The share of images that left at each exit."""
+    counts = torch.bincount(exit_stage.long())
+    return (counts.double() / counts.sum()).tolist()
 
 
 def _measure_speed(reference: AdaptiveViT, model: AdaptiveViT | None, images: torch.Tensor, spec: BenchSpec,
@@ -137,8 +163,11 @@ def _measure_speed(reference: AdaptiveViT, model: AdaptiveViT | None, images: to
     models = {"reference": reference.predict}
     if model is not None:
         models["candidate"] = model.predict
-    throughput = measure_throughput(models, images, settings.batch_size, settings.repeats, settings.warmup, device)
-    latency = measure_latency(models, images[:settings.latency_images], settings.repeats, settings.warmup, device)
+    # The run's one progress bar already names this stage; no nested bars.
+    throughput = measure_throughput(models, images, settings.batch_size, settings.repeats, settings.warmup, device,
+                                    progress=False)
+    latency = measure_latency(models, images[:settings.latency_images], settings.repeats, settings.warmup, device,
+                              progress=False)
     name = "candidate" if model is not None else "reference"
     return {"throughput": throughput[name].value, "reference_throughput": throughput["reference"].value,
             "speedup": throughput[name].value / throughput["reference"].value,
@@ -177,23 +206,24 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def prepare(spec: BenchSpec, output: str | Path, only: list[str] | tuple[str, ...] = ()
-            ) -> tuple[Plan, dict[str, Any]]:
+def prepare(spec: BenchSpec, output: str | Path, only: list[str] | tuple[str, ...] = (),
+            cache_dir: str | Path | None = None) -> tuple[Plan, dict[str, Any]]:
     """Load the data, find what is cached and estimate the rest (what ``--dry-run`` shows); returns the plan
     and the data loaders."""
     entries = select_entries(spec, only)
     device = distributed.select_device(spec.device)
     loaders = build_loaders(spec.data)
-    caches = entry_caches(spec, entries, Path(output) / "cache")
+    # Cache folders are content-addressed, so several specs can share one (an ablation reusing a run's models).
+    caches = entry_caches(spec, entries, Path(cache_dir) if cache_dir else Path(output) / "cache")
     return make_plan(spec, entries, caches, loaders, device), loaders
 
 
 def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[str, ...] = (),
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Run (or finish) the benchmark; write ``results.json`` and the report into ``output``; return the results."""
     output = Path(output)
     started = datetime.datetime.now(datetime.timezone.utc)
-    plan, loaders = prepare(spec, output, only)
+    plan, loaders = prepare(spec, output, only, cache_dir)
     for entry in spec.entries:
         if entry.skipped:
             log.warning("skipping entry %r (%s): %s", entry.name, entry.model, entry.skipped)
@@ -246,6 +276,8 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
         with bar.stage(f"calibrate {entry.name}" if item.calibrate_seconds else f"load {entry.name}",
                        item.calibrate_seconds):
             points = resolve_points(entry, model, loaders["holdout"], item.cache)
+        with bar.stage(f"anytime accuracy {entry.name}", 0):
+            exit_top1 = anytime_accuracy(model, loaders["test"], item.cache, device)
         candidate = None if entry.name == spec.reference else model  # the reference is timed on its own
         measured = []
         for point in points:
@@ -253,7 +285,7 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
                 accuracy = _evaluate_point(model, point["knobs"], loaders["test"], item.cache, device)
                 speed = _measure_speed(reference, candidate, images, spec, device)
             measured.append({**point, **accuracy, **speed})
-        records.append(_entry_record(spec, entry, item.cache, model, measured))
+        records.append({**_entry_record(spec, entry, item.cache, model, measured), "exit_top1": exit_top1})
     reference_gmacs = next(r for r in records if r["name"] == spec.reference)["points"][0]["mean_gmacs"]
     for record in records:
         for point in record["points"]:

@@ -22,6 +22,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                              "scale)")
     parser.add_argument("--output", type=Path, default=None,
                         help="report folder, also holding the cache (default: reports/<profile or spec name>)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where trained models and evaluations are cached (default: OUTPUT/cache); entries are "
+                             "keyed by their settings, so specs can share one")
     parser.add_argument("--data-root", default=None, help="where to look for the dataset first")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the spec's)")
     parser.add_argument("--only", action="append", default=[], metavar="ENTRY",
@@ -54,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     output = args.output or Path("reports") / (spec.name if args.spec is not None else args.profile)
     if args.dry_run:
-        plan, _ = prepare(spec, output, args.only)
+        plan, _ = prepare(spec, output, args.only, args.cache_dir)
         print(plan.describe(output))
         return 0
-    results = run_benchmark(spec, output, args.only)
+    results = run_benchmark(spec, output, args.only, cache_dir=args.cache_dir)
     print(f"{len(results['entries'])} entries measured in {results['seconds'] / 60:.1f} min; "
           f"report: {output / 'leaderboard.md'}")
     for skipped in results["skipped"]:

@@ -51,8 +51,11 @@ def speed_report(model, images: torch.Tensor, device: torch.device, args: argpar
     dense = dense_reference(model).to(device).eval()
     predictors = {"model": model.predict, "dense": dense.predict}
     batch_size = args.speed_batch_size or (256 if device.type == "cuda" else 64)
-    throughput = measure_throughput(predictors, images[:args.speed_images], batch_size, args.repeats, device=device)
-    latency = measure_latency(predictors, images[:args.latency_images], args.repeats, device=device)
+    progress = not args.no_progress
+    throughput = measure_throughput(predictors, images[:args.speed_images], batch_size, args.repeats, device=device,
+                                    progress=progress)
+    latency = measure_latency(predictors, images[:args.latency_images], args.repeats, device=device,
+                              progress=progress)
     return {"batch_size": batch_size, "throughput": throughput["model"].value,
             "dense_throughput": throughput["dense"].value,
             "speedup": throughput["model"].value / throughput["dense"].value,

@@ -49,14 +49,14 @@ def _time_pass(predict: Callable[[Tensor], object], batches: list[Tensor], devic
     return time.perf_counter() - start
 
 
-def _interleaved(models: Mapping[str, Callable[[Tensor], object]], batches: list[Tensor], images: int,
-                 repeats: int, warmup: int, device: torch.device, desc: str) -> dict[str, list[float]]:
+def _interleaved(models: Mapping[str, Callable[[Tensor], object]], batches: list[Tensor], repeats: int,
+                 warmup: int, device: torch.device, desc: str, progress: bool) -> dict[str, list[float]]:
     names = list(models)
     for _ in range(warmup):
         for name in names:
             _time_pass(models[name], batches, device)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for rep in tqdm(range(repeats), desc=desc, leave=False):
+    for rep in tqdm(range(repeats), desc=desc, leave=False, disable=not progress):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             seconds[name].append(_time_pass(models[name], batches, device))
@@ -64,24 +64,25 @@ def _interleaved(models: Mapping[str, Callable[[Tensor], object]], batches: list
 
 
 def measure_throughput(models: Mapping[str, Callable[[Tensor], object]], images: Tensor, batch_size: int = 64,
-                       repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu"
-                       ) -> dict[str, SpeedResult]:
+                       repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu",
+                       progress: bool = True) -> dict[str, SpeedResult]:
     """Images per second of each ``predict`` callable over ``images``, interleaved; median of ``repeats``."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     device = torch.device(device)
     batches = [chunk.to(device) for chunk in images.split(batch_size)]
-    seconds = _interleaved(models, batches, len(images), repeats, warmup, device, "throughput")
+    seconds = _interleaved(models, batches, repeats, warmup, device, "throughput", progress)
     return {name: SpeedResult(len(images) / statistics.median(times), [len(images) / t for t in times])
             for name, times in seconds.items()}
 
 
 def measure_latency(models: Mapping[str, Callable[[Tensor], object]], images: Tensor, repeats: int = 5,
-                    warmup: int = 1, device: str | torch.device = "cpu") -> dict[str, SpeedResult]:
+                    warmup: int = 1, device: str | torch.device = "cpu", progress: bool = True
+                    ) -> dict[str, SpeedResult]:
     """Milliseconds per image at batch size 1, interleaved; median of ``repeats`` passes over ``images``."""
     device = torch.device(device)
     batches = [image.unsqueeze(0).to(device) for image in images]
-    seconds = _interleaved(models, batches, len(images), repeats, warmup, device, "latency")
+    seconds = _interleaved(models, batches, repeats, warmup, device, "latency", progress)
     return {name: SpeedResult(1000 * statistics.median(times) / len(images),
                               [1000 * t / len(images) for t in times])
             for name, times in seconds.items()}

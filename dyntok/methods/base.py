@@ -93,6 +93,22 @@ class AdaptiveViT(nn.Module):
     def num_classes(self) -> int:
         raise NotImplementedError
 
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images this model takes."""
+        arch, kwargs = self.backbone_spec.resolved_kwargs()
+        side = kwargs.get("img_size") or _default_image_side(arch)
+        height, width = (side, side) if isinstance(side, int) else side
+        return kwargs.get("in_chans", 3), height, width
+
+    def check_images(self, x: Tensor) -> None:
+        """A clear ``ValueError`` for a batch this model cannot take, before any layer fails obscurely."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_size:
+            raise ValueError(f"{type(self).__name__} takes images of shape (batch, {', '.join(map(str, self.input_size))})"
+                             f", got {tuple(x.shape)}; resize the input or build the model with img_size=")
+        if not x.is_floating_point():
+            raise ValueError(f"expected normalised float images, got dtype {x.dtype}")
+
     # ----------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Any:  # pragma: no cover - abstract
         """Training forward: returns whatever :meth:`compute_loss` needs."""
@@ -178,6 +194,14 @@ class AdaptiveViT(nn.Module):
     def kept_patches(self, prediction: Prediction) -> list[Tensor] | None:
         """Per stage, a (B, num_patches) bool mask of the patches each image used, if the method decides it."""
         return prediction.extras.get("kept_patches")
+
+
+def _default_image_side(arch: str) -> int:
+    """The input side timm builds ``arch`` with when no ``img_size`` is given (224 for most ViTs)."""
+    import timm
+
+    config = timm.get_pretrained_cfg(arch)
+    return config.input_size[-1] if config is not None else 224
 
 
 _NO_DECAY_SUFFIXES = ("bias", "pos_embed", "cls_token", "reg_token", "dist_token")

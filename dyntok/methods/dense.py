@@ -28,10 +28,12 @@ class DenseViT(AdaptiveViT):
         return self.vit.num_classes
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_images(x)
         return self.vit(x)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
+        self.check_images(x)
         logits = self.vit(x)
         return Prediction(logits, torch.full((x.shape[0],), self._macs, dtype=torch.float64))
 

@@ -253,6 +253,7 @@ class DVT(AdaptiveViT):
     # ----------------------------------------------------------------- training
     def forward(self, x: Tensor) -> list[Tensor]:
         """Every stage on every image: the logits of each exit, coarse to fine."""
+        self.check_images(x)
         exits, memory = [], None
         for stage in self.stages:
             logits, memory = stage(x, memory)
@@ -290,6 +291,7 @@ class DVT(AdaptiveViT):
 
         ``extras["exit_stage"]`` (B,) holds the 0-based stage each image left at.
         """
+        self.check_images(x)
         last = len(self.stages) - 1
         exit_stage = torch.full((len(x),), last, dtype=torch.long, device=x.device)
         running = torch.arange(len(x), device=x.device)  # input positions of the images still running

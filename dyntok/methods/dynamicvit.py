@@ -216,6 +216,7 @@ class DynamicViT(AdaptiveViT):
         In training mode decisions are hard Gumbel-softmax samples; in eval mode they are the top-k tokens
         :meth:`predict` keeps, so this path and the gathering one can be compared.
         """
+        self.check_images(x)
         prefix = self.vit.num_prefix_tokens
         tokens = self._embed(x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
@@ -305,6 +306,7 @@ class DynamicViT(AdaptiveViT):
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
         """Prune by gathering: after each stage only the top-k patch tokens, in their original order, go on."""
+        self.check_images(x)
         prefix = self.vit.num_prefix_tokens
         tokens = self._embed(x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix

@@ -127,6 +127,28 @@ def _kwargs(kwargs: dict[str, Any] | None) -> str:
     return "".join(f"{key}={value} " for key, value in (kwargs or {}).items())
 
 
+def _anytime_table(results: dict[str, Any]) -> str | None:
+    """Each exit's top-1 when every image runs to it, for entries with several exits (DVT's stages)."""
+    entries = [entry for entry in results["entries"] if len(entry.get("exit_top1") or []) > 1]
+    if not entries:
+        return None
+    width = max(len(entry["exit_top1"]) for entry in entries)
+    lines = ["| entry | " + " | ".join(f"exit {k + 1}" for k in range(width)) + " |",
+             "| --- |" + " ---: |" * width]
+    for entry in entries:
+        cells = [f"{100 * top1:.2f}" for top1 in entry["exit_top1"]] + [""] * (width - len(entry["exit_top1"]))
+        lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
+    lines += ["", "Share of test images leaving at each exit (%), per budget point:", "",
+              "| entry | knob | " + " | ".join(f"exit {k + 1}" for k in range(width)) + " |",
+              "| --- | --- |" + " ---: |" * width]
+    for entry in entries:
+        for point in entry["points"]:
+            shares = point.get("exit_shares") or []
+            cells = [f"{100 * share:.1f}" for share in shares] + [""] * (width - len(shares))
+            lines.append(f"| {entry['name']} | {point.get('label', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """The whole ``leaderboard.md``: setup, leaderboard, training summary, skipped entries and plots."""
     spec = results.get("spec", {})
@@ -134,6 +156,10 @@ def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> st
              f"{results.get('backbone', '?')}", "", describe_setup(results), "",
              render_table(leaderboard_rows(results)), "", COLUMN_NOTES, "", "## Training", "",
              _training_table(results)]
+    anytime = _anytime_table(results)
+    if anytime:
+        parts += ["", "## Anytime accuracy", "", "Top-1 (%) of each exit when every test image runs to it.", "",
+                  anytime]
     skipped = results.get("skipped") or []
     if skipped:
         parts += ["", "Skipped: " + "; ".join(f"{s['name']} (`{s['model']}`): {s['reason']}" for s in skipped) + "."]

@@ -234,6 +234,15 @@ class Trainer:
             with open(self.out / "log.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    def _holdout_metrics(self) -> dict[str, float]:
+        """Top-1 and GMACs on the held-out split (rank 0; empty without one), to follow a run epoch by epoch."""
+        holdout = self.loaders["holdout"]
+        if holdout is None or not self.ctx.is_main:
+            return {}
+        # Evaluation draws no random numbers, so it leaves the RNG stream (and exact resume) untouched.
+        result = evaluate(self.model, holdout, self.device, progress=False)
+        return {"holdout_top1": round(result.top1, 5), "holdout_gmacs": round(result.mean_gmacs, 6)}
+
     def _train_phase(self, phase_index: int, resume_tensors: dict | None) -> None:
         phases = self.model.training_phases()
         self.model.set_phase(phases[phase_index].name)
@@ -254,7 +263,8 @@ class Trainer:
             self._save_state(optimizer)
             self._write_log({"phase": self.model.phase, "epoch": self.progress.epoch, "step": self.progress.step,
                              "seconds": round(time.perf_counter() - started, 2),
-                             **{f"train_{k}": round(self.ctx.mean(v), 5) for k, v in terms.items()}})
+                             **{f"train_{k}": round(self.ctx.mean(v), 5) for k, v in terms.items()},
+                             **self._holdout_metrics()})
 
     def fit(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
