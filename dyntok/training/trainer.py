@@ -162,7 +162,8 @@ class Trainer:
                 "optimizer": optim_meta}
         save_tensors(self.out / "last.safetensors", tensors, meta)
 
-    def _restore_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    def _restore_state(self) -> dict[str, torch.Tensor]:
+        """Load weights, RNG and position from ``last.safetensors``; returns its tensors for the optimiser."""
         tensors, meta = load_tensors(self.out / "last.safetensors")
         if meta["config"] != self.model.config:
             raise ValueError(f"{self.out}/last.safetensors was written for a different model "
@@ -173,7 +174,7 @@ class Trainer:
         self._optimizer_meta = meta["optimizer"]
         return tensors
 
-    def _load_optimizer(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    def _restore_optimizer_and_ema(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
         optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer.load_state_dict(optimizer_state_from_tensors(optim, self._optimizer_meta))
         if self.ema is not None:
@@ -247,9 +248,10 @@ class Trainer:
         phases = self.model.training_phases()
         self.model.set_phase(phases[phase_index].name)
         optimizer = self._make_optimizer()
-        self.ema = self.ema or self._make_ema()
+        if self.ema is None:
+            self.ema = self._make_ema()
         if resume_tensors is not None:
-            self._load_optimizer(optimizer, resume_tensors)
+            self._restore_optimizer_and_ema(optimizer, resume_tensors)
         module = self._wrap()
         total_steps = self._phase_steps(phase_index)
         epochs = math.ceil(total_steps / len(self.loaders["train"]))
@@ -270,7 +272,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         resume_tensors = None
         if self.config.resume and (self.out / "last.safetensors").exists():
-            resume_tensors = self._restore_state(None)
+            resume_tensors = self._restore_state()
         elif (self.out / "last.safetensors").exists() and self.ctx.is_main:
             log.warning("%s already holds a checkpoint; starting over (pass --resume to continue it)", self.out)
         if self.ctx.is_main:
