@@ -130,3 +130,36 @@ def test_two_process_torchrun_matches_one_process(image_folder, tmp_path):
     losses = [[json.loads(line)["train_task"] for line in (tmp_path / run / "run" / "log.jsonl").open()]
               for run in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_after_a_real_sigkill_gives_the_same_final_weights(image_folder, tmp_path):
+    import signal
+    import time
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "dyntok", "train", "--dataset", str(image_folder), "--batch-size", "8",
+                "--holdout-size", "0", "--epochs", "30", "--warmup-epochs", "1", "--seed", "3", "--no-progress",
+                "--output-dir", str(out), "--model-arg", "img_size=16", "--model-arg", "depth=2",
+                "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2", *extra]
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", DYNTOK_CACHE=str(tmp_path / "cache"))
+    reference = subprocess.run(command(tmp_path / "a"), env=env, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    victim = subprocess.Popen(command(tmp_path / "b", "--save-every", "2"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "b" / "last.safetensors"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    if (tmp_path / "b" / "model.safetensors").exists():
+        pytest.skip("the run finished before it could be killed")
+    resumed = subprocess.run(command(tmp_path / "b", "--save-every", "2", "--resume"), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, actual = weights(tmp_path / "a" / "model.safetensors"), weights(tmp_path / "b" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
