@@ -36,9 +36,9 @@ class DistributedContext:
         """The mean of a scalar over ranks (identity on one process)."""
         if not self.enabled:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
+        # nccl reduces only tensors on this rank's GPU (select_device made it the current one).
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.item() / self.world_size
 
