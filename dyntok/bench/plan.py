@@ -174,17 +174,21 @@ class Plan:
         spec = self.spec
         lines = [f"benchmark {spec.name!r} ({spec.source or 'inline spec'}): {spec.data.dataset}, backbone "
                  f"{spec.backbone}, device {self.device}, {torch.get_num_threads()} threads",
-                 f"output: {output}", "",
-                 f"{'entry':<14}{'model':<30}{'init':<8}{'epochs':>7}  {'status':<8}{'train':>9}"
-                 f"{'points':>8}{'eval+speed':>12}"]
+                 f"output: {output}", ""]
+        # Columns as wide as their longest value, so long entry and model names stay aligned.
+        name_width = max([len("entry")] + [len(entry.name) for entry in spec.entries]) + 2
+        model_width = max([len("model")] + [len(entry.model) for entry in spec.entries]) + 2
+        init_width = max([len("init")] + [len(entry.init or "-") for entry in spec.entries]) + 2
+        lines.append(f"{'entry':<{name_width}}{'model':<{model_width}}{'init':<{init_width}}{'epochs':>7}  "
+                     f"{'status':<8}{'train':>9}{'points':>8}{'eval+speed':>12}")
         for item in self.entries:
             entry = item.entry
-            lines.append(f"{entry.name:<14}{entry.model:<30}{entry.init or '-':<8}{entry.train['epochs']:>7g}  "
-                         f"{item.status:<8}{format_duration(item.train_seconds):>9}{item.points:>8}"
-                         f"{format_duration(item.calibrate_seconds + item.points * item.point_seconds):>12}")
+            lines.append(f"{entry.name:<{name_width}}{entry.model:<{model_width}}{entry.init or '-':<{init_width}}"
+                         f"{entry.train['epochs']:>7g}  {item.status:<8}{format_duration(item.train_seconds):>9}"
+                         f"{item.points:>8}{format_duration(item.calibrate_seconds + item.points * item.point_seconds):>12}")
         for entry in spec.entries:
             if entry.skipped:
-                lines.append(f"{entry.name:<14}{entry.model:<30}skipped: {entry.skipped}")
+                lines.append(f"{entry.name:<{name_width}}{entry.model:<{model_width}}skipped: {entry.skipped}")
         lines += ["", f"{self.steps_per_epoch} training steps per epoch at batch size {spec.data.batch_size}; "
                       f"estimated total: {format_duration(self.seconds)} (from a short probe of each model "
                       f"on this machine)"]
