@@ -203,3 +203,18 @@ def test_benchmark_end_to_end(tiny_dataset, tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 0
     plan, _ = runner.prepare(spec, tmp_path / "report")
     assert {item.status for item in plan.entries} == {"cached"}
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_dataset, tmp_path, stub_training, capsys):
+    import yaml
+
+    from dyntok.cli import main
+
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec(tiny_dataset, tmp_path / "decoded")))
+    code = main(["bench", "--spec", str(spec_file), "--output", str(tmp_path / "report"), "--dry-run"])
+    plan = capsys.readouterr().out
+    assert code == 0 and not stub_training and not (tmp_path / "report" / "results.json").exists()
+    for entry in ("dense", "dynamicvit", "dvt"):
+        assert f"\n{entry} " in plan
+    assert "estimated total:" in plan
