@@ -65,3 +65,20 @@ def test_bad_budget_knob_is_one_clear_error(image_folder, tmp_path, capsys):
     code = main(["eval", str(out / "model.safetensors"), "--dataset", str(image_folder), "--holdout-size", "0",
                  "--budget", "keep_ratio=0.5", "--no-speed", "--no-progress"])
     assert code == 2 and "no budget knobs" in capsys.readouterr().err
+
+
+def test_eval_reports_savings_against_the_dense_backbone(image_folder, tmp_path, capsys):
+    import dyntok
+
+    model = dyntok.create_model("dynamicvit_vit_cifar_tiny", img_size=16, depth=4, embed_dim=32, num_heads=2,
+                                num_classes=3, keep_ratio=0.5)
+    dyntok.save_model(model, tmp_path / "model.safetensors")
+    dense = dyntok.create_model("vit_cifar_tiny", img_size=16, depth=4, embed_dim=32, num_heads=2, num_classes=3)
+    report = tmp_path / "eval.json"
+    code = main(["eval", str(tmp_path / "model.safetensors"), "--dataset", str(image_folder), "--holdout-size",
+                 "0", "--no-speed", "--no-progress", "--output", str(report)])
+    result = json.loads(report.read_text())
+    assert code == 0 and result["budget"] == {"keep_ratio": 0.5}
+    assert result["dense_gmacs"] == pytest.approx(dense.dense_macs() / 1e9)
+    assert result["mac_reduction"] == pytest.approx(result["dense_gmacs"] / result["mean_gmacs"]) and \
+        result["mac_reduction"] > 1.2
