@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..measure.speed import inference_context
+from ..measure.speed import inference_context, synchronize
 from ..methods import AdaptiveViT, create_model
 from ..training.trainer import TrainConfig
 from .cache import EntryCache, digest, training_key
@@ -86,12 +86,10 @@ def _seconds(fn, device: torch.device, repeats: int = 2) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context"]
+__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context", "synchronize"]
 
 
 @dataclass
@@ -34,18 +34,19 @@ def inference_context(device: torch.device) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _time_pass(predict: Callable[[Tensor], object], batches: list[Tensor], device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode(), inference_context(device):
         for batch in batches:
             predict(batch)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 

@@ -19,6 +19,7 @@ See docs/architecture.md for the full story.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -93,9 +94,9 @@ class AdaptiveViT(nn.Module):
     def num_classes(self) -> int:
         raise NotImplementedError
 
-    @property
+    @functools.cached_property
     def input_size(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the images this model takes."""
+        """(channels, height, width) of the images this model takes (resolved once: checked on every call)."""
         arch, kwargs = self.backbone_spec.resolved_kwargs()
         side = kwargs.get("img_size") or _default_image_side(arch)
         height, width = (side, side) if isinstance(side, int) else side
