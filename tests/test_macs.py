@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dyntok.measure.macs import block_macs, count_macs_with_torch, vit_macs
+from dyntok.measure.macs import attention_product_macs, block_macs, count_macs_with_torch, vit_macs
 from dyntok.models import create_backbone
 
 SIZES = [
@@ -32,3 +32,20 @@ def test_block_macs_follow_the_token_count():
     for tokens in (1, 17, 65):
         counted = count_macs_with_torch(block, torch.randn(1, tokens, vit.embed_dim))
         assert block_macs(block, tokens) == pytest.approx(counted, rel=0.01)
+
+
+def test_flop_counter_sees_fused_attention():
+    """The independent count must include q k^T and attn v whichever SDPA kernel this torch picks."""
+    query, key, value = torch.randn(2, 3, 17, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 5)
+    counted = count_macs_with_torch(torch.nn.functional.scaled_dot_product_attention, query, key, value)
+    assert counted == 2 * 3 * 17 * 11 * (8 + 5)
+
+
+def test_flop_counter_sees_the_attention_products_of_a_fused_timm_block():
+    vit = create_backbone("vit_cifar_tiny").eval()
+    attn = vit.blocks[0].attn
+    assert attn.fused_attn, "timm's fused attention path is the one this test must cover"
+    tokens = 65
+    counted = count_macs_with_torch(attn, torch.randn(1, tokens, vit.embed_dim))
+    linear_only = tokens * vit.embed_dim * (attn.qkv.out_features + attn.proj.out_features)
+    assert counted - linear_only == attention_product_macs(tokens, tokens, vit.embed_dim) > 0

@@ -2,9 +2,10 @@
 
 Counts are derived from layer shapes and token counts, so that a method can report the MACs it actually
 executed for each image (tokens kept, stages run) without a profiler. Like torch's ``FlopCounterMode``
-(2 FLOPs per MAC) and fvcore, only matrix products are counted: linear and convolution layers and the two
-attention products; norms, activations and softmax are not. ``tests/test_macs.py`` holds these formulas to
-within 1% of ``FlopCounterMode``.
+(2 FLOPs per MAC), only matrix products are counted: linear and convolution layers and the two attention
+products. Norms, activations, softmax, interpolation and pooling are not (fvcore's default table does count
+layer norm, upsampling and pooling; see docs/measurement.md for their size). ``tests/test_macs.py`` holds
+these formulas to within 1% of ``FlopCounterMode``, counted so that fused attention kernels are seen.
 """
 from __future__ import annotations
 
@@ -76,9 +77,33 @@ def count_macs_with_torch(fn, *args, **kwargs) -> float:
     """MACs that ``torch.utils.flop_counter.FlopCounterMode`` sees while running ``fn`` (FLOPs / 2).
 
     An independent check on the analytic counts; used by the tests, not on hot paths.
+
+    Which kernel ``F.scaled_dot_product_attention`` dispatches to depends on the torch version and device,
+    and the counter does not know every fused kernel (torch 2.14's CPU flash kernel counted zero). So the
+    count runs under the math backend, which decomposes attention into matrix products the counter sees,
+    and the fused kernels are also given their formula in case a kernel is called directly.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_fused_attention_formulas()) as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops() / 2.0
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of ``softmax(q k^T) v``: two batched matrix products (heads may be shared by keys/values)."""
+    *batch, tokens_q, dim_qk = query_shape
+    tokens_k, dim_v = key_shape[-2], value_shape[-1]
+    rows = 1
+    for size in batch:
+        rows *= size
+    return 2 * rows * tokens_q * tokens_k * (dim_qk + dim_v)
+
+
+def _fused_attention_formulas() -> dict:
+    """The attention formula for every fused forward kernel this torch has that the counter may lack."""
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_fused_attention_overrideable")
+    return {getattr(torch.ops.aten, name): _attention_flops for name in names if hasattr(torch.ops.aten, name)}
