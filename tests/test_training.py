@@ -65,6 +65,53 @@ def test_resume_mid_epoch_gives_the_same_final_weights(image_folder, tmp_path, m
         assert torch.equal(expected[name], actual[name]), name
 
 
+PHASED = {**TINY_MODEL, "predictor_warmup": 0.5}  # DynamicViT: 6 steps predictors only, then 6 with the backbone
+
+
+@pytest.mark.parametrize("steps_before_kill", [2, 8], ids=["in-first-phase", "in-second-phase"])
+def test_resume_in_either_phase_gives_the_same_final_weights(image_folder, tmp_path, monkeypatch, steps_before_kill):
+    config = dict(model="dynamicvit_vit_cifar_tiny", model_kwargs=PHASED, epochs=4, save_every=1)
+    reference = train(tiny_config(image_folder, tmp_path / "a", **config))
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, steps_before_kill)
+        with pytest.raises(Interrupt):
+            train(tiny_config(image_folder, tmp_path / "b", **config))
+    resumed = train(tiny_config(image_folder, tmp_path / "b", resume=True, **config))
+    expected, actual = weights(reference.model_path), weights(resumed.model_path)
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_a_two_phase_run_follows_one_schedule_and_keeps_the_optimiser_state(image_folder, tmp_path, monkeypatch):
+    from dyntok.training.schedule import warmup_cosine
+
+    steps = []
+    original = Trainer._train_step
+
+    def record(self, module, optimizer, images, targets):
+        predictor = next(self.model.predictors.parameters())
+        steps.append({"phase": self.model.phase,
+                      "lr": {group["lr_scale"]: group["lr"] for group in optimizer.param_groups},
+                      "predictor_updates": int(optimizer.state[predictor]["step"]) if predictor in optimizer.state
+                      else 0})
+        return original(self, module, optimizer, images, targets)
+
+    monkeypatch.setattr(Trainer, "_train_step", record)
+    # 3 steps an epoch, 4 epochs: 12 steps, the first 3 warming up, the first 6 training the predictors only.
+    train(tiny_config(image_folder, tmp_path, model="dynamicvit_vit_cifar_tiny", model_kwargs=PHASED, epochs=4,
+                      warmup_epochs=1, lr=1e-3, min_lr=1e-5))
+    assert [step["phase"] for step in steps] == ["warmup"] * 6 + ["main"] * 6
+    predictor_lr = [step["lr"][1.0] for step in steps]
+    assert predictor_lr == pytest.approx([warmup_cosine(s, 12, 1e-3, 3, 1e-5) for s in range(12)])
+    peak = predictor_lr.index(max(predictor_lr))
+    assert all(a < b for a, b in zip(predictor_lr[:peak], predictor_lr[1:peak + 1]))  # one warm-up...
+    assert all(a >= b for a, b in zip(predictor_lr[peak:], predictor_lr[peak + 1:]))  # ...then one decay
+    assert all(set(step["lr"]) == {1.0} for step in steps[:6])  # backbone frozen first
+    assert all(step["lr"][0.01] == pytest.approx(0.01 * step["lr"][1.0]) for step in steps[6:])
+    # AdamW's moments carry over: the predictors' update count runs on across the phase switch.
+    assert [step["predictor_updates"] for step in steps] == list(range(12))
+
+
 def test_run_writes_checkpoints_logs_and_metrics(image_folder, tmp_path):
     result = train(tiny_config(image_folder, tmp_path, ema_decay=0.9))
     run = result.output_dir

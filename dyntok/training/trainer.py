@@ -5,6 +5,11 @@ The loop never asks which method it trains: it calls ``forward``, ``compute_loss
 schedule) is written atomically to ``last.safetensors`` after every epoch (and every ``save_every`` steps),
 so ``--resume`` continues exactly where a killed run stopped: same batches, same augmentation, same
 dropout draws, same final weights.
+
+A method that trains in phases (DynamicViT: predictors alone, then everything) still follows one schedule:
+one warm-up and one cosine over the whole run, the step counter running on across phases. Each phase gets
+an optimiser for its own parameter groups, and the parameters it shares with the phase before keep their
+AdamW moments and step counts, as if one optimiser had held every parameter all along.
 """
 from __future__ import annotations
 
@@ -77,9 +82,14 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+#: Written into training checkpoints: the step counter runs over the whole run, not restarting per phase.
+_SCHEDULE = "whole-run"
+
+
 @dataclass
 class _Progress:
-    """Where training stands; enough to resume exactly."""
+    """Where training stands; enough to resume exactly. ``step`` counts over the whole run, ``epoch`` and
+    ``batch`` within the current phase."""
 
     phase: int = 0
     epoch: int = 0
@@ -120,15 +130,24 @@ class Trainer:
         if self.model.wants_teacher:
             self.model.attach_teacher(dense)
 
-    def _phase_steps(self, phase_index: int) -> int:
-        phase = self.model.training_phases()[phase_index]
-        return max(1, round(self.config.epochs * phase.epoch_share * len(self.loaders["train"])))
+    def _phase_steps(self) -> list[int]:
+        """Optimiser steps of each phase: its share of the run (at least one)."""
+        per_epoch = len(self.loaders["train"])
+        return [max(1, round(self.config.epochs * phase.epoch_share * per_epoch))
+                for phase in self.model.training_phases()]
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self, previous: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+        """AdamW over the current phase's groups, taking over ``previous``'s state for the parameters it shares."""
         groups = self.model.param_groups(self.config.weight_decay)
         for group in groups:
             group["lr"] = self.config.lr * group["lr_scale"]
-        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.999))
+        if previous is not None:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param in previous.state:
+                        optimizer.state[param] = previous.state[param]
+        return optimizer
 
     def _wrap(self) -> nn.Module:
         """What the forward goes through: DDP across ranks, optionally compiled."""
@@ -159,7 +178,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"kind": "training", "config": self.model.config, "budget": self.model.get_budget(),
                 "train_config": self.config.to_dict(), "progress": self.progress.as_dict(),
-                "optimizer": optim_meta}
+                "schedule": _SCHEDULE, "optimizer": optim_meta}
         save_tensors(self.out / "last.safetensors", tensors, meta)
 
     def _restore_state(self) -> dict[str, torch.Tensor]:
@@ -168,6 +187,10 @@ class Trainer:
         if meta["config"] != self.model.config:
             raise ValueError(f"{self.out}/last.safetensors was written for a different model "
                              f"({meta['config']}); use another --output-dir or drop --resume")
+        if meta["progress"]["phase"] > 0 and meta.get("schedule") != _SCHEDULE:
+            raise ValueError(f"{self.out}/last.safetensors stopped in a later training phase of a run whose "
+                             f"learning-rate schedule restarted at each phase (older dyntok); it cannot be "
+                             f"continued exactly: drop --resume to train again")
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         torch.set_rng_state(tensors["rng.torch"])
         self.progress = _Progress(**meta["progress"])
@@ -204,16 +227,17 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
-    def _run_epoch(self, module, optimizer, total_steps: int, epoch_offset: int) -> dict[str, float]:
+    def _run_epoch(self, module, optimizer, phase_end: int, total_steps: int, epoch_offset: int) -> dict[str, float]:
+        """Train until the loader runs out or the phase ends at step ``phase_end`` (of ``total_steps``)."""
         loader = self.loaders["train"]
         loader.set_epoch(epoch_offset + self.progress.epoch)
-        remaining = min(len(loader) - self.progress.batch, total_steps - self.progress.step)
+        remaining = min(len(loader) - self.progress.batch, phase_end - self.progress.step)
         bar = tqdm(total=remaining, disable=not (self.config.progress and self.ctx.is_main),
                    desc=f"{self.model.phase} epoch {self.progress.epoch + 1}", leave=False)
         sums: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
         for images, targets in loader.iterate(start_batch=self.progress.batch):
-            if self.progress.step >= total_steps:
+            if self.progress.step >= phase_end:
                 break
             lr = self._set_lr(optimizer, total_steps)
             terms = self._train_step(module, optimizer, images.to(self.device), targets.to(self.device))
@@ -244,22 +268,24 @@ class Trainer:
         result = evaluate(self.model, holdout, self.device, progress=False)
         return {"holdout_top1": round(result.top1, 5), "holdout_gmacs": round(result.mean_gmacs, 6)}
 
-    def _train_phase(self, phase_index: int, resume_tensors: dict | None) -> None:
-        phases = self.model.training_phases()
-        self.model.set_phase(phases[phase_index].name)
-        optimizer = self._make_optimizer()
+    def _train_phase(self, phase_index: int, previous: torch.optim.Optimizer | None,
+                     resume_tensors: dict | None) -> torch.optim.Optimizer:
+        """Train one phase; returns its optimiser, whose state the next phase takes over."""
+        self.model.set_phase(self.model.training_phases()[phase_index].name)
+        optimizer = self._make_optimizer(previous)
         if self.ema is None:
             self.ema = self._make_ema()
         if resume_tensors is not None:
             self._restore_optimizer_and_ema(optimizer, resume_tensors)
         module = self._wrap()
-        total_steps = self._phase_steps(phase_index)
-        epochs = math.ceil(total_steps / len(self.loaders["train"]))
-        epoch_offset = sum(math.ceil(self._phase_steps(i) / len(self.loaders["train"])) for i in range(phase_index))
+        phase_steps, per_epoch = self._phase_steps(), len(self.loaders["train"])
+        epochs = math.ceil(phase_steps[phase_index] / per_epoch)
+        epoch_offset = sum(math.ceil(steps / per_epoch) for steps in phase_steps[:phase_index])
+        phase_end = sum(phase_steps[:phase_index + 1])
         while self.progress.epoch < epochs:
             module.train()
             started = time.perf_counter()
-            terms = self._run_epoch(module, optimizer, total_steps, epoch_offset)
+            terms = self._run_epoch(module, optimizer, phase_end, sum(phase_steps), epoch_offset)
             self.progress.epoch += 1
             self.progress.batch = 0
             self._save_state(optimizer)
@@ -267,6 +293,7 @@ class Trainer:
                              "seconds": round(time.perf_counter() - started, 2),
                              **{f"train_{k}": round(self.ctx.mean(v), 5) for k, v in terms.items()},
                              **self._holdout_metrics()})
+        return optimizer
 
     def fit(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -277,12 +304,12 @@ class Trainer:
             log.warning("%s already holds a checkpoint; starting over (pass --resume to continue it)", self.out)
         if self.ctx.is_main:
             (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        phases = self.model.training_phases()
+        phases, optimizer = self.model.training_phases(), None
         for phase_index in range(self.progress.phase, len(phases)):
-            self._train_phase(phase_index, resume_tensors if phase_index == self.progress.phase else None)
+            optimizer = self._train_phase(phase_index, optimizer, resume_tensors)
             resume_tensors = None
             if phase_index + 1 < len(phases):
-                self.progress = _Progress(phase=phase_index + 1, step=0)
+                self.progress = _Progress(phase=phase_index + 1, step=self.progress.step)
         return self._finish()
 
     def _finish(self) -> TrainResult:
