@@ -48,6 +48,27 @@ def test_train_then_eval(image_folder, tmp_path, capsys):
     assert result["speed"]["throughput"] > 0 and result["speed"]["dense_throughput"] > 0
 
 
+def test_train_seed_seeds_data_order_and_augmentation(image_folder, tmp_path, monkeypatch):
+    import torch
+
+    from dyntok.cli import build_parser
+    from dyntok.cli.train import config_from_args
+    from dyntok.data import build_loaders
+
+    monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
+
+    def first_epoch(seed: int):
+        args = build_parser().parse_args(["train", "--dataset", str(image_folder), "--batch-size", "8",
+                                          "--holdout-size", "0", "--seed", str(seed)])
+        loader = build_loaders(config_from_args(args).data)["train"]
+        loader.set_epoch(0)
+        return loader.shard_indices(), next(iter(loader))[0]
+
+    (order, pixels), (same_order, same_pixels), (other_order, _) = first_epoch(3), first_epoch(3), first_epoch(4)
+    assert torch.equal(order, same_order) and torch.equal(pixels, same_pixels)
+    assert not torch.equal(order, other_order)
+
+
 def test_missing_data_is_one_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DYNTOK_DATA", str(tmp_path / "nowhere"))
