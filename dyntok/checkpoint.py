@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "CheckpointError",
+__all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "load_meta", "CheckpointError",
            "optimizer_state_to_tensors", "optimizer_state_from_tensors"]
 
 _FORMAT = "dyntok/1"
@@ -45,6 +45,15 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, A
 
 def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a file written by :func:`save_tensors`: (tensors on CPU, meta)."""
+    meta = load_meta(path)
+    try:
+        return load_file(str(path), device="cpu"), meta
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a file written by :func:`save_tensors`, without reading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -53,14 +62,13 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error}); dyntok checkpoints are "
                               f"safetensors files written by dyntok (pickled .pt/.pth files are refused)") from None
     if metadata.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a dyntok checkpoint (format "
                               f"{metadata.get('format')!r}); load raw timm weights with pretrained_file=")
-    return tensors, json.loads(metadata["meta"])
+    return json.loads(metadata["meta"])
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dyntok.cli import SUBCOMMANDS, main
+from dyntok.training import TrainConfig
 
 from .conftest import REPO_ROOT
 
@@ -49,8 +51,6 @@ def test_train_then_eval(image_folder, tmp_path, capsys):
 
 
 def test_train_seed_seeds_data_order_and_augmentation(image_folder, tmp_path, monkeypatch):
-    import torch
-
     from dyntok.cli import build_parser
     from dyntok.cli.train import config_from_args
     from dyntok.data import build_loaders
@@ -67,6 +67,38 @@ def test_train_seed_seeds_data_order_and_augmentation(image_folder, tmp_path, mo
     (order, pixels), (same_order, same_pixels), (other_order, _) = first_epoch(3), first_epoch(3), first_epoch(4)
     assert torch.equal(order, same_order) and torch.equal(pixels, same_pixels)
     assert not torch.equal(order, other_order)
+
+
+def test_calibration_uses_the_held_out_split_the_model_was_trained_beside(image_folder, tmp_path, capsys,
+                                                                          monkeypatch):
+    from dyntok.cli import evaluate as evaluate_command
+    from dyntok.data import build_loaders
+
+    monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "--method", "dvt", "--dataset", str(image_folder), "--batch-size", "8",
+                 "--holdout-size", "6", "--seed", "3", "--epochs", "1", "--output-dir", str(out), "--no-progress",
+                 *TINY_ARGS]) == 0
+    trained_on = build_loaders(TrainConfig.from_dict(json.loads((out / "train_config.json").read_text())).data)
+    seen = []
+
+    def recording(config, *args, **kwargs):
+        seen.append(build_loaders(config, *args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(evaluate_command, "build_loaders", recording)
+    for checkpoint in ("model.safetensors", "last.safetensors"):
+        capsys.readouterr()
+        code = main(["eval", str(out / checkpoint), "--dataset", str(image_folder), "--batch-size", "8",
+                     "--calibrate-gmacs", "1", "--no-speed", "--no-progress"])
+        assert code == 0, capsys.readouterr().err
+        held_out = seen[-1]["holdout"].dataset.indices
+        assert torch.equal(held_out, trained_on["holdout"].dataset.indices)
+        assert not set(held_out.tolist()) & set(trained_on["train"].dataset.indices.tolist())
+    # Asking for another split is refused: it would hold images the model was trained on.
+    code = main(["eval", str(out / "model.safetensors"), "--dataset", str(image_folder), "--holdout-size", "9",
+                 "--calibrate-gmacs", "1", "--no-speed", "--no-progress"])
+    assert code == 2 and "trained beside a held-out split of 6 images (seed 3)" in capsys.readouterr().err
 
 
 def test_missing_data_is_one_clear_error(tmp_path, capsys, monkeypatch):

@@ -8,7 +8,12 @@ from typing import Any
 from ..data import DataConfig
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+#: Training images the CLI holds out for calibration unless told otherwise.
+DEFAULT_HOLDOUT = 5000
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, holdout_help: str | None = None) -> None:
+    """Data options; ``holdout_help`` replaces the held-out split's help (its default is then None)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="cifar10",
                        help="cifar10, cifar100, or an image-folder tree (its name in a data root, or its path) "
@@ -17,15 +22,21 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where to look first; then $DYNTOK_DATA, ./data, ../shared/data")
     group.add_argument("--download", action="store_true", help="download CIFAR-10/100 with torchvision if missing")
     group.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
-    group.add_argument("--holdout-size", type=float, default=5000,
-                       help="training images held out for calibration: a count, or a fraction if < 1 "
-                            "(default: 5000)")
+    group.add_argument("--holdout-size", type=holdout_size, default=None if holdout_help else DEFAULT_HOLDOUT,
+                       help=holdout_help or f"training images held out for calibration: a count, or a fraction "
+                                            f"if < 1 (default: {DEFAULT_HOLDOUT})")
+
+
+def holdout_size(text: str) -> int | float:
+    """``--holdout-size``: a count (``5000``) or a fraction below 1 (``0.1``)."""
+    value = float(text)
+    return value if 0 < value < 1 else int(value)
 
 
 def data_config(args: argparse.Namespace, **extra: Any) -> DataConfig:
-    holdout = args.holdout_size if args.holdout_size < 1 else int(args.holdout_size)
+    extra.setdefault("holdout_size", args.holdout_size)
     return DataConfig(dataset=args.dataset, data_root=args.data_root, download=args.download,
-                      batch_size=args.batch_size, holdout_size=holdout, **extra)
+                      batch_size=args.batch_size, **extra)
 
 
 def parse_knobs(pairs: list[str]) -> dict[str, Any]:

@@ -94,6 +94,14 @@ class DataConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def holdout_split(self) -> dict[str, Any]:
+        """What decides which training images are held out (with the dataset's contents).
+
+        Trained models record it, so that calibration rebuilds exactly this split and never fits a knob on
+        images the model was trained on.
+        """
+        return {"dataset": self.dataset, "holdout_size": self.holdout_size, "seed": self.seed}
+
 
 def build_loaders(
     config: DataConfig,

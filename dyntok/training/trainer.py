@@ -178,7 +178,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"kind": "training", "config": self.model.config, "budget": self.model.get_budget(),
                 "train_config": self.config.to_dict(), "progress": self.progress.as_dict(),
-                "schedule": _SCHEDULE, "optimizer": optim_meta}
+                "schedule": _SCHEDULE, "optimizer": optim_meta, "holdout_split": self.config.data.holdout_split()}
         save_tensors(self.out / "last.safetensors", tensors, meta)
 
     def _restore_state(self) -> dict[str, torch.Tensor]:
@@ -317,7 +317,7 @@ class Trainer:
         model_path = self.out / "model.safetensors"
         metrics: dict[str, Any] = {}
         if self.ctx.is_main:
-            save_model(final, model_path)
+            save_model(final, model_path, extra={"holdout_split": self.config.data.holdout_split()})
             result = evaluate(final, self.loaders["test"], self.device, progress=self.config.progress,
                               desc="test")
             metrics = {"test": result.summary(), "steps": self.progress.step}
