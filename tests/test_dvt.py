@@ -251,7 +251,7 @@ def test_init_from_dense_keeps_reuse_inputs_fresh():
     model = tiny_dvt()
     model.init_from_dense(dense.state_dict())
     fc1, dense_fc1 = model.stages[1].vit.blocks[0].mlp.fc1, dense.vit.blocks[0].mlp.fc1
-    assert fc1.in_features == dense_fc1.in_features + 48
+    assert fc1.in_features == dense_fc1.in_features + model.method_kwargs["reuse_dim"]
     torch.testing.assert_close(fc1.weight[:, :dense_fc1.in_features], dense_fc1.weight)
     assert fc1.weight[:, dense_fc1.in_features:].abs().sum() > 0
 
@@ -278,3 +278,20 @@ def test_register_tokens_and_no_class_token(prefix, images):
     model.eval()
     counted = count_macs_with_torch(model.predict, images[:1])
     assert model.predict(images[:1]).macs.item() == pytest.approx(counted, rel=0.01)
+
+
+@pytest.mark.parametrize("dim, widths", [(32, (11, 4)), (96, (32, 12)), (384, (128, 48))])
+def test_reuse_widths_scale_with_the_backbone_width(dim, widths):
+    model = tiny_dvt(embed_dim=dim)
+    assert (model.method_kwargs["reuse_hidden"], model.method_kwargs["reuse_dim"]) == widths
+    reuse = model.stages[1].feature_reuse[0].mlp
+    assert (reuse.fc1.out_features, reuse.fc2.out_features) == widths
+    # The reused features widen every fc1 by D/8, the published 12.5%, whatever the width.
+    assert model.stages[2].vit.blocks[0].mlp.fc1.in_features == dim + widths[1]
+
+
+def test_published_reuse_widths_stay_reachable():
+    model = tiny_dvt(reuse_hidden=128, reuse_dim=48)
+    reuse = model.stages[1].feature_reuse[0].mlp
+    assert (reuse.fc1.out_features, reuse.fc2.out_features) == (128, 48)
+    assert model.stages[1].vit.blocks[0].mlp.fc1.in_features == TINY["embed_dim"] + 48

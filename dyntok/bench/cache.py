@@ -25,7 +25,8 @@ from ..training.trainer import TrainConfig
 __all__ = ["EntryCache", "training_key", "digest", "CACHE_VERSION"]
 
 #: Bump when what a cached folder holds changes meaning, so old folders are not reused by mistake.
-CACHE_VERSION = 1
+#: 2: multi-phase methods train under one schedule over the whole run; DVT's reuse widths scale with D.
+CACHE_VERSION = 2
 
 #: TrainConfig fields that say where or how a run happens, not what it learns.
 _RUN_FIELDS = frozenset({"output_dir", "init", "resume", "progress", "device", "save_every", "compile"})

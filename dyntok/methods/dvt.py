@@ -28,7 +28,8 @@ from .base import AdaptiveViT, Criterion, LossOutput, Prediction
 from .dvt_reuse import FeatureReuse, RelationReuse, block_forward, check_block_supported, widen_mlp_input
 from .registry import register_method
 
-__all__ = ["DVT", "DVTStage", "StageMemory", "default_grids", "stage_geometry", "geometric_exit_proportions",
+__all__ = ["DVT", "DVTStage", "StageMemory", "default_grids", "default_reuse_widths", "stage_geometry",
+           "geometric_exit_proportions",
            "thresholds_for_proportions", "exit_stages", "NEVER_EXIT", "SWEEP_Q"]
 
 #: A threshold above any softmax probability: no image leaves at that stage.
@@ -45,6 +46,16 @@ def default_grids(full_grid: int) -> list[int]:
     the published ImageNet grids.
     """
     return [max(1, round(full_grid / 2)), max(1, round(full_grid * 0.75)), full_grid]
+
+
+def default_reuse_widths(dim: int) -> tuple[int, int]:
+    """(hidden, out) widths of the feature-reuse MLPs for a backbone of width ``dim``: ``D/3`` and ``D/8``.
+
+    The published 128 and 48 were chosen for D = 384 (T2T-ViT-14, DeiT-S), where the reused features widen
+    every ``fc1`` by 12.5%; kept fixed on a narrow backbone they would widen it by 50% at D = 96. Scaling
+    keeps the published proportions at any width, and gives exactly 128 and 48 at D = 384.
+    """
+    return max(1, round(dim / 3)), max(1, round(dim / 8))
 
 
 def stage_geometry(image_side: int, grid: int) -> tuple[int, int]:
@@ -217,8 +228,9 @@ class DVT(AdaptiveViT):
         grids: token grid side of each stage, coarse to fine; default :func:`default_grids` of the backbone.
         feature_reuse: feed the previous stage's final tokens to every block's MLP.
         relation_reuse: add the previous stage's attention logits to every layer's logits.
-        reuse_hidden: hidden width of the feature-reuse MLPs (published: 128).
-        reuse_dim: features each block's MLP input gains (published: 48).
+        reuse_hidden: hidden width of the feature-reuse MLPs; default :func:`default_reuse_widths` (D/3), the
+            published 128 at D = 384.
+        reuse_dim: features each block's MLP input gains; default D/8, the published 48 at D = 384.
 
     Budget knob: ``thresholds``, one per stage but the last; fit them with :meth:`calibrate`.
     """
@@ -226,11 +238,16 @@ class DVT(AdaptiveViT):
     method_name = "dvt"
 
     def __init__(self, backbone: BackboneSpec, grids: Sequence[int] | None = None, feature_reuse: bool = True,
-                 relation_reuse: bool = True, reuse_hidden: int = 128, reuse_dim: int = 48) -> None:
+                 relation_reuse: bool = True, reuse_hidden: int | None = None, reuse_dim: int | None = None) -> None:
         grids = None if grids is None else [int(grid) for grid in grids]
+        stages = _build_stages(backbone, grids)
+        scaled_hidden, scaled_dim = default_reuse_widths(stages[0].vit.embed_dim)
+        # The resolved widths go into the config, so a checkpoint rebuilds what it was trained with.
+        reuse_hidden = scaled_hidden if reuse_hidden is None else reuse_hidden
+        reuse_dim = scaled_dim if reuse_dim is None else reuse_dim
         super().__init__(backbone, grids=grids, feature_reuse=feature_reuse, relation_reuse=relation_reuse,
                          reuse_hidden=reuse_hidden, reuse_dim=reuse_dim)
-        self.stages = nn.ModuleList(_build_stages(backbone, grids))
+        self.stages = nn.ModuleList(stages)
         for previous, stage in zip(self.stages, self.stages[1:]):
             if feature_reuse:
                 stage.add_feature_reuse(previous, reuse_hidden, reuse_dim)
