@@ -25,7 +25,7 @@ from .. import __version__
 from ..checkpoint import load_model
 from ..data import build_loaders
 from ..measure.evaluate import evaluate
-from ..measure.speed import measure_latency, measure_throughput
+from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
 from ..methods import AdaptiveViT
 from ..report import render_report
 from ..report.leaderboard import derived_metrics
@@ -141,7 +141,8 @@ def anytime_accuracy(model: AdaptiveViT, loader, cache: EntryCache, device: torc
     correct: list[float] | None = None
     seen = 0
     for images, labels in loader:
-        exits = model.predict_all_exits(images.to(device))
+        with inference_context(device):
+            exits = model.predict_all_exits(images.to(device))
         hits = [(logits.argmax(-1).cpu() == labels).sum().item() for logits in exits]
         correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
         seen += len(labels)
@@ -245,7 +246,7 @@ def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[s
         "backbone": spec.backbone,
         "reference": spec.reference,
         "speed": {**spec.to_dict()["speed"], "device": str(device),
-                  "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32"},
+                  "dtype": precision(device)},
         "environment": environment(device),
         "started": started.isoformat(timespec="seconds"),
         "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
@@ -274,7 +275,8 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
         entry = item.entry
         model = load_model(item.cache.model_path, map_location=device).eval()
         with bar.stage(f"calibrate {entry.name}" if item.calibrate_seconds else f"load {entry.name}",
-                       item.calibrate_seconds):
+                       item.calibrate_seconds), inference_context(device):
+            # Thresholds are fitted in the arithmetic the model is then evaluated and timed in.
             points = resolve_points(entry, model, loaders["holdout"], item.cache)
         with bar.stage(f"anytime accuracy {entry.name}", 0):
             exit_top1 = anytime_accuracy(model, loaders["test"], item.cache, device)

@@ -12,7 +12,7 @@ import torch
 from ..checkpoint import load_meta, load_model
 from ..data import DataConfig, build_loaders
 from ..measure.evaluate import evaluate
-from ..measure.speed import measure_latency, measure_throughput
+from ..measure.speed import inference_context, measure_latency, measure_throughput
 from ..methods import create_model_from_config
 from ..training.distributed import select_device
 from ._common import DEFAULT_HOLDOUT, add_data_arguments, data_config, parse_knobs
@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.budget:
         model.set_budget(**parse_knobs(args.budget))
     if args.calibrate_gmacs is not None:
-        model.calibrate(loaders["holdout"], gmacs=args.calibrate_gmacs)
+        with inference_context(device):  # fit the thresholds in the arithmetic the model is evaluated and timed in
+            model.calibrate(loaders["holdout"], gmacs=args.calibrate_gmacs)
     result = evaluate(model, loaders["test"], device, progress=not args.no_progress)
     # Savings are against the dense ViT of the same backbone, whatever the method runs internally.
     dense = dense_reference(model).to(device).eval()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context", "synchronize"]
+__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context", "precision", "synchronize"]
 
 
 @dataclass
@@ -32,6 +32,11 @@ def inference_context(device: torch.device) -> contextlib.AbstractContextManager
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def precision(device: str | torch.device) -> str:
+    """The arithmetic :func:`inference_context` runs in on ``device``, as reports name it."""
+    return "bfloat16 autocast" if torch.device(device).type == "cuda" else "float32"
 
 
 def synchronize(device: torch.device) -> None:
