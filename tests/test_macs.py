@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dyntok.measure.macs import attention_product_macs, block_macs, count_macs_with_torch, vit_macs
+from dyntok.measure.macs import (attention_product_macs, block_macs, count_macs_with_torch, count_uncounted_ops,
+                                 vit_macs)
 from dyntok.models import create_backbone
 
 SIZES = [
@@ -49,3 +50,20 @@ def test_flop_counter_sees_the_attention_products_of_a_fused_timm_block():
     counted = count_macs_with_torch(attn, torch.randn(1, tokens, vit.embed_dim))
     linear_only = tokens * vit.embed_dim * (attn.qkv.out_features + attn.proj.out_features)
     assert counted - linear_only == attention_product_macs(tokens, tokens, vit.embed_dim) > 0
+
+
+def test_uncounted_ops_are_tallied_by_kind_at_their_cost_per_element():
+    from timm.models.vision_transformer import Attention
+
+    tokens = torch.randn(2, 5, 8)
+    attention = Attention(8, num_heads=2).eval()  # fused attention: its softmax must still be seen
+
+    def run():
+        torch.nn.functional.layer_norm(tokens, (8,))
+        torch.nn.functional.gelu(tokens)
+        torch.nn.functional.interpolate(torch.randn(1, 2, 4, 4), size=(8, 8), mode="bilinear")
+        attention(tokens)
+
+    with torch.no_grad():
+        counts = count_uncounted_ops(run)
+    assert counts == {"norm": 5 * 80, "softmax": 2 * 2 * 5 * 5, "gelu": 80, "interpolation": 4 * 2 * 64}

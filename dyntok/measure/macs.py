@@ -14,7 +14,7 @@ from torch import nn
 
 __all__ = [
     "linear_macs", "attention_product_macs", "block_macs", "patch_embed_macs", "head_macs",
-    "vit_macs", "count_macs_with_torch",
+    "vit_macs", "count_macs_with_torch", "count_uncounted_ops", "UNCOUNTED_OP_COSTS",
 ]
 
 
@@ -107,3 +107,42 @@ def _fused_attention_formulas() -> dict:
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_fused_attention_overrideable")
     return {getattr(torch.ops.aten, name): _attention_flops for name in names if hasattr(torch.ops.aten, name)}
+
+
+#: Operations the MAC counts leave out, by kind: (aten ops, cost per element). Norms and bilinear
+#: interpolation cost what fvcore's default table charges (5 per normalised element with an affine
+#: transform, 4 per interpolated output element); softmax and GELU, which fvcore does not count, are
+#: charged 1 per element, a lower bound (each needs an exp or erf and more).
+UNCOUNTED_OP_COSTS = {
+    "norm": (("native_layer_norm",), 5),
+    "softmax": (("_softmax", "_safe_softmax", "_log_softmax"), 1),
+    "gelu": (("gelu",), 1),
+    "interpolation": (("upsample_bilinear2d", "_upsample_bilinear2d_aa"), 4),
+}
+
+
+def count_uncounted_ops(fn, *args, **kwargs) -> dict[str, float]:
+    """Operations of the kinds in :data:`UNCOUNTED_OP_COSTS` that running ``fn`` executes, by kind.
+
+    Counted from the aten ops actually dispatched (attention under the math backend, so that its softmax
+    is seen); to say how much the MAC counts leave out, as a share of them (docs/measurement.md).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    kind_of = {name: kind for kind, (names, _) in UNCOUNTED_OP_COSTS.items() for name in names}
+    totals = dict.fromkeys(UNCOUNTED_OP_COSTS, 0.0)
+
+    class Tally(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            kind = kind_of.get(func.overloadpacket.__name__)
+            if kind is not None:
+                # The output's size (layer norm: its first output, the normalised input).
+                out = result[0] if isinstance(result, tuple) else result
+                totals[kind] += out.numel() * UNCOUNTED_OP_COSTS[kind][1]
+            return result
+
+    with sdpa_kernel(SDPBackend.MATH), Tally():
+        fn(*args, **kwargs)
+    return totals
