@@ -210,3 +210,17 @@ def test_resume_after_a_real_sigkill_gives_the_same_final_weights(image_folder, 
     expected, actual = weights(tmp_path / "a" / "model.safetensors"), weights(tmp_path / "b" / "model.safetensors")
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_resume_refuses_a_later_phase_of_a_run_whose_schedule_restarted(image_folder, tmp_path):
+    from dyntok.checkpoint import load_tensors, save_tensors
+
+    config = dict(model="dynamicvit_vit_cifar_tiny", model_kwargs=PHASED, epochs=4)
+    train(tiny_config(image_folder, tmp_path, **config))
+    checkpoint = tmp_path / "run" / "last.safetensors"
+    tensors, meta = load_tensors(checkpoint)
+    assert meta["progress"]["phase"] == 1
+    del meta["schedule"]  # as written before the schedule ran over the whole run
+    save_tensors(checkpoint, tensors, meta)
+    with pytest.raises(ValueError, match="restarted at each phase"):
+        train(tiny_config(image_folder, tmp_path, resume=True, **config))
