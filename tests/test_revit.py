@@ -178,3 +178,79 @@ def test_oracle_curve_moves_the_cheapest_images_first():
     curve = oracle_curve(correct, [1e9, 2e9, 4e9])
     assert [point["top1"] for point in curve] == [0.25, 0.5, 0.75]
     assert [point["mean_gmacs"] for point in curve] == pytest.approx([1.0, 1.25, 2.0])
+
+
+def test_labels_command_stores_each_training_image_s_shortest_correct_length_with_provenance(image_folder, tmp_path,
+                                                                                               monkeypatch):
+    import hashlib
+
+    from dyntok.checkpoint import load_tensors, save_model
+    from dyntok.cli import main
+    from dyntok.data import DataConfig, build_loaders
+    from dyntok.measure.oracle import collect_exit_correctness
+
+    monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("revit", num_classes=3).eval()
+    checkpoint = save_model(model, tmp_path / "revit.safetensors")
+    out = tmp_path / "labels.safetensors"
+    assert main(["labels", str(checkpoint), "--output", str(out), "--dataset", str(image_folder),
+                 "--batch-size", "5", "--holdout-size", "4", "--device", "cpu"]) == 0
+    tensors, meta = load_tensors(out)
+    # The same images as the trainer's training split, in dataset order, labelled by the definition.
+    loaders = build_loaders(DataConfig(dataset=str(image_folder), batch_size=5, holdout_size=4))
+    train_part = loaders["train"].dataset
+    assert torch.equal(tensors["index"], train_part.indices)
+    correct = collect_exit_correctness(model, [(x, y) for x, y in _eval_batches(loaders, train_part)], "cpu")
+    assert torch.equal(tensors["correct"].bool(), correct)
+    assert torch.equal(tensors["labels"], first_correct_exit(correct))
+    assert meta["checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert meta["split"] == {"name": "train", "dataset": str(image_folder), "source": train_part.source,
+                             "holdout_size": 4, "seed": 0, "transform": "eval", "images": len(train_part)}
+    assert meta["model"] == model.config
+
+
+def _eval_batches(loaders, dataset):
+    """``dataset`` through the evaluation transform, in order (as the held-out loader would show it)."""
+    transform = loaders["test"].transform
+    for start in range(0, len(dataset), 5):
+        yield transform(dataset.images[start:start + 5], dataset.labels[start:start + 5])
+
+
+def test_labels_command_refuses_a_model_without_exits(tmp_path):
+    from dyntok.checkpoint import save_model
+    from dyntok.cli.labels import write_exit_labels
+    from dyntok.data import DataConfig
+
+    checkpoint = save_model(tiny_model("dense"), tmp_path / "dense.safetensors")
+    with pytest.raises(ValueError, match="no exits"):
+        write_exit_labels(checkpoint, DataConfig(), "train", tmp_path / "labels.safetensors", torch.device("cpu"))
+
+
+def test_training_runs_the_revit_phase_then_the_assigner_phase(image_folder, tmp_path):
+    from dyntok.data import DataConfig
+    from dyntok.training import TrainConfig, train
+
+    data = DataConfig(dataset=str(image_folder), batch_size=8, holdout_size=0, cache_dir=str(tmp_path / "cache"))
+    backbone = {k: v for k, v in TINY.items() if k != "num_classes"}
+    config = TrainConfig(model="revit_vit_cifar_tiny", model_kwargs={**backbone, "assigner_share": 0.5}, data=data,
+                         output_dir=str(tmp_path / "run"), epochs=2, warmup_epochs=0.5, progress=False)
+    result = train(config)
+    log = [json.loads(line) for line in (result.output_dir / "log.jsonl").read_text().splitlines()]
+    assert [record["phase"] for record in log] == ["revit", "assigner"]
+    assert {"train_length2", "train_length4", "train_distill"} <= set(log[0]) and "train_assigner" in log[1]
+    assert result.metrics["test"]["mean_gmacs"] > 0
+
+
+def test_the_benchmark_records_an_oracle_curve_for_routed_exits_only(images, labels, tmp_path):
+    from dyntok.bench.cache import EntryCache
+    from dyntok.bench.runner import anytime_accuracy
+
+    split = [(images, labels), (images.flip(0), labels.flip(0))]
+    revit = spread_assigner(tiny_model("revit")).eval()
+    record = anytime_accuracy(revit, split, EntryCache.at(tmp_path, "revit", "a" * 64), torch.device("cpu"))
+    assert len(record["exit_top1"]) == 3 and record["oracle"]
+    cheapest, best = record["oracle"][0], record["oracle"][-1]
+    assert cheapest["mean_gmacs"] == pytest.approx(revit.exit_macs()[0] / 1e9)
+    assert best["top1"] >= max(record["exit_top1"]) and best["mean_gmacs"] <= revit.exit_macs()[-1] / 1e9
+    dense = tiny_model("dense").eval()
+    assert anytime_accuracy(dense, split, EntryCache.at(tmp_path, "dense", "b" * 64), torch.device("cpu"))["oracle"] is None
