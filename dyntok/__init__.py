@@ -1,4 +1,8 @@
 """dyntok: input-adaptive Vision Transformers on current PyTorch and timm, measured for real."""
+from ._versions import warn_if_untested
+
+warn_if_untested()
+
 from .methods import (AdaptiveViT, LossOutput, Prediction, TrainingPhase, create_model, create_model_from_config,
                       list_methods, list_models, register_method)
 from .checkpoint import load_model, save_model

@@ -141,3 +141,19 @@ def test_anytime_accuracy_and_exit_shares_are_reported_for_multi_exit_entries(re
     assert "| cascade | 60.00 | 70.00 | 80.00 |" in leaderboard
     assert "| cascade | q=0.5 | 50.0 | 30.0 | 20.0 |" in leaderboard
     assert "| dense | 80.00 |" not in leaderboard
+
+
+def test_oracle_curves_are_tabled_and_plotted_beside_their_entry(report_dir):
+    results = made_up_results()
+    routed = {"name": "routed", "kind": "adaptive", "model": "revit_vit_cifar_micro",
+              "oracle": [{"top1": 0.7, "mean_gmacs": 0.3}, {"top1": 0.9, "mean_gmacs": 0.55}],
+              "points": [{"label": "bias=0", "knobs": {}, "top1": 0.78, "mean_gmacs": 0.6},
+                         {"label": "bias=1", "knobs": {}, "top1": 0.8, "mean_gmacs": 0.9}]}
+    results["entries"].append(routed)
+    (report_dir / "results.json").write_text(json.dumps(results))
+    leaderboard, *plots = render_report(report_dir)
+    text = leaderboard.read_text()
+    assert "## Oracle routing" in text
+    assert "| routed | 0.3 -> 70.00, 0.55 -> 90.00 | 0.9 -> 80.00 |" in text
+    assert "| dyn |" not in text.split("## Oracle routing")[1]  # entries without exits to route stay out
+    assert all(path.stat().st_size > 0 for path in plots)

@@ -108,13 +108,12 @@ class EntryCache:
     def save_points(self, sweep_key: str, points: list[dict[str, Any]]) -> None:
         _write_json(self.folder / "points.json", {"sweep_key": sweep_key, "points": points})
 
-    def load_anytime(self) -> list[float] | None:
-        """Top-1 of each exit on the test split, if measured before."""
-        record = _read_json(self.folder / "anytime.json")
-        return None if record is None else record["exit_top1"]
+    def load_anytime(self) -> dict[str, Any] | None:
+        """Top-1 of each exit on the test split and the oracle curve (``exit_top1``, ``oracle``), if measured."""
+        return _read_json(self.folder / "anytime.json")
 
-    def save_anytime(self, exit_top1: list[float]) -> None:
-        _write_json(self.folder / "anytime.json", {"exit_top1": exit_top1})
+    def save_anytime(self, record: dict[str, Any]) -> None:
+        _write_json(self.folder / "anytime.json", record)
 
     def _eval_path(self, knobs: dict[str, Any]) -> Path:
         return self.folder / "evals" / f"{digest(knobs)[:16]}.json"

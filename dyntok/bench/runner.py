@@ -25,6 +25,7 @@ from .. import __version__
 from ..checkpoint import load_model
 from ..data import build_loaders
 from ..measure.evaluate import evaluate
+from ..measure.oracle import collect_exit_correctness, oracle_curve
 from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
 from ..methods import AdaptiveViT
 from ..report import render_report
@@ -132,23 +133,20 @@ def _evaluate_point(model: AdaptiveViT, knobs: dict[str, Any], loader, cache: En
     return {key: value for key, value in record.items() if key != "knobs"}
 
 
-@torch.no_grad()
-def anytime_accuracy(model: AdaptiveViT, loader, cache: EntryCache, device: torch.device) -> list[float]:
-    """Test top-1 of every exit when every image runs to it (one value for single-exit models)."""
+def anytime_accuracy(model: AdaptiveViT, loader, cache: EntryCache, device: torch.device) -> dict[str, Any]:
+    """Test top-1 of every exit when every image runs to it (one value for single-exit models) and, where an
+    image can be routed straight to an exit (``model.exit_macs()``), the oracle curve: the best routing that
+    knows the labels, next to which the method's own routing is plotted."""
     cached = cache.load_anytime()
-    if cached is not None:
+    if cached is not None and "oracle" in cached:
         return cached
-    correct: list[float] | None = None
-    seen = 0
-    for images, labels in loader:
-        with inference_context(device):
-            exits = model.predict_all_exits(images.to(device))
-        hits = [(logits.argmax(-1).cpu() == labels).sum().item() for logits in exits]
-        correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
-        seen += len(labels)
-    exit_top1 = [hits / seen for hits in correct or []]
-    cache.save_anytime(exit_top1)
-    return exit_top1
+    with inference_context(device):
+        correct = collect_exit_correctness(model, loader, device)
+    exit_macs = model.exit_macs()
+    record = {"exit_top1": correct.double().mean(dim=0).tolist(),
+              "oracle": oracle_curve(correct, exit_macs) if exit_macs is not None and len(exit_macs) > 1 else None}
+    cache.save_anytime(record)
+    return record
 
 
 def _exit_shares(exit_stage: torch.Tensor) -> list[float]:
@@ -279,7 +277,7 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
             # Thresholds are fitted in the arithmetic the model is then evaluated and timed in.
             points = resolve_points(entry, model, loaders["holdout"], item.cache)
         with bar.stage(f"anytime accuracy {entry.name}", 0):
-            exit_top1 = anytime_accuracy(model, loaders["test"], item.cache, device)
+            anytime = anytime_accuracy(model, loaders["test"], item.cache, device)
         candidate = None if entry.name == spec.reference else model  # the reference is timed on its own
         measured = []
         for point in points:
@@ -287,7 +285,7 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
                 accuracy = _evaluate_point(model, point["knobs"], loaders["test"], item.cache, device)
                 speed = _measure_speed(reference, candidate, images, spec, device)
             measured.append({**point, **accuracy, **speed})
-        records.append({**_entry_record(spec, entry, item.cache, model, measured), "exit_top1": exit_top1})
+        records.append({**_entry_record(spec, entry, item.cache, model, measured), **anytime})
     reference_gmacs = next(r for r in records if r["name"] == spec.reference)["points"][0]["mean_gmacs"]
     for record in records:
         for point in record["points"]:

@@ -9,7 +9,8 @@ which method they hold. A method is an ``nn.Module`` that:
   business) plus its own terms, using a frozen teacher when it asked for one;
 * in eval mode answers :meth:`predict` with logits **and the MACs actually executed for each image**
   (``extras`` may add per-image facts under standard keys: ``exit_stage``, ``kept_patches``), and
-  :meth:`predict_all_exits` with every exit's logits for methods that have several;
+  :meth:`predict_all_exits` with every exit's logits for methods that have several (and, where an image
+  can be routed straight to an exit, :meth:`exit_macs` with what each costs);
 * exposes budget knobs (keep ratio, thresholds...) that can be changed after training, with a default
   sweep for the benchmark and, where a knob must be fitted, :meth:`calibrate` on a held-out split;
 * may train in phases (each with its own trainable parameters and learning-rate scales);
@@ -164,6 +165,12 @@ class AdaptiveViT(nn.Module):
     def dense_macs(self) -> float:
         """MACs per image when nothing is skipped: the upper end of this model's budget range."""
         raise NotImplementedError
+
+    def exit_macs(self) -> list[float] | None:
+        """MACs per image of answering at each exit of :meth:`predict_all_exits`, for a router that sends an
+        image straight there (cumulative for a cascade); None where exits are not routes (one exit, or costs
+        that vary by image). Used for the oracle curve (:mod:`dyntok.measure.oracle`)."""
+        return None
 
     # ----------------------------------------------------------------- budget knobs
     def get_budget(self) -> dict[str, Any]:

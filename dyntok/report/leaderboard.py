@@ -149,6 +149,20 @@ def _anytime_table(results: dict[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
+def _oracle_table(results: dict[str, Any]) -> str | None:
+    """The oracle curve of entries that route images to exits, beside the best the entry itself reached."""
+    entries = [entry for entry in results["entries"] if entry.get("oracle")]
+    if not entries:
+        return None
+    lines = ["| entry | oracle: mean GMACs -> top-1 (%) | the entry's own best: GMACs -> top-1 (%) |",
+             "| --- | --- | --- |"]
+    for entry in entries:
+        curve = ", ".join(f"{p['mean_gmacs']:.4g} -> {100 * p['top1']:.2f}" for p in entry["oracle"])
+        best = max(entry["points"], key=lambda point: (point["top1"], -point["mean_gmacs"]))
+        lines.append(f"| {entry['name']} | {curve} | {best['mean_gmacs']:.4g} -> {100 * best['top1']:.2f} |")
+    return "\n".join(lines)
+
+
 def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """The whole ``leaderboard.md``: setup, leaderboard, training summary, skipped entries and plots."""
     spec = results.get("spec", {})
@@ -160,6 +174,12 @@ def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> st
     if anytime:
         parts += ["", "## Anytime accuracy", "", "Top-1 (%) of each exit when every test image runs to it.", "",
                   anytime]
+    oracle = _oracle_table(results)
+    if oracle:
+        parts += ["", "## Oracle routing", "",
+                  "The same exits when the router knows the labels: every image goes to the cheapest exit that gets "
+                  "it right, the images cheapest to fix first (test labels used on purpose: an upper bound, not a "
+                  "result). The gap to the entry's own curve is what its router costs.", "", oracle]
     skipped = results.get("skipped") or []
     if skipped:
         parts += ["", "Skipped: " + "; ".join(f"{s['name']} (`{s['model']}`): {s['reason']}" for s in skipped) + "."]

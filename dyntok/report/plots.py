@@ -3,7 +3,8 @@
 Figures are drawn on matplotlib's ``Figure`` directly (Agg canvas, no pyplot), so rendering works headless
 and never changes a user's global backend. Every entry gets its own colour: adaptive entries are curves over
 their budget points, static baselines hollow markers, the dense reference a black star; the Pareto front over
-all points is a dashed line with its points ringed.
+all points is a dashed line with its points ringed. Entries that route images to exits also get their oracle
+curve (dotted) on the compute plot.
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def _title(results: dict[str, Any], what: str) -> str:
 
 
 def _draw(results: dict[str, Any], x_of: Callable[[dict[str, Any]], float], cost_of: Callable[[float], float],
-          xlabel: str, title: str, path: Path) -> Path:
-    """Scatter every entry's points at ``x_of(point)`` vs top-1; the front minimises ``cost_of(x)``."""
+          xlabel: str, title: str, path: Path, oracles: bool = False) -> Path:
+    """Scatter every entry's points at ``x_of(point)`` vs top-1; the front minimises ``cost_of(x)``.
+
+    ``oracles``: also draw, dotted in the entry's colour, the oracle curve of entries that route images to
+    exits (what the same exits give when the router knows the labels; never part of the front)."""
     figure = Figure(figsize=(7.5, 5.0), dpi=150, layout="constrained")
     axes = figure.add_subplot()
     colours = iter(f"C{index}" for index in range(100))
@@ -43,8 +47,13 @@ def _draw(results: dict[str, Any], x_of: Callable[[dict[str, Any]], float], cost
             axes.scatter(xs, ys, marker=next(static_markers), s=70, facecolors="none", linewidths=1.8,
                          edgecolors=next(colours), zorder=3, label=f"{entry['name']} (static)")
         else:
-            axes.plot(xs, ys, marker=next(adaptive_markers), markersize=5, linewidth=1.5, color=next(colours),
+            colour = next(colours)
+            axes.plot(xs, ys, marker=next(adaptive_markers), markersize=5, linewidth=1.5, color=colour,
                       zorder=3, label=entry["name"])
+            if oracles and entry.get("oracle"):
+                oracle = entry["oracle"]
+                axes.plot([x_of(p) for p in oracle], [100 * p["top1"] for p in oracle], linestyle=":", linewidth=1.5,
+                          color=colour, zorder=2, label=f"{entry['name']} oracle (labels known)")
     front = sorted(point for point, on in zip(everything, pareto_front([(cost_of(x), y) for x, y in everything]))
                    if on)
     if front:
@@ -64,7 +73,7 @@ def plot_accuracy_vs_gmacs(results: dict[str, Any], path: str | Path) -> Path:
     """Top-1 against mean executed GMACs per image; the front keeps the cheapest point per accuracy."""
     return _draw(results, lambda point: point["mean_gmacs"], lambda gmacs: gmacs,
                  "mean GMACs per image (executed multiply-accumulates, 1e9)",
-                 _title(results, "accuracy vs compute"), Path(path))
+                 _title(results, "accuracy vs compute"), Path(path), oracles=True)
 
 
 def plot_accuracy_vs_throughput(results: dict[str, Any], path: str | Path) -> Path:
