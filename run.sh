@@ -3,7 +3,9 @@
 #   ./run.sh bench [ARGS...]   the main job: train, calibrate, measure and report every method (dyntok bench)
 #   ./run.sh test  [ARGS...]   the test suite (pytest)
 #   ./run.sh dyntok ARGS...    any other dyntok command inside the project's environment
-# The environment lives in .venv and is (re)built only when pyproject.toml changes.
+# The environment lives in .venv and is (re)built only when pyproject.toml or requirements/lock.txt changes.
+# Every package is installed at the version in requirements/lock.txt (the versions the tests passed with), with
+# the pip that comes with the Python it runs on, so two fresh machines get the same environment.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,10 +18,11 @@ ensure_env() {
         || { echo "dyntok needs Python 3.10 or newer (found $("$PYTHON" --version))" >&2; exit 1; }
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     local want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    want=$(cat pyproject.toml requirements/lock.txt | sha256sum | cut -d' ' -f1)
     if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+        echo "Installing dyntok and its locked dependencies into $VENV (first run: a few minutes)..." >&2
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            --constraint requirements/lock.txt --editable ".[test]"
         echo "$want" > "$STAMP"
     fi
 }
