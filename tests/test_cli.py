@@ -48,6 +48,18 @@ def test_train_then_eval(image_folder, tmp_path, capsys):
     assert result["speed"]["throughput"] > 0 and result["speed"]["dense_throughput"] > 0
 
 
+def test_show_writes_the_figures_of_a_saved_model(image_folder, tmp_path, capsys):
+    import dyntok
+
+    model = dyntok.create_model("dvt_vit_cifar_tiny", img_size=16, depth=2, embed_dim=32, num_heads=2, num_classes=3)
+    dyntok.save_model(model, tmp_path / "model.safetensors")
+    code = main(["show", str(tmp_path / "model.safetensors"), "--images", str(image_folder / "test"), "--n", "4",
+                 "--budget", "thresholds=[0.0,0.0]", "--out", str(tmp_path / "pictures"), "--device", "cpu"])
+    assert code == 0
+    assert sorted(path.name for path in (tmp_path / "pictures").iterdir()) == ["exits.png", "gmacs.png"]
+    assert "wrote" in capsys.readouterr().out
+
+
 def test_missing_data_is_one_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DYNTOK_DATA", str(tmp_path / "nowhere"))

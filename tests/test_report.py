@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dyntok.cli import main
-from dyntok.report import leaderboard_rows, load_results, pareto_front, render_report
+from dyntok.report import leaderboard_rows, load_results, pareto_front, render_leaderboard, render_report
 from dyntok.report.leaderboard import render_table
 from dyntok.report.readme import END_MARKER, START_MARKER, replace_between_markers, update_readme
 
@@ -141,3 +141,15 @@ def test_anytime_accuracy_and_exit_shares_are_reported_for_multi_exit_entries(re
     assert "| cascade | 60.00 | 70.00 | 80.00 |" in leaderboard
     assert "| cascade | q=0.5 | 50.0 | 30.0 | 20.0 |" in leaderboard
     assert "| dense | 80.00 |" not in leaderboard
+
+
+def test_leaderboard_links_each_entrys_gallery():
+    results = made_up_results()
+    results["entries"][1]["gallery"] = {"label": "keep_ratio=0.7", "figures": {
+        "patches": "gallery/dyn/patches.png", "gmacs": "gallery/dyn/gmacs.png"}}
+    leaderboard = render_leaderboard(results)
+    assert "## Gallery" in leaderboard
+    assert ("- **dyn** at keep_ratio=0.7: [patches](gallery/dyn/patches.png) · [gmacs](gallery/dyn/gmacs.png)"
+            in leaderboard.splitlines())
+    assert "**dense**" not in leaderboard  # entries without pictures get no line
+    assert "## Gallery" not in render_leaderboard(made_up_results())

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": ".bench",
     "report": ".report",
     "models": ".models",
+    "show": ".show",
 }
 
 

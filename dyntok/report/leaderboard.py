@@ -149,6 +149,17 @@ def _anytime_table(results: dict[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
+def _gallery_links(results: dict[str, Any]) -> str | None:
+    """One line per entry linking its pictures (written by the benchmark at one budget point)."""
+    lines = []
+    for entry in results["entries"]:
+        gallery = entry.get("gallery")
+        if gallery:
+            links = " · ".join(f"[{name.replace('_', ' ')}]({path})" for name, path in gallery["figures"].items())
+            lines.append(f"- **{entry['name']}** at {gallery['label']}: {links}")
+    return "\n".join(lines) or None
+
+
 def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """The whole ``leaderboard.md``: setup, leaderboard, training summary, skipped entries and plots."""
     spec = results.get("spec", {})
@@ -160,6 +171,10 @@ def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> st
     if anytime:
         parts += ["", "## Anytime accuracy", "", "Top-1 (%) of each exit when every test image runs to it.", "",
                   anytime]
+    gallery = _gallery_links(results)
+    if gallery:
+        parts += ["", "## Gallery", "", "What each entry did with a few test images, at its middle budget point: "
+                  "kept or merged patches, exits, token lengths, and GMACs per image and per class.", "", gallery]
     skipped = results.get("skipped") or []
     if skipped:
         parts += ["", "Skipped: " + "; ".join(f"{s['name']} (`{s['model']}`): {s['reason']}" for s in skipped) + "."]
