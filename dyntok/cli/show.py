@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import parse_knobs
+from ._common import add_data_arguments, data_config, parse_knobs
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -28,13 +28,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         help="set a budget knob first, e.g. keep_ratio=0.7 (repeatable)")
     parser.add_argument("--calibrate-gmacs", type=float, default=None,
                         help="fit the budget knobs on the held-out split of --dataset to this mean GMACs first")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10",
-                      help="the dataset of the split names, and whose normalisation and class names apply")
-    data.add_argument("--data-root", default=None, help="where to look first; then $DYNTOK_DATA, ./data, ...")
-    data.add_argument("--holdout-size", type=float, default=5000,
-                      help="training images held out, as dyntok train drew them: a count, or a fraction if < 1")
-    data.add_argument("--batch-size", type=int, default=128)
+    add_data_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -43,11 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from ..report.gallery import show, write_figures
     from ..training.distributed import select_device
 
-    holdout = args.holdout_size if args.holdout_size < 1 else int(args.holdout_size)
+    data = data_config(args)
     figures = show(args.checkpoint, args.images, n=args.n, budget=parse_knobs(args.budget),
                    calibrate=None if args.calibrate_gmacs is None else {"gmacs": args.calibrate_gmacs},
-                   dataset=args.dataset, data_root=args.data_root, holdout_size=holdout, limit=args.limit,
-                   batch_size=args.batch_size, device=select_device(args.device))
+                   dataset=data.dataset, data_root=data.data_root, download=data.download,
+                   holdout_size=data.holdout_size, limit=args.limit, batch_size=data.batch_size,
+                   device=select_device(args.device))
     for path in write_figures(figures, args.out):
         print(f"wrote {path}")
     return 0

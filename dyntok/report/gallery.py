@@ -69,7 +69,7 @@ def collect(model: AdaptiveViT, data: ImageTensorDataset, mean: Sequence[float],
 
 # --------------------------------------------------------------------------------------------- finding images
 def load_images(images: str | os.PathLike | ImageTensorDataset, *, dataset: str = "cifar10",
-                data_root: str | None = None, holdout_size: int | float = 5000,
+                data_root: str | None = None, download: bool = False, holdout_size: int | float = 5000,
                 image_size: int | None = None) -> tuple[ImageTensorDataset, tuple[float, ...], tuple[float, ...]]:
     """The images to show and their normalisation.
 
@@ -81,9 +81,11 @@ def load_images(images: str | os.PathLike | ImageTensorDataset, *, dataset: str 
     if isinstance(images, ImageTensorDataset):
         return images, mean, std
     if str(images) == "test":
-        return load_dataset(dataset, "test", data_root=data_root, image_size=image_size), mean, std
+        test = load_dataset(dataset, "test", data_root=data_root, download=download, image_size=image_size)
+        return test, mean, std
     if str(images) == "holdout":
-        config = DataConfig(dataset=dataset, data_root=data_root, holdout_size=holdout_size, image_size=image_size)
+        config = DataConfig(dataset=dataset, data_root=data_root, download=download, holdout_size=holdout_size,
+                            image_size=image_size)
         loader = build_loaders(config)["holdout"]
         if loader is None:
             raise ValueError("the holdout split is empty: give a holdout size above 0")
@@ -102,8 +104,9 @@ def load_images(images: str | os.PathLike | ImageTensorDataset, *, dataset: str 
 # --------------------------------------------------------------------------------------------- the entry points
 def show(model: AdaptiveViT | str | os.PathLike, images: str | os.PathLike | ImageTensorDataset = "test", *,
          n: int = 32, budget: dict[str, Any] | None = None, calibrate: dict[str, Any] | None = None,
-         dataset: str = "cifar10", data_root: str | None = None, holdout_size: int | float = 5000,
-         limit: int | None = None, batch_size: int = 128, device: str | torch.device = "cpu") -> dict[str, Figure]:
+         dataset: str = "cifar10", data_root: str | None = None, download: bool = False,
+         holdout_size: int | float = 5000, limit: int | None = None, batch_size: int = 128,
+         device: str | torch.device = "cpu") -> dict[str, Figure]:
     """Figures of what ``model`` did with ``images``, by name (see :mod:`dyntok.report.pictures`).
 
     ``model`` is a model or a saved one's path; ``budget`` sets its knobs first, ``calibrate`` fits them on
@@ -120,14 +123,13 @@ def show(model: AdaptiveViT | str | os.PathLike, images: str | os.PathLike | Ima
     if budget:
         model.set_budget(**budget)
     side = model.input_size[-1]
+    source = dict(dataset=dataset, data_root=data_root, download=download, holdout_size=holdout_size,
+                  image_size=side)
     if calibrate is not None:
-        holdout, mean, std = load_images("holdout", dataset=dataset, data_root=data_root,
-                                         holdout_size=holdout_size, image_size=side)
+        holdout, mean, std = load_images("holdout", **source)
         model.calibrate(_normalised_batches(holdout, mean, std, side, batch_size, device), **calibrate)
-    data, mean, std = load_images(images, dataset=dataset, data_root=data_root, holdout_size=holdout_size,
-                                  image_size=side)
-    where = "images" if isinstance(images, ImageTensorDataset) else Path(images).name
-    title = f"{_model_label(model)} on {where}"
+    data, mean, std = load_images(images, **source)
+    title = f"{_model_label(model)} on {'images' if isinstance(images, ImageTensorDataset) else Path(images).name}"
     return draw_figures(collect(model, data, mean, std, limit=limit, batch_size=batch_size, title=title), n)
 
 
@@ -163,8 +165,9 @@ def entry_gallery(model: AdaptiveViT, points: Sequence[dict[str, Any]], loader, 
     """A benchmark entry's pictures at its middle budget point (by GMACs), under ``report/gallery/<name>/``.
 
     ``points`` are the entry's measured points (``label``, ``knobs``, ``mean_gmacs``); ``loader`` the test
-    loader. The GMACs figures cover ``images`` test images spread over the split. Returns ``{"label", "figures"}``, figure
-    paths relative to the report folder, for ``results.json`` and the leaderboard's links.
+    loader. The GMACs figures cover ``images`` test images spread over the split. Returns
+    ``{"label", "figures"}``, figure paths relative to the report folder, for ``results.json`` and the
+    leaderboard's links.
     """
     point = sorted(points, key=lambda p: p["mean_gmacs"])[len(points) // 2]
     model.set_budget(**point["knobs"])

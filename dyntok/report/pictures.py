@@ -104,7 +104,7 @@ def _to_cpu(extras: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- patches
 def group_colours(count: int) -> np.ndarray:
-    """(count, 3) RGB colours, one per group index, hues spread by the golden ratio so neighbours differ."""
+    """(count, 3) distinct RGB colours, hues spread by the golden ratio so that neighbours differ."""
     hues = (np.arange(count) * 0.618033988749895) % 1.0
     return hsv_to_rgb(np.stack([hues, np.full(count, 0.85), np.full(count, 0.95)], axis=1))
 
@@ -139,7 +139,11 @@ def render_patches(picture: np.ndarray, kept: Tensor | None, groups: Tensor | No
         groups_np = groups.numpy()
         sizes = np.bincount(groups_np[kept_np], minlength=int(groups_np.max()) + 1)
         merged = kept_np & (sizes[groups_np] > 1)
-        colours = group_colours(len(sizes))[groups_np]  # (P, 3)
+        # A group is coloured after its first source patch, not its index: a token that grows keeps its colour
+        # from stage to stage even when the method renumbers tokens.
+        first = np.full(len(sizes), num_patches)
+        np.minimum.at(first, groups_np, np.arange(num_patches))
+        colours = group_colours(num_patches)[first[groups_np]]  # (P, 3)
         tinted = merged[patch]
         out[tinted] = (1 - MERGE_TINT) * out[tinted] + MERGE_TINT * colours[patch][tinted]
     out[~kept_np[patch]] = DROPPED_GREY
@@ -172,18 +176,18 @@ def patch_figure(shown: Shown, n: int = 32) -> Figure:
     count = len(chosen)
     per_row = max(1, min(4, _MAX_PANELS_PER_ROW // (stages + 1), count))
     rows = math.ceil(count / per_row)
-    figure = Figure(figsize=(per_row * (stages + 1) * _PANEL, rows * (_PANEL + 0.5) + 0.4), dpi=_DPI,
+    figure = Figure(figsize=(per_row * (stages + 1) * _PANEL, rows * (_PANEL + 0.6) + 0.4), dpi=_DPI,
                     layout="constrained")
-    figure.suptitle(_title(shown, "patches in use at each stage (grey: dropped; a colour: one merged token)"))
-    cells = np.atleast_1d(figure.subfigures(rows, per_row, squeeze=False).ravel())
+    legend = ["grey: dropped"] * bool(kept) + ["a colour: one token merged from several patches"] * bool(groups)
+    figure.suptitle(_title(shown, f"patches in use at each stage ({'; '.join(legend)})"))
+    cells = figure.subfigures(rows, per_row, squeeze=False, wspace=0.01, hspace=0.01).ravel()
     for cell, index in zip(cells, chosen + [None] * len(cells)):
         axes = cell.subplots(1, stages + 1, squeeze=False)[0]
         for ax in axes:
             ax.set_axis_off()
         if index is None:
             continue
-        cell.set_edgecolor("0.75")
-        cell.set_linewidth(1)
+        cell.set_facecolor("0.95")  # one image's panels on one tile
         axes[0].imshow(shown.picture(index), interpolation="nearest")
         axes[0].set_title(shown.caption(index), fontsize=_CAPTION_SIZE, color=shown.caption_colour(index))
         for stage, ax in enumerate(axes[1:]):
@@ -200,10 +204,10 @@ def _grouped_figure(shown: Shown, groups: Tensor, heading: Callable[[int, Tensor
     """One row per distinct value of ``groups`` (ascending), each with images spread over its members."""
     values = groups.unique().tolist()
     per_group = max(1, min(8, n // max(1, len(values))))
-    figure = Figure(figsize=(max(per_group, 4) * _PANEL * 1.1, len(values) * (_PANEL + 1.0) + 0.4), dpi=_DPI,
+    figure = Figure(figsize=(max(per_group, 6) * _PANEL * 1.1, len(values) * (_PANEL + 1.0) + 0.4), dpi=_DPI,
                     layout="constrained")
     figure.suptitle(_title(shown, title))
-    rows = np.atleast_1d(figure.subfigures(len(values), 1, squeeze=False).ravel())
+    rows = figure.subfigures(len(values), 1, squeeze=False, hspace=0.01).ravel()
     for row, value in zip(rows, values):
         members = (groups == value).nonzero().flatten()
         row.suptitle(heading(value, members), fontsize=_CAPTION_SIZE + 1, x=0.01, ha="left", fontweight="bold")
@@ -302,11 +306,8 @@ def _draw_per_class(ax, shown: Shown) -> None:
     ax.barh(positions, means[order].numpy(), color="tab:orange")
     ax.set_yticks(positions, names, fontsize=9 if len(order) <= 15 else 7)
     ax.invert_yaxis()  # costliest on top
-    low, high = means.min().item(), means.max().item()
-    margin = 0.1 * (high - low) if high > low else 0.1 * high
-    ax.set_xlim(max(0.0, low - margin), high + margin)  # differences between classes are often a few percent
     ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-    ax.set_xlabel(f"mean {_GMACS_AXIS}")
+    ax.set_xlabel("mean GMACs per image of the class")
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
 
@@ -328,5 +329,5 @@ def draw_figures(shown: Shown, n: int = 32) -> dict[str, Figure]:
 
 
 def _title(shown: Shown, what: str) -> str:
-    return f"{shown.title}: {what}" if shown.title else what
+    return f"{shown.title}\n{what}" if shown.title else what
 
