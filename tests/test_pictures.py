@@ -107,6 +107,15 @@ def test_merged_groups_are_tinted_one_colour_each():
     assert figure.subfigs[0].axes[0].get_title().startswith("true: ?")
 
 
+def test_a_growing_token_keeps_its_colour_when_renumbered():
+    first = torch.tensor([0, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
+    second = torch.tensor([9, 9, 9, 1, 4, 5, 6, 7, 8, 0, 10, 11, 12, 13, 14, 15])  # {0, 1} grows, gets index 9
+    picture = torch.rand(3, SIDE, SIDE, generator=torch.Generator().manual_seed(5)).permute(1, 2, 0).numpy()
+    before = tints(render_patches(picture, None, first), picture)
+    after = tints(render_patches(picture, None, second), picture)
+    assert before[0] is not None and before[0] == after[0] == after[2]
+
+
 def test_fused_tokens_grey_the_dropped_and_tint_only_kept_groups():
     """EViT-style: the dropped patches are fused into one token; they are drawn grey, not tinted."""
     kept = torch.arange(16) < 8
