@@ -190,6 +190,10 @@ def test_results_json_records_spec_versions_and_machine(tiny_dataset, tmp_path, 
         assert np.isfinite(point[key]), key
     assert point["realised_speedup"] == pytest.approx(point["speedup"] / point["mac_reduction"])
     assert (tmp_path / "report" / "leaderboard.md").is_file()
+    gallery = results["entries"][1]["gallery"]  # pictures at the middle budget point, linked from the leaderboard
+    assert list(gallery["figures"]) == ["patches", "gmacs"]
+    assert all((tmp_path / "report" / path).is_file() for path in gallery["figures"].values())
+    assert f"[patches]({gallery['figures']['patches']})" in (tmp_path / "report" / "leaderboard.md").read_text()
 
 
 @pytest.mark.slow

@@ -101,6 +101,18 @@ def test_calibration_uses_the_held_out_split_the_model_was_trained_beside(image_
     assert code == 2 and "trained beside a held-out split of 6 images (seed 3)" in capsys.readouterr().err
 
 
+def test_show_writes_the_figures_of_a_saved_model(image_folder, tmp_path, capsys):
+    import dyntok
+
+    model = dyntok.create_model("dvt_vit_cifar_tiny", img_size=16, depth=2, embed_dim=32, num_heads=2, num_classes=3)
+    dyntok.save_model(model, tmp_path / "model.safetensors")
+    code = main(["show", str(tmp_path / "model.safetensors"), "--images", str(image_folder / "test"), "--n", "4",
+                 "--budget", "thresholds=[0.0,0.0]", "--out", str(tmp_path / "pictures"), "--device", "cpu"])
+    assert code == 0
+    assert sorted(path.name for path in (tmp_path / "pictures").iterdir()) == ["exits.png", "gmacs.png"]
+    assert "wrote" in capsys.readouterr().out
+
+
 def test_missing_data_is_one_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DYNTOK_DATA", str(tmp_path / "nowhere"))

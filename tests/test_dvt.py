@@ -179,6 +179,21 @@ def test_batched_early_exit_equals_one_image_at_a_time(images):
         torch.testing.assert_close(batched.logits[i], every_exit[stage][i], rtol=1e-4, atol=1e-5)
 
 
+def test_exit_confidence_is_reported_at_every_exit_reached_and_nan_after(images):
+    model = tiny_dvt().eval()
+    thresholds = _thresholds_splitting(model, images)
+    model.set_budget(thresholds=thresholds)
+    prediction = model.predict(images)
+    stages, confidence = prediction.extras["exit_stage"], prediction.extras["exit_confidence"]
+    assert confidence.shape == (len(images), 3)
+    every_exit = torch.stack([logits.softmax(-1).amax(-1) for logits in model.predict_all_exits(images)], dim=1)
+    for i, stage in enumerate(stages.tolist()):
+        torch.testing.assert_close(confidence[i, :stage + 1], every_exit[i, :stage + 1], rtol=1e-4, atol=1e-5)
+        assert confidence[i, stage + 1:].isnan().all()
+        assert all(confidence[i, k] < thresholds[k] for k in range(stage))  # it stayed while unsure
+        assert stage == 2 or confidence[i, stage] >= thresholds[stage]
+
+
 @pytest.mark.parametrize("feature_reuse", [False, True])
 @pytest.mark.parametrize("relation_reuse", [False, True])
 def test_macs_match_torch_flop_counter(feature_reuse, relation_reuse, images):

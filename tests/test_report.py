@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dyntok.cli import main
-from dyntok.report import leaderboard_rows, load_results, pareto_front, render_report
+from dyntok.report import leaderboard_rows, load_results, pareto_front, render_leaderboard, render_report
 from dyntok.report.leaderboard import render_table
 from dyntok.report.readme import END_MARKER, START_MARKER, replace_between_markers, update_readme
 
@@ -157,3 +157,15 @@ def test_oracle_curves_are_tabled_and_plotted_beside_their_entry(report_dir):
     assert "| routed | 0.3 -> 70.00, 0.55 -> 90.00 | 0.9 -> 80.00 |" in text
     assert "| dyn |" not in text.split("## Oracle routing")[1]  # entries without exits to route stay out
     assert all(path.stat().st_size > 0 for path in plots)
+
+
+def test_leaderboard_links_each_entrys_gallery():
+    results = made_up_results()
+    results["entries"][1]["gallery"] = {"label": "keep_ratio=0.7", "figures": {
+        "patches": "gallery/dyn/patches.png", "gmacs": "gallery/dyn/gmacs.png"}}
+    leaderboard = render_leaderboard(results)
+    assert "## Gallery" in leaderboard
+    assert ("- **dyn** at keep_ratio=0.7: [patches](gallery/dyn/patches.png) · [gmacs](gallery/dyn/gmacs.png)"
+            in leaderboard.splitlines())
+    assert "**dense**" not in leaderboard  # entries without pictures get no line
+    assert "## Gallery" not in render_leaderboard(made_up_results())

@@ -29,6 +29,7 @@ from ..measure.oracle import collect_exit_correctness, oracle_curve
 from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
 from ..methods import AdaptiveViT
 from ..report import render_report
+from ..report.gallery import entry_gallery
 from ..report.leaderboard import derived_metrics
 from ..training import distributed
 from ..training.trainer import train
@@ -233,7 +234,7 @@ def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[s
             if item.status != "cached":
                 with bar.stage(f"train {item.entry.name}", item.train_seconds):
                     _train_entry(spec, plan, item, progress)
-        records = _measure_entries(spec, plan, loaders, bar)
+        records = _measure_entries(spec, plan, loaders, bar, output)
         bar.finish()
     finally:
         bar.close()
@@ -264,7 +265,8 @@ def _dataset_record(spec: BenchSpec, loaders: dict[str, Any]) -> dict[str, Any]:
             "test_images": len(loaders["test"].dataset)}
 
 
-def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: StageBar) -> list[dict[str, Any]]:
+def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: StageBar,
+                     output: Path) -> list[dict[str, Any]]:
     device = plan.device
     reference = load_model(plan.entry(spec.reference).cache.model_path, map_location=device).eval()
     images = _first_images(loaders["test"], spec.speed.images)
@@ -285,7 +287,9 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
                 accuracy = _evaluate_point(model, point["knobs"], loaders["test"], item.cache, device)
                 speed = _measure_speed(reference, candidate, images, spec, device)
             measured.append({**point, **accuracy, **speed})
-        records.append({**_entry_record(spec, entry, item.cache, model, measured), **anytime})
+        with bar.stage(f"gallery {entry.name}", 0):
+            gallery = entry_gallery(model, measured, loaders["test"], output, entry.name)
+        records.append({**_entry_record(spec, entry, item.cache, model, measured), **anytime, "gallery": gallery})
     reference_gmacs = next(r for r in records if r["name"] == spec.reference)["points"][0]["mean_gmacs"]
     for record in records:
         for point in record["points"]:

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "report": ".report",
     "models": ".models",
     "labels": ".labels",
+    "show": ".show",
 }
 
 

@@ -8,7 +8,7 @@ which method they hold. A method is an ``nn.Module`` that:
 * computes its loss: the task loss (given by the trainer, so label smoothing and mixup stay the trainer's
   business) plus its own terms, using a frozen teacher when it asked for one;
 * in eval mode answers :meth:`predict` with logits **and the MACs actually executed for each image**
-  (``extras`` may add per-image facts under standard keys: ``exit_stage``, ``kept_patches``), and
+  (``extras`` may add per-image facts under the standard keys of :class:`Prediction`), and
   :meth:`predict_all_exits` with every exit's logits for methods that have several (and, where an image
   can be routed straight to an exit, :meth:`exit_macs` with what each costs);
 * exposes budget knobs (keep ratio, thresholds...) that can be changed after training, with a default
@@ -40,7 +40,21 @@ class Prediction:
     """What inference returns, in the input order.
 
     ``macs`` holds, for each image, the multiply-accumulates that were really executed for it (float64).
-    ``extras`` holds per-image method-specific facts, e.g. ``exit_stage`` or ``kept_tokens``.
+    ``extras`` holds per-image facts. These standard keys have the same meaning and shape for every method
+    (B images, P source patches of the full-resolution grid, row-major); the pictures of ``dyntok show``
+    are chosen by which of them a prediction carries, never by the method's name:
+
+    * ``kept_patches``: list, one per stage (or block) where tokens are dropped, of (B, P) bool: the
+      source patches still in use after that decision;
+    * ``patch_groups``: list, one per stage where tokens are merged or fused, of (B, P) long: the index of
+      the token each source patch has been merged into (patches sharing an index form one token);
+    * ``exit_stage``: (B,) long, the 0-based exit each image left at;
+    * ``exit_confidence``: (B, num_exits) float, the confidence at each exit (NaN where it was not run);
+    * ``token_length``: (B,) long, the number of patch tokens the image ran with;
+    * ``kept_heads``: list, one per block, of (B, num_heads) bool, the heads executed;
+    * ``kept_blocks``: (B, depth, 2) bool, whether each block's attention and MLP were executed.
+
+    Methods may add their own keys beside these (DynamicViT's ``kept_tokens``).
     """
 
     logits: Tensor

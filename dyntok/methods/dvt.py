@@ -306,21 +306,25 @@ class DVT(AdaptiveViT):
     def predict(self, x: Tensor) -> Prediction:
         """Early exit for real: each stage runs only on the images no earlier stage was confident about.
 
-        ``extras["exit_stage"]`` (B,) holds the 0-based stage each image left at.
+        ``extras["exit_stage"]`` (B,) holds the 0-based stage each image left at, ``extras["exit_confidence"]``
+        (B, K) its max softmax probability at each exit it reached (NaN at the exits it never ran).
         """
         self.check_images(x)
         last = len(self.stages) - 1
         exit_stage = torch.full((len(x),), last, dtype=torch.long, device=x.device)
+        exit_confidence = torch.full((len(x), len(self.stages)), math.nan, device=x.device)
         running = torch.arange(len(x), device=x.device)  # input positions of the images still running
         images, memory, logits = x, None, None
         for k, stage in enumerate(self.stages):
             stage_logits, memory = stage(images, memory)
             if logits is None:
                 logits = stage_logits.new_empty(len(x), stage_logits.shape[-1])
+            confidence = _confidence(stage_logits)
+            exit_confidence[running, k] = confidence
             if k == last:
                 logits[running] = stage_logits
                 break
-            leaving = _confidence(stage_logits) >= self.thresholds[k]
+            leaving = confidence >= self.thresholds[k]
             logits[running[leaving]] = stage_logits[leaving]
             exit_stage[running[leaving]] = k
             staying = ~leaving
@@ -330,7 +334,7 @@ class DVT(AdaptiveViT):
             if still < len(running):
                 images, memory, running = images[staying], memory.select(staying), running[staying]
         macs = self._exit_macs[exit_stage.cpu()]
-        return Prediction(logits, macs, {"exit_stage": exit_stage})
+        return Prediction(logits, macs, {"exit_stage": exit_stage, "exit_confidence": exit_confidence})
 
     def dense_macs(self) -> float:
         """MACs per image when every stage runs (nobody exits early): the top of the budget range."""

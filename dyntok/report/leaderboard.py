@@ -163,6 +163,17 @@ def _oracle_table(results: dict[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
+def _gallery_links(results: dict[str, Any]) -> str | None:
+    """One line per entry linking its pictures (written by the benchmark at one budget point)."""
+    lines = []
+    for entry in results["entries"]:
+        gallery = entry.get("gallery")
+        if gallery:
+            links = " · ".join(f"[{name.replace('_', ' ')}]({path})" for name, path in gallery["figures"].items())
+            lines.append(f"- **{entry['name']}** at {gallery['label']}: {links}")
+    return "\n".join(lines) or None
+
+
 def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """The whole ``leaderboard.md``: setup, leaderboard, training summary, skipped entries and plots."""
     spec = results.get("spec", {})
@@ -180,6 +191,12 @@ def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> st
                   "The same exits when the router knows the labels: every image goes to the cheapest exit that gets "
                   "it right, the images cheapest to fix first (test labels used on purpose: an upper bound, not a "
                   "result). The gap to the entry's own curve is what its router costs.", "", oracle]
+
+
+    gallery = _gallery_links(results)
+    if gallery:
+        parts += ["", "## Gallery", "", "What each entry did with a few test images, at its middle budget point: "
+                  "kept or merged patches, exits, token lengths, and GMACs per image and per class.", "", gallery]
     skipped = results.get("skipped") or []
     if skipped:
         parts += ["", "Skipped: " + "; ".join(f"{s['name']} (`{s['model']}`): {s['reason']}" for s in skipped) + "."]
