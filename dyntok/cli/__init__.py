@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "models": ".models",
     "labels": ".labels",
     "show": ".show",
+    "pretrain": ".pretrain",
 }
 
 

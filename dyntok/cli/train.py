@@ -21,7 +21,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="model override or method option, e.g. depth=4 or keep_ratio=0.7 (repeatable)")
     model.add_argument("--init", default=None,
-                       help="start from this dense model.safetensors (and use it as the teacher if the method wants one)")
+                       help="start from this dense model.safetensors, or 'pretrained' for the backbone's reference "
+                            "shipped with dyntok (and use it as the teacher if the method wants one)")
     add_data_arguments(parser)
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=float, default=10.0, help="epochs (fractions allowed)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, TypeVar
 
-from ..models.vit import BACKBONE_OVERRIDES, BackboneSpec, list_backbones
+from ..models.vit import BACKBONE_OVERRIDES, PRESETS, BackboneSpec, list_backbones
 
 __all__ = ["register_method", "create_model", "list_models", "list_methods", "get_method", "split_model_name"]
 
@@ -47,16 +47,27 @@ def split_model_name(name: str) -> tuple[str, str]:
     return "dense", name
 
 
-def create_model(name: str, pretrained: bool = False, pretrained_file: str | None = None, **kwargs: Any):
+def create_model(name: str, pretrained: bool | str = False, pretrained_file: str | None = None, **kwargs: Any):
     """Build a model by name, like ``timm.create_model``.
 
     Backbone overrides (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``num_classes``,
     ``drop_path_rate``...) shape the backbone; every other keyword goes to the method (``keep_ratio=0.7``).
-    ``pretrained=True`` loads timm's weights for the backbone (from the hub, or ``pretrained_file``).
+
+    ``pretrained`` on a dyntok preset starts the model from dyntok's trained reference of that preset
+    (``True``: the file shipped in the package; ``"hf-hub:owner/repo"`` or a path: that file) through the
+    method's ``init_from_dense``, so every method starts from the same weights. On a timm name it loads
+    timm's weights for the backbone (from the hub, or ``pretrained_file``).
     """
     method, backbone_name = split_model_name(name)
     overrides = {key: kwargs.pop(key) for key in BACKBONE_OVERRIDES if key in kwargs}
-    spec = BackboneSpec(backbone_name, overrides, pretrained=pretrained, pretrained_file=pretrained_file)
+    if pretrained and backbone_name in PRESETS:
+        from ..pretrained import reference_state_dict
+
+        source = pretrained_file or pretrained
+        model = get_method(method)(BackboneSpec(backbone_name, overrides), **kwargs)
+        model.init_from_dense(reference_state_dict(backbone_name, overrides, source))
+        return model
+    spec = BackboneSpec(backbone_name, overrides, pretrained=bool(pretrained), pretrained_file=pretrained_file)
     return get_method(method)(spec, **kwargs)
 
 

@@ -38,9 +38,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         arch="vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=384, depth=9, num_heads=6,
         mlp_ratio=4.0, num_classes=10,
     ),
-    # A deliberately small ViT, the static "smaller model" baseline.
+    # A deliberately small ViT: the default benchmark's reference, with weights shipped in dyntok.
     "vit_cifar_micro": dict(
         arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+        mlp_ratio=2.0, num_classes=10,
+    ),
+    # Static baselines of the micro reference, trained with the same recipe (weights shipped too):
+    # the same ViT on 16 tokens of 8x8 pixels...
+    "vit_cifar_micro_patch8": dict(
+        arch="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+        mlp_ratio=2.0, num_classes=10,
+    ),
+    # ...and a smaller ViT on the same 64 tokens, at about a quarter of the MACs.
+    "vit_cifar_nano": dict(
+        arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
         mlp_ratio=2.0, num_classes=10,
     ),
 }

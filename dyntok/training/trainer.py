@@ -35,7 +35,10 @@ from ..methods import AdaptiveViT, create_model
 from .distributed import DistributedContext, init_distributed
 from .schedule import warmup_cosine
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "train", "PRETRAINED_INIT"]
+
+#: ``init`` value that starts a method from its backbone's shipped reference (``--init pretrained``).
+PRETRAINED_INIT = "pretrained"
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +128,18 @@ class Trainer:
                 log.warning("%s learns from a teacher; without --init it trains without distillation",
                             self.config.model)
             return
-        dense = load_model(self.config.init, map_location=self.device)
+        dense = self._load_init().to(self.device)
         self.model.init_from_dense(dense.state_dict())
         if self.model.wants_teacher:
             self.model.attach_teacher(dense)
+
+    def _load_init(self) -> AdaptiveViT:
+        """The dense model named by ``init``: a model file, or ``pretrained`` for the backbone's shipped reference."""
+        if self.config.init != PRETRAINED_INIT:
+            return load_model(self.config.init)
+        backbone = self.model.backbone_spec
+        overrides = {key: value for key, value in backbone.overrides.items() if key != "num_classes"}
+        return create_model(backbone.name, pretrained=True, **overrides, num_classes=self.model.num_classes)
 
     def _phase_steps(self) -> list[int]:
         """Optimiser steps of each phase: its share of the run (at least one)."""

@@ -1,0 +1,164 @@
+"""Shipped reference weights: loaded by name, hub ids through the same path, clear errors for bad files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dyntok
+from dyntok import pretrained
+from dyntok.pretrained import PretrainedError, export_reference, load_reference, model_card, reference_state_dict
+from dyntok.data import DataConfig
+from dyntok.training import TrainConfig, train
+
+from .conftest import requires_shared_cifar10
+
+#: A preset-sized stand-in for a shipped file, so these tests do not depend on which files are shipped.
+PRESET = "vit_cifar_nano"
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch):
+    """An empty package weights folder the tests fill."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", folder)
+    return folder
+
+
+def _fake_reference(folder, preset=PRESET, **overrides):
+    torch.manual_seed(3)
+    model = dyntok.create_model(preset, **overrides)
+    dyntok.save_model(model, folder / f"{preset}.safetensors", extra={"card": {"test_top1": 0.5, "seed": 0}})
+    return model
+
+
+def test_create_model_pretrained_loads_the_packaged_reference(weights_dir):
+    reference = _fake_reference(weights_dir)
+    model = dyntok.create_model(PRESET, pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.predict(images).logits, reference.eval().predict(images).logits)
+    assert model_card(PRESET)["test_top1"] == 0.5
+
+
+def test_a_method_starts_from_the_reference_through_init_from_dense(weights_dir):
+    reference = _fake_reference(weights_dir)
+    model = dyntok.create_model(f"dynamicvit_{PRESET}", pretrained=True, keep_ratio=1.0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.predict(images).logits, reference.eval().predict(images).logits)
+
+
+def test_a_hub_id_goes_through_huggingface_hub(weights_dir, tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    reference = _fake_reference(hub)
+    asked = []
+
+    def fake_download(repo_id, filename):
+        asked.append((repo_id, filename))
+        return str(hub / filename)
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model = dyntok.create_model(PRESET, pretrained="hf-hub:someone/dyntok-refs")
+    assert asked == [("someone/dyntok-refs", f"{PRESET}.safetensors")]
+    assert torch.equal(model.vit.pos_embed, reference.vit.pos_embed)
+
+
+def test_an_unreachable_hub_says_what_to_do_offline(weights_dir, monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, filename):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(PretrainedError, match="could not fetch .*network is unreachable.*offline"):
+        dyntok.create_model(PRESET, pretrained="hf-hub:someone/dyntok-refs")
+
+
+def test_a_missing_file_names_the_shipped_presets_and_the_recipe(weights_dir):
+    _fake_reference(weights_dir, "vit_cifar_micro")
+    with pytest.raises(PretrainedError, match=r"ships no weights for 'vit_cifar_nano' \(shipped: vit_cifar_micro\)"
+                                              r".*dyntok pretrain vit_cifar_nano"):
+        dyntok.create_model(PRESET, pretrained=True)
+
+
+def test_a_corrupt_file_gives_a_clear_error(weights_dir):
+    (weights_dir / f"{PRESET}.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(PretrainedError, match="unusable: .*not a readable safetensors file"):
+        dyntok.create_model(PRESET, pretrained=True)
+
+
+def test_weights_for_another_model_are_refused_by_name(weights_dir):
+    torch.manual_seed(0)
+    other = dyntok.create_model("vit_cifar_micro")
+    dyntok.save_model(other, weights_dir / f"{PRESET}.safetensors")
+    with pytest.raises(PretrainedError, match="for 'vit_cifar_micro', not the dense 'vit_cifar_nano'"):
+        load_reference(PRESET)
+
+
+def test_an_architecture_override_is_refused_naming_it(weights_dir):
+    _fake_reference(weights_dir)
+    with pytest.raises(PretrainedError, match="built with depth=3"):
+        dyntok.create_model(PRESET, pretrained=True, depth=3)
+
+
+def test_another_class_count_keeps_the_body_and_renews_the_classifier(weights_dir):
+    reference = _fake_reference(weights_dir)
+    weights = reference_state_dict(PRESET, {"num_classes": 100})
+    assert weights["vit.head.weight"].shape == (100, 64)
+    assert torch.equal(weights["vit.blocks.0.attn.qkv.weight"], reference.vit.blocks[0].attn.qkv.weight)
+    model = dyntok.create_model(PRESET, pretrained=True, num_classes=100)
+    assert model.num_classes == 100
+
+
+def test_init_pretrained_trains_a_method_from_the_reference(weights_dir, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(3)
+    reference = dyntok.create_model(PRESET, img_size=16, num_classes=3)
+    dyntok.save_model(reference, weights_dir / f"{PRESET}.safetensors")
+    config = TrainConfig(model=f"tome_{PRESET}", model_kwargs={"img_size": 16},
+                         data=DataConfig(dataset=str(image_folder), batch_size=8, holdout_size=0),
+                         output_dir=str(tmp_path / "run"), epochs=0, init="pretrained", progress=False)
+    result = train(config)
+    trained = dyntok.load_model(result.model_path)
+    assert torch.equal(trained.vit.pos_embed, reference.vit.pos_embed)
+
+
+def test_export_writes_a_loadable_reference_with_its_model_card(weights_dir, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
+    recipe = pretrained.Recipe(epochs=0.25, batch_size=8, holdout_size=4, randaugment=(1, 5), dataset=str(image_folder))
+    config = recipe.train_config(PRESET, tmp_path / "run", progress=False)
+    config.model_kwargs = {"img_size": 16}
+    config.compile = False
+    train(config)
+    path = export_reference(tmp_path / "run", PRESET)
+    assert path == weights_dir / f"{PRESET}.safetensors"
+    card = model_card(PRESET)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert card["test_top1"] == metrics["test"]["top1"]
+    assert card["seed"] == 0 and card["versions"]["torch"] == torch.__version__
+    assert card["command"].startswith(f"dyntok train --model {PRESET} ")
+    assert len(card["log"]) == 1 and card["recipe"]["epochs"] == 0.25
+
+
+SHIPPED = pretrained.shipped_presets()
+
+
+@requires_shared_cifar10()
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", SHIPPED or [pytest.param("none", marks=pytest.mark.skip("no weights shipped"))])
+def test_shipped_reference_reproduces_its_model_card(preset):
+    """The packaged file's test top-1 on the shared CIFAR-10 copy is the one its card states, to 0.1 points."""
+    from dyntok.data import DataConfig, build_loaders
+    from dyntok.measure.evaluate import evaluate
+
+    from .conftest import SHARED_CIFAR10
+
+    card = model_card(preset)
+    model = dyntok.create_model(preset, pretrained=True).eval()
+    loaders = build_loaders(DataConfig(dataset=str(SHARED_CIFAR10), batch_size=256, holdout_size=0))
+    result = evaluate(model, loaders["test"], torch.device("cpu"), progress=False)
+    assert abs(result.summary()["top1"] - card["test_top1"]) <= 0.001
