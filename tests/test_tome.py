@@ -183,3 +183,20 @@ def test_training_free_from_a_dense_checkpoint(images):
 def test_sweep_spans_the_possible_r():
     sweep = tiny_model("tome").budget_sweep()
     assert [point["r"] for point in sweep] == [1, 2, 3]
+
+
+def test_zero_epochs_evaluates_the_dense_checkpoint_without_training(image_folder, tmp_path):
+    from dyntok.checkpoint import load_model
+    from dyntok.data import DataConfig
+    from dyntok.training import TrainConfig, train
+
+    model_kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    data = DataConfig(dataset=str(image_folder), batch_size=8, holdout_size=0, cache_dir=str(tmp_path / "cache"))
+    dense = train(TrainConfig(model="vit_cifar_tiny", model_kwargs=model_kwargs, data=data, epochs=1,
+                              output_dir=str(tmp_path / "dense"), progress=False))
+    tome = train(TrainConfig(model="tome_vit_cifar_tiny", model_kwargs=model_kwargs, data=data, epochs=0,
+                             init=str(dense.model_path), output_dir=str(tmp_path / "tome"), progress=False))
+    trained, merged = load_model(dense.model_path), load_model(tome.model_path)
+    assert tome.metrics["steps"] == 0 and "test" in tome.metrics
+    for (name, a), (_, b) in zip(trained.state_dict().items(), merged.state_dict().items()):
+        assert torch.equal(a, b), name

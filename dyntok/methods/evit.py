@@ -25,7 +25,7 @@ from .base import AdaptiveViT, Prediction
 from .dynamicvit import _check_locations
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              embed_tokens, gather_tokens, mlp_half, pooled_head)
+                              class_attention, embed_tokens, gather_tokens, mlp_half, pooled_head)
 
 __all__ = ["EViT", "fuse_inattentive", "kept_count"]
 
@@ -140,9 +140,11 @@ class EViT(AdaptiveViT):
         for index, block in enumerate(vit.blocks):
             tokens = attention_half(block, tokens)
             keep = kept_count(keep_rate, tokens.shape[1] - prefix)
+            tap = self._taps.get(index)
+            query, key = tap.pop() if tap is not None else (None, None)
             # A rate that keeps every token (1.0, or a short sequence) leaves the block as it is.
-            if index in self._taps and keep < tokens.shape[1] - prefix:
-                scores = self._taps[index].class_attention()[:, prefix:]
+            if tap is not None and keep < tokens.shape[1] - prefix:
+                scores = class_attention(query, key, tap.scale)[:, prefix:]
                 patches, destination = fuse_inattentive(tokens[:, prefix:], scores, keep)
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
                 groups.move(destination)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import Block
 
 __all__ = ["attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "embed_tokens", "pooled_head",
-           "gather_tokens", "AttentionTap", "PatchGroups", "patches_alone"]
+           "gather_tokens", "AttentionTap", "class_attention", "PatchGroups", "patches_alone"]
 
 
 def attention_half(block: Block, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
@@ -81,34 +81,38 @@ class AttentionTap:
     """Records the queries and keys (B, heads, N, head_dim) a timm ``Attention`` used, after qk-norm.
 
     Hooks on ``attn.q_norm`` and ``attn.k_norm`` see exactly the tensors the attention product uses, whether
-    the fused kernel or the explicit path runs. The tap holds only the last call's tensors.
+    the fused kernel or the explicit path runs. :meth:`pop` hands them over and forgets them, so that no
+    activation outlives the forward that made it.
     """
 
     def __init__(self, attn: nn.Module) -> None:
         self.scale: float = attn.scale
-        self.query: Tensor | None = None
-        self.key: Tensor | None = None
+        self._query: Tensor | None = None
+        self._key: Tensor | None = None
         attn.q_norm.register_forward_hook(self._record_query)
         attn.k_norm.register_forward_hook(self._record_key)
 
     def _record_query(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self.query = output
+        self._query = output
 
     def _record_key(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self.key = output
+        self._key = output
 
-    def mean_key(self) -> Tensor:
-        """Keys averaged over heads (B, N, head_dim): ToMe's similarity metric."""
-        return self.key.mean(dim=1)
+    def pop(self) -> tuple[Tensor, Tensor]:
+        """The queries and keys of the last call."""
+        query, key = self._query, self._key
+        self._query = self._key = None
+        return query, key
 
-    def class_attention(self) -> Tensor:
-        """The class token's attention over all tokens, averaged over heads (B, N): EViT's token scores.
 
-        Recomputed from the recorded query and keys (the fused kernel never materialises the attention map);
-        only the class token's row is computed, ``N x dim`` MACs.
-        """
-        logits = (self.query[:, :, :1] * self.scale) @ self.key.transpose(-2, -1)
-        return logits.float().softmax(dim=-1).mean(dim=1)[:, 0].to(self.query.dtype)
+def class_attention(query: Tensor, key: Tensor, scale: float) -> Tensor:
+    """The class token's attention over all tokens, averaged over heads: (B, N) from (B, H, N, d) q and k.
+
+    Recomputed from the query and keys (the fused kernel never materialises the attention map); only the
+    class token's row is computed, ``N x dim`` MACs.
+    """
+    logits = (query[:, :, :1] * scale) @ key.transpose(-2, -1)
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 class PatchGroups:

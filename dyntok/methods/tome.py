@@ -181,8 +181,9 @@ class ToMe(AdaptiveViT):
             # Before any merge every size is 1 and the bias is zero: pass none, so r = 0 is the dense model.
             bias = sizes.log()[:, None, None, :] if merged_any and self.proportional_attention else None
             tokens = attention_half(block, tokens, attn_mask=bias)
+            _, keys = tap.pop()
             if r > 0:
-                destination = bipartite_soft_matching(tap.mean_key()[:, prefix:], r)
+                destination = bipartite_soft_matching(keys.mean(dim=1)[:, prefix:], r)  # mean over heads
                 patches, patch_sizes = merge_by_size(tokens[:, prefix:], sizes[:, prefix:], destination,
                                                      tokens.shape[1] - prefix - r)
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
