@@ -200,3 +200,28 @@ def test_zero_epochs_evaluates_the_dense_checkpoint_without_training(image_folde
     assert tome.metrics["steps"] == 0 and "test" in tome.metrics
     for (name, a), (_, b) in zip(trained.state_dict().items(), merged.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_benchmark_entry_with_zero_epochs_evaluates_its_init(image_folder, tmp_path):
+    from dyntok.bench.runner import run_benchmark
+    from dyntok.bench.spec import parse_spec
+
+    model_kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    spec = parse_spec({
+        "name": "zero", "backbone": "vit_cifar_tiny", "device": "cpu",
+        "data": {"dataset": str(image_folder), "batch_size": 8, "holdout_size": 0,
+                 "cache_dir": str(tmp_path / "decoded")},
+        "train": {"epochs": 1, "warmup_epochs": 0},
+        "speed": {"batch_size": 4, "images": 8, "latency_images": 2, "repeats": 1, "warmup": 0},
+        "entries": [
+            {"name": "dense", "model": "{backbone}", "model_kwargs": model_kwargs},
+            {"name": "tome", "model": "tome_{backbone}", "model_kwargs": model_kwargs, "init": "dense",
+             "train": {"epochs": 0}, "budgets": [{"r": 0}, {"r": 3}]},
+        ],
+    })
+    dense, tome = run_benchmark(spec, tmp_path / "report", progress=False)["entries"]
+    assert tome["train_metrics"]["steps"] == 0
+    unmerged, merged = tome["points"]
+    assert unmerged["top1"] == dense["points"][0]["top1"]
+    assert unmerged["mean_gmacs"] == pytest.approx(dense["points"][0]["mean_gmacs"])
+    assert merged["mean_gmacs"] < unmerged["mean_gmacs"]
