@@ -37,7 +37,7 @@ def error_for(values: dict) -> str:
 def test_builtin_specs_parse(profile):
     spec = load_spec(builtin_spec_path(profile))
     assert spec.runnable and spec.reference in {entry.name for entry in spec.runnable}
-    assert all(entry.train["epochs"] > 0 for entry in spec.entries)
+    assert all(entry.train["epochs"] > 0 or entry.init for entry in spec.entries)
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -68,7 +68,9 @@ def test_valid_spec_fills_placeholders_defaults_and_budgets():
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["entries"][2]["train"].update(epochs="ten"),
-     "entries[2].train.epochs: expected a positive number, got 'ten'"),
+     "entries[2].train.epochs: expected a number >= 0, got 'ten'"),
+    (lambda s: s["entries"][2]["train"].update(epochs=0), "entries[2].train.epochs: 0 trains nothing, so the entry "
+                                                          "needs init"),
     (lambda s: s["entries"][1].update(train={"lr": -1}), "entries[1].train.lr: expected a positive number"),
     (lambda s: s["train"].update(seed=1.5), "train.seed: expected an integer"),
     (lambda s: s["data"].update(batch_size=0), "data.batch_size: expected an integer >= 1, got 0"),
@@ -124,11 +126,11 @@ def test_unknown_method_options_fail_at_parse_time():
 
 def test_unregistered_method_is_skipped_with_a_note_not_an_error():
     values = minimal_spec()
-    values["entries"].append({"name": "tome", "model": "tome_{backbone}"})
-    values["entries"].append({"name": "after-tome", "model": "{backbone}", "init": "tome"})
+    values["entries"].append({"name": "future", "model": "future_{backbone}"})
+    values["entries"].append({"name": "after-future", "model": "{backbone}", "init": "future"})
     spec = parse_spec(values)
-    assert "method 'tome' is not registered" in spec.entry("tome").skipped
-    assert "starts from entry 'tome'" in spec.entry("after-tome").skipped
+    assert "method 'future' is not registered" in spec.entry("future").skipped
+    assert "starts from entry 'future'" in spec.entry("after-future").skipped
     assert [entry.name for entry in spec.runnable] == ["dense", "dynamicvit", "dvt"]
 
 

@@ -20,7 +20,7 @@ A spec is a YAML file (see docs/benchmark.md for every field)::
 
 Parsing checks everything that can be checked without training: field names and types, model names,
 method keyword arguments, and references between entries. Errors name the field, e.g.
-``entries[2].train.epochs: expected a positive number, got 'ten'``.
+``entries[2].train.epochs: expected a number >= 0, got 'ten'``.
 """
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def _json_value(value: Any, where: str) -> Any:
 #: Training settings a spec may set (globally under ``train:`` or per entry), with their checks.
 #: Everything else in ``TrainConfig`` is the benchmark's business (model, data, output folder, init, device).
 TRAIN_FIELDS: dict[str, Callable[[Any, str], Any]] = {
-    "epochs": positive,
+    "epochs": non_negative,  # 0: evaluate the entry's init as is (training-free methods such as ToMe)
     "lr": positive,
     "min_lr": non_negative,
     "weight_decay": non_negative,
@@ -402,6 +402,9 @@ def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], 
     train = {**defaults, **_validated(mapping(raw.get("train"), f"{where}.train"), TRAIN_FIELDS, f"{where}.train")}
     if "epochs" not in train:
         raise SpecError(f"{where}.train.epochs: missing, and the spec's train section sets no default")
+    if train["epochs"] == 0 and init is None:
+        raise SpecError(f"{where}.train.epochs: 0 trains nothing, so the entry needs init: (the entry whose "
+                        f"weights it evaluates)")
     return Entry(name=name, model=model, model_kwargs=_json_value(model_kwargs, f"{where}.model_kwargs"),
                  train=train, init=init, budgets=_parse_budgets(raw.get("budgets"), f"{where}.budgets"),
                  calibrate=_parse_targets(raw.get("calibrate"), f"{where}.calibrate"), skipped=skipped)

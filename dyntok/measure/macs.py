@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "linear_macs", "attention_product_macs", "block_macs", "patch_embed_macs", "head_macs",
-    "vit_macs", "count_macs_with_torch", "count_uncounted_ops", "UNCOUNTED_OP_COSTS",
+    "linear_macs", "attention_product_macs", "attention_macs", "mlp_macs", "block_macs", "patch_embed_macs",
+    "head_macs", "vit_macs", "count_macs_with_torch", "count_uncounted_ops", "UNCOUNTED_OP_COSTS",
 ]
 
 
@@ -32,17 +32,26 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
+def attention_macs(block: nn.Module, tokens: int | float) -> float:
+    """MACs of the attention half of a timm ``Block`` (its linear layers and both products) over ``tokens``."""
+    attn_dim = block.attn.qkv.out_features // 3
+    macs = sum(linear_macs(layer, tokens) for layer in _linears(block.attn))
+    return macs + attention_product_macs(tokens, tokens, attn_dim)
+
+
+def mlp_macs(block: nn.Module, tokens: int | float) -> float:
+    """MACs of the MLP half of a timm ``Block`` over ``tokens`` tokens."""
+    return sum(linear_macs(layer, tokens) for layer in _linears(block.mlp))
+
+
 def block_macs(block: nn.Module, tokens: int | float) -> float:
     """MACs of one timm transformer ``Block`` over ``tokens`` tokens (class token included).
 
     Every linear layer inside the attention and MLP sub-modules is counted, so variants with qk-norm,
-    LayerScale or a different MLP are covered without special cases.
+    LayerScale or a different MLP are covered without special cases. Token-reducing methods (ToMe, EViT)
+    shrink the sequence between the two halves and count them apart.
     """
-    attn_dim = block.attn.qkv.out_features // 3
-    macs = sum(linear_macs(layer, tokens) for layer in _linears(block.attn))
-    macs += attention_product_macs(tokens, tokens, attn_dim)
-    macs += sum(linear_macs(layer, tokens) for layer in _linears(block.mlp))
-    return macs
+    return attention_macs(block, tokens) + mlp_macs(block, tokens)
 
 
 def patch_embed_macs(patch_embed: nn.Module) -> float:

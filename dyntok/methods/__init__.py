@@ -5,6 +5,8 @@ from . import dense  # noqa: F401  (registers "dense")
 from . import dynamicvit  # noqa: F401  (registers "dynamicvit")
 from . import dvt  # noqa: F401  (registers "dvt")
 from . import revit  # noqa: F401  (registers "revit")
+from . import tome  # noqa: F401  (registers "tome")
+from . import evit  # noqa: F401  (registers "evit")
 
 __all__ = ["AdaptiveViT", "LossOutput", "Prediction", "TrainingPhase", "create_model",
            "create_model_from_config", "list_methods", "list_models", "register_method"]

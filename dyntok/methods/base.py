@@ -152,6 +152,12 @@ class AdaptiveViT(nn.Module):
         """
         return split_weight_decay(self.named_parameters(), weight_decay)
 
+    def set_training_progress(self, fraction: float) -> None:
+        """Told by the trainer before every step: the share of training done, from 0 to 1.
+
+        Methods with a schedule of their own (EViT's keep-rate warm-up) follow it; by default it is ignored.
+        """
+
     def attach_teacher(self, teacher: nn.Module) -> None:
         """Give the method a frozen teacher (only called when :attr:`wants_teacher`)."""
         teacher.eval().requires_grad_(False)

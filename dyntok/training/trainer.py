@@ -231,6 +231,11 @@ class Trainer:
             self.ema.update(self.model, step=self.progress.step)
         return loss.terms
 
+    def _share_done(self) -> float:
+        """Share of all training steps (every phase) already taken: what method schedules follow."""
+        steps = [self._phase_steps(index) for index in range(len(self.model.training_phases()))]
+        return (sum(steps[:self.progress.phase]) + self.progress.step) / sum(steps)
+
     def _set_lr(self, optimizer: torch.optim.Optimizer, total_steps: int) -> float:
         warmup = round(self.config.warmup_epochs / max(self.config.epochs, 1e-9) * total_steps)
         lr = warmup_cosine(self.progress.step, total_steps, self.config.lr, warmup, self.config.min_lr)
@@ -251,6 +256,7 @@ class Trainer:
             if self.progress.step >= phase_end:
                 break
             lr = self._set_lr(optimizer, total_steps)
+            self.model.set_training_progress(self._share_done())
             terms = self._train_step(module, optimizer, images.to(self.device), targets.to(self.device))
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -315,7 +321,8 @@ class Trainer:
             log.warning("%s already holds a checkpoint; starting over (pass --resume to continue it)", self.out)
         if self.ctx.is_main:
             (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        phases, optimizer = self.model.training_phases(), None
+        # Zero epochs: the model as built (or as --init gave it) is saved and evaluated; nothing is trained.
+        phases, optimizer = (self.model.training_phases() if self.config.epochs > 0 else []), None
         for phase_index in range(self.progress.phase, len(phases)):
             optimizer = self._train_phase(phase_index, optimizer, resume_tensors)
             resume_tensors = None

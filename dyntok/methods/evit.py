@@ -1,0 +1,198 @@
+"""EViT: keep the attentive tokens, fuse the rest (Liang et al., "Not All Patches are What You Need:
+Expediting Vision Transformers via Token Reorganizations", ICLR 2022).
+
+In a few blocks, after the attention, the patch tokens are ranked by the attention the class token pays them
+(averaged over heads). The top ``ceil(keep_rate * n)`` go on; the others are fused into one token, their sum
+weighted by that attention, appended after the kept ones. The MLP and every later block run on the shorter
+sequence. The fused token is an ordinary token for later blocks (it may be kept or fused again).
+
+EViT has no weights of its own: it runs on any dense checkpoint as is, or is fine-tuned with the keep rate
+lowered from 1 to its target on the published schedule (see :meth:`EViT.training_keep_rate`).
+
+See docs/methods/evit.md for what follows the paper and what is a choice.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
+from ..models.vit import BackboneSpec
+from .base import AdaptiveViT, Prediction
+from .dynamicvit import _check_locations
+from .registry import register_method
+from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
+                              class_attention, embed_tokens, gather_tokens, mlp_half, pooled_head)
+
+__all__ = ["EViT", "fuse_inattentive", "kept_count"]
+
+#: Keep rates the benchmark sweeps by default (the paper reports 0.5 to 0.9 on DeiT-S).
+_SWEEP_KEEP_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def kept_count(keep_rate: float, num_patches: int) -> int:
+    """Patch tokens kept out of ``num_patches``: ``ceil(keep_rate * n)``, at least 1.
+
+    The small epsilon keeps ``0.7 * 100 = 70.00000000000001`` at 70 rather than 71.
+    """
+    return max(1, math.ceil(keep_rate * num_patches - 1e-9))
+
+
+def fuse_inattentive(patches: Tensor, scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """Keep the ``keep`` patch tokens with the highest scores, fuse the rest into one token.
+
+    ``patches`` (B, n, C), ``scores`` (B, n) -> tokens (B, keep + 1, C): the kept tokens in their original
+    order, then the attention-weighted sum of the others; and the destination (B, n) of each input token.
+    """
+    batch, num = scores.shape
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    top, rest = order[:, :keep].sort(dim=1).values, order[:, keep:]
+    weights = scores.gather(1, rest).to(patches.dtype).unsqueeze(1)
+    fused = weights @ gather_tokens(patches, rest)
+    destination = torch.full((batch, num), keep, dtype=torch.long, device=scores.device)
+    destination.scatter_(1, top, torch.arange(keep, device=scores.device).expand(batch, -1))
+    return torch.cat([gather_tokens(patches, top), fused], dim=1), destination
+
+
+@register_method
+class EViT(AdaptiveViT):
+    """A timm ViT that keeps its attentive patch tokens and fuses the others at a few blocks.
+
+    Args:
+        backbone: any timm plain ViT with a class token and pre-norm blocks (LayerScale, qk-norm, registers and
+            fused attention are fine).
+        keep_rate: share of the patch tokens kept at each reorganising block (a budget knob, in (0, 1]).
+        prune_locations: blocks that reorganise after their attention. Default: at 1/4, 1/2 and 3/4 of the depth
+            (the paper's 4th, 7th and 10th of 12 blocks; blocks 1, 2, 3 of a 4-block CIFAR preset).
+        shrink_start, shrink_end: shares of training between which the training keep rate falls from 1 to
+            ``keep_rate`` along a cosine (published: epochs 10 to 110 of 300). Before, every token is kept.
+    """
+
+    method_name = "evit"
+
+    def __init__(self, backbone: BackboneSpec, keep_rate: float = 0.7, prune_locations: Sequence[int] | None = None,
+                 shrink_start: float = 10 / 300, shrink_end: float = 110 / 300) -> None:
+        vit = backbone.build()
+        check_plain_blocks(vit, "EViT")
+        check_pooling(vit, "EViT")
+        if getattr(vit, "cls_token", None) is None:
+            raise ValueError("EViT ranks tokens by the class token's attention; the backbone has no class token")
+        if not 0.0 <= shrink_start <= shrink_end <= 1.0:
+            raise ValueError(f"shrink_start <= shrink_end are shares of training in [0, 1]; "
+                             f"got {shrink_start}, {shrink_end}")
+        locations = _check_locations(prune_locations, len(vit.blocks))
+        super().__init__(backbone, keep_rate=keep_rate, prune_locations=locations, shrink_start=shrink_start,
+                         shrink_end=shrink_end)
+        self.vit = vit
+        self.prune_locations = tuple(locations)
+        self.shrink_start, self.shrink_end = shrink_start, shrink_end
+        self._taps = {index: AttentionTap(vit.blocks[index].attn) for index in locations}
+        self._training_progress: float | None = None
+        self.keep_rate = 1.0
+        self.set_budget(keep_rate=keep_rate)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vit.num_classes
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    # ----------------------------------------------------------------- training
+    def set_training_progress(self, fraction: float) -> None:
+        self._training_progress = fraction
+
+    def training_keep_rate(self) -> float:
+        """The keep rate of the current training step: 1, then a cosine down to ``keep_rate``, then it.
+
+        Without progress reports from a trainer, training runs at ``keep_rate``.
+        """
+        progress = self._training_progress
+        if progress is None or progress >= self.shrink_end:
+            return self.keep_rate
+        if progress < self.shrink_start:
+            return 1.0
+        done = (progress - self.shrink_start) / (self.shrink_end - self.shrink_start)
+        return self.keep_rate + (1.0 - self.keep_rate) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Training forward: tokens really removed at the scheduled keep rate; returns logits."""
+        return self._reorganising_forward(x, self.training_keep_rate())[0]
+
+    def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a ``DenseViT.state_dict()``: EViT has no weights of its own."""
+        self.load_state_dict(state_dict)
+
+    # ----------------------------------------------------------------- the forward
+    def _reorganising_forward(self, x: Tensor, keep_rate: float) -> tuple[Tensor, PatchGroups, list[Tensor]]:
+        """Logits, where each source patch went, and per reorganisation which patches are still kept."""
+        self.check_images(x)
+        vit, prefix = self.vit, self.vit.num_prefix_tokens
+        tokens = embed_tokens(vit, x)
+        batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
+        groups = PatchGroups(batch, num_patches, tokens.device)
+        fused = torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)
+        kept_patches = []
+        for index, block in enumerate(vit.blocks):
+            tokens = attention_half(block, tokens)
+            keep = kept_count(keep_rate, tokens.shape[1] - prefix)
+            tap = self._taps.get(index)
+            query, key = tap.pop() if tap is not None else (None, None)
+            # A rate that keeps every token (1.0, or a short sequence) leaves the block as it is.
+            if tap is not None and keep < tokens.shape[1] - prefix:
+                scores = class_attention(query, key, tap.scale)[:, prefix:]
+                patches, destination = fuse_inattentive(tokens[:, prefix:], scores, keep)
+                tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
+                groups.move(destination)
+                fused |= groups.index == keep
+                kept_patches.append(~fused)
+            tokens = mlp_half(block, tokens)
+        return pooled_head(vit, tokens), groups, kept_patches
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        logits, groups, kept_patches = self._reorganising_forward(x, self.keep_rate)
+        batch = x.shape[0]
+        macs, final_patches = self._macs_and_final_patches()
+        extras = {"patch_groups": groups.history, "kept_patches": kept_patches,
+                  "token_length": torch.full((batch,), final_patches, dtype=torch.long)}
+        return Prediction(logits, torch.full((batch,), macs, dtype=torch.float64), extras)
+
+    def _macs_and_final_patches(self) -> tuple[float, int]:
+        """MACs per image (the class-attention row and the fusion included) and the patch tokens at the end."""
+        prefix, patches = self.vit.num_prefix_tokens, self.num_patches
+        macs = patch_embed_macs(self.vit.patch_embed) + head_macs(self.vit)
+        for index, block in enumerate(self.vit.blocks):
+            macs += attention_macs(block, patches + prefix)
+            keep = kept_count(self.keep_rate, patches)
+            if index in self.prune_locations and keep < patches:
+                attn_dim = block.attn.qkv.out_features // 3
+                macs += (patches + prefix) * attn_dim + (patches - keep) * block.attn.proj.out_features
+                patches = keep + 1
+            macs += mlp_macs(block, patches + prefix)
+        return macs, patches
+
+    def dense_macs(self) -> float:
+        return vit_macs(self.vit)
+
+    # ----------------------------------------------------------------- budget knobs
+    def get_budget(self) -> dict[str, Any]:
+        return {"keep_rate": self.keep_rate}
+
+    def set_budget(self, **knobs: Any) -> None:
+        unknown = sorted(set(knobs) - {"keep_rate"})
+        if unknown:
+            raise ValueError(f"EViT has one budget knob, keep_rate; got {unknown}")
+        if "keep_rate" in knobs:
+            rate = knobs["keep_rate"]
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
+                raise ValueError(f"keep_rate is the share of patch tokens each reorganising block keeps, "
+                                 f"in (0, 1]; got {rate!r}")
+            self.keep_rate = float(rate)
+
+    def budget_sweep(self) -> list[dict[str, Any]]:
+        return [{"keep_rate": rate} for rate in _SWEEP_KEEP_RATES]

@@ -1,0 +1,245 @@
+"""ToMe: token merging, training-free (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023).
+
+Between the attention and the MLP of every block, the patch tokens are split into two alternating sets A and
+B; each A token is matched to its most similar B token (cosine similarity of the attention keys, averaged over
+heads) and the ``r`` best-matched A tokens are merged into their B partners by size-weighted averaging. The
+sequence really gets shorter, so every later layer costs less. Merged tokens keep their size (how many source
+patches they hold) and proportional attention adds ``log(size)`` to the attention logits, so a token made of
+``s`` patches weighs in attention as those ``s`` patches did. Prefix tokens (class, registers) never merge.
+
+It needs no training: ``init_from_dense`` takes any trained dense checkpoint (or build it from a timm model
+with ``pretrained=True``), and ``r`` is a budget knob that can change at any time. Training with merging
+switched on is possible too (the same forward runs in training mode).
+
+See docs/methods/tome.md for what follows the paper and what is a choice.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
+from ..models.vit import BackboneSpec
+from .base import AdaptiveViT, Prediction
+from .registry import register_method
+from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
+                              embed_tokens, mlp_half, patches_alone, pooled_head)
+
+__all__ = ["ToMe", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
+
+#: How ``r`` (an int) spreads over the blocks: the same in every block, or from ``2r`` down to 0 (same total).
+SCHEDULES = ("constant", "decreasing")
+
+#: The benchmark's default points: these shares of the largest constant ``r`` the backbone allows.
+_SWEEP_SHARES = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+# --------------------------------------------------------------------------------------------- merging
+@torch.no_grad()
+def bipartite_soft_matching(metric: Tensor, r: int) -> Tensor:
+    """Where each token goes when ``r`` of them are merged: (B, n) positions in ``[0, n - r)``.
+
+    ``metric`` (B, n, d) describes the n tokens. Tokens at even positions form set A, odd positions set B;
+    every A token picks its most similar B token (cosine similarity) and the ``r`` A tokens with the most
+    similar partners go to that partner. The merged sequence is the unmerged A tokens (in their order), then
+    the B tokens (in theirs). Needs ``r <= n // 2``, which is at most the size of A.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    set_a, set_b = metric[:, ::2], metric[:, 1::2]
+    size_a, size_b = set_a.shape[1], set_b.shape[1]
+    best_score, partner = (set_a @ set_b.transpose(-1, -2)).max(dim=-1)
+    order = best_score.argsort(dim=-1, descending=True, stable=True)
+    merged, unmerged = order[:, :r], order[:, r:].sort(dim=-1).values
+    kept_a = size_a - r
+    destination_a = torch.empty_like(partner)
+    destination_a.scatter_(1, unmerged, torch.arange(kept_a, device=metric.device).expand(len(metric), -1))
+    destination_a.scatter_(1, merged, kept_a + partner.gather(1, merged))
+    destination = torch.empty(metric.shape[:2], dtype=torch.long, device=metric.device)
+    destination[:, ::2] = destination_a
+    destination[:, 1::2] = kept_a + torch.arange(size_b, device=metric.device)
+    return destination
+
+
+def merge_by_size(tokens: Tensor, sizes: Tensor, destination: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
+    """Size-weighted mean of the tokens sent to each destination, and the summed sizes.
+
+    ``tokens`` (B, n, C), ``sizes`` (B, n), ``destination`` (B, n) -> (B, num_out, C), (B, num_out). The
+    size-weighted mean over all tokens is unchanged by merging.
+    """
+    merged_sizes = sizes.new_zeros(len(sizes), num_out).scatter_add(1, destination, sizes)
+    weighted = tokens * sizes.unsqueeze(-1)
+    index = destination.unsqueeze(-1).expand_as(tokens)
+    summed = tokens.new_zeros(len(tokens), num_out, tokens.shape[-1]).scatter_add(1, index, weighted)
+    return summed / merged_sizes.unsqueeze(-1), merged_sizes
+
+
+# --------------------------------------------------------------------------------------------- schedules of r
+def r_schedule(r: int | Sequence[int], schedule: str, depth: int) -> list[int]:
+    """Tokens merged in each block: ``r`` everywhere, ``2r`` decreasing linearly to 0, or a list as given."""
+    if not isinstance(r, int):
+        return list(r)
+    if schedule == "decreasing" and depth > 1:
+        return [int(2 * r * (1 - index / (depth - 1))) for index in range(depth)]
+    return [r] * depth
+
+
+def patch_counts(r_per_block: Sequence[int], num_patches: int) -> list[int]:
+    """Patch tokens entering each block when ``r_per_block`` are merged (no check that it is possible)."""
+    counts = [num_patches]
+    for r in r_per_block[:-1]:
+        counts.append(counts[-1] - r)
+    return counts
+
+
+def largest_constant_r(num_patches: int, depth: int) -> int:
+    """The largest ``r`` that every block can merge (a block merges at most half its patch tokens)."""
+    r = 0
+    while all(r + 1 <= n // 2 for n in patch_counts([r + 1] * depth, num_patches)):
+        r += 1
+    return r
+
+
+def _check_r(r: Any, schedule: Any, depth: int, num_patches: int) -> list[int]:
+    """``r`` per block for valid knobs; a ``ValueError`` saying what is possible otherwise."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule is one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    is_count = isinstance(r, int) and not isinstance(r, bool)
+    is_list = isinstance(r, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+    if not (is_count or is_list) or (is_list and len(r) != depth):
+        raise ValueError(f"r is the number of tokens merged per block (an int) or a list of {depth} ints, "
+                         f"one per block; got {r!r}")
+    if is_list and schedule != "constant":
+        raise ValueError("a list r already gives every block its count; leave schedule='constant'")
+    per_block = r_schedule(r, schedule, depth)
+    counts = patch_counts(per_block, num_patches)
+    for index, (merge, tokens) in enumerate(zip(per_block, counts)):
+        if merge < 0 or merge > tokens // 2:
+            raise ValueError(f"r={r!r} ({schedule}) asks block {index} to merge {merge} of its {tokens} patch "
+                             f"tokens; a block merges between 0 and half its patch tokens. The largest constant "
+                             f"r for {num_patches} patches and {depth} blocks is "
+                             f"{largest_constant_r(num_patches, depth)}")
+    return per_block
+
+
+# --------------------------------------------------------------------------------------------- the method
+@register_method
+class ToMe(AdaptiveViT):
+    """A timm ViT whose patch tokens are merged in every block, ``r`` at a time.
+
+    Args:
+        backbone: any timm plain ViT with pre-norm blocks (LayerScale, qk-norm, registers and fused attention
+            are fine) pooling by class token or by average.
+        r: tokens merged per block (a budget knob). An int follows ``schedule``; a list gives each block its
+            own count. Default: half the largest constant ``r`` the backbone allows.
+        schedule: ``constant`` (r in every block) or ``decreasing`` (2r in the first block down to 0 in the
+            last, the same total). A budget knob.
+        proportional_attention: add ``log(size)`` to the attention logits of merged tokens (the paper's
+            default for ViTs).
+    """
+
+    method_name = "tome"
+
+    def __init__(self, backbone: BackboneSpec, r: int | Sequence[int] | None = None, schedule: str = "constant",
+                 proportional_attention: bool = True) -> None:
+        vit = backbone.build()
+        check_plain_blocks(vit, "ToMe")
+        check_pooling(vit, "ToMe")
+        super().__init__(backbone, r=list(r) if isinstance(r, tuple) else r, schedule=schedule,
+                         proportional_attention=proportional_attention)
+        self.vit = vit
+        self.proportional_attention = proportional_attention
+        self._taps = [AttentionTap(block.attn) for block in vit.blocks]
+        default_r = largest_constant_r(self.num_patches, len(vit.blocks)) // 2
+        self.r: int | list[int] = 0
+        self.schedule = "constant"
+        self.set_budget(r=default_r if r is None else r, schedule=schedule)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vit.num_classes
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    def r_per_block(self) -> list[int]:
+        return r_schedule(self.r, self.schedule, len(self.vit.blocks))
+
+    # ----------------------------------------------------------------- the forward (training and inference)
+    def _merge_forward(self, x: Tensor) -> tuple[Tensor, PatchGroups]:
+        """Logits with ``r`` tokens merged after each block's attention, and where every source patch went."""
+        self.check_images(x)
+        vit, prefix = self.vit, self.vit.num_prefix_tokens
+        tokens = embed_tokens(vit, x)
+        batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
+        sizes = tokens.new_ones(batch, tokens.shape[1])
+        groups = PatchGroups(batch, num_patches, tokens.device)
+        merged_any = False
+        for block, tap, r in zip(vit.blocks, self._taps, self.r_per_block()):
+            # Before any merge every size is 1 and the bias is zero: pass none, so r = 0 is the dense model.
+            bias = sizes.log()[:, None, None, :] if merged_any and self.proportional_attention else None
+            tokens = attention_half(block, tokens, attn_mask=bias)
+            _, keys = tap.pop()
+            if r > 0:
+                destination = bipartite_soft_matching(keys.mean(dim=1)[:, prefix:], r)  # mean over heads
+                patches, patch_sizes = merge_by_size(tokens[:, prefix:], sizes[:, prefix:], destination,
+                                                     tokens.shape[1] - prefix - r)
+                tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
+                sizes = torch.cat([sizes[:, :prefix], patch_sizes], dim=1)
+                groups.move(destination)
+                merged_any = True
+            tokens = mlp_half(block, tokens)
+        return pooled_head(vit, tokens, sizes[:, prefix:]), groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Training forward: merging is on (ToMe can be trained or fine-tuned with it); returns logits."""
+        return self._merge_forward(x)[0]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        logits, groups = self._merge_forward(x)
+        batch = x.shape[0]
+        macs = torch.full((batch,), self._macs_per_image(), dtype=torch.float64)
+        final_tokens = self.num_patches - sum(self.r_per_block())
+        # Per merging block: which token each patch is part of, and which patches are still a token alone.
+        extras = {"patch_groups": groups.history, "kept_patches": [patches_alone(index) for index in groups.history],
+                  "token_length": torch.full((batch,), final_tokens, dtype=torch.long)}
+        return Prediction(logits, macs, extras)
+
+    def _macs_per_image(self) -> float:
+        """Attention at the tokens a block receives, matching, MLP at the tokens left after merging."""
+        prefix, head_dim = self.vit.num_prefix_tokens, self.vit.blocks[0].attn.head_dim
+        macs = patch_embed_macs(self.vit.patch_embed) + head_macs(self.vit)
+        per_block = self.r_per_block()
+        for block, r, patches in zip(self.vit.blocks, per_block, patch_counts(per_block, self.num_patches)):
+            macs += attention_macs(block, patches + prefix) + mlp_macs(block, patches - r + prefix)
+            if r > 0:
+                macs += (patches + 1) // 2 * (patches // 2) * head_dim  # cosine similarities of A x B
+        return macs
+
+    def dense_macs(self) -> float:
+        return vit_macs(self.vit)
+
+    def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a ``DenseViT.state_dict()``: ToMe has no weights of its own."""
+        self.load_state_dict(state_dict)
+
+    # ----------------------------------------------------------------- budget knobs
+    def get_budget(self) -> dict[str, Any]:
+        return {"r": self.r, "schedule": self.schedule}
+
+    def set_budget(self, **knobs: Any) -> None:
+        unknown = sorted(set(knobs) - {"r", "schedule"})
+        if unknown:
+            raise ValueError(f"ToMe's budget knobs are r and schedule; got {unknown}")
+        r, schedule = knobs.get("r", self.r), knobs.get("schedule", self.schedule)
+        _check_r(r, schedule, len(self.vit.blocks), self.num_patches)
+        self.r, self.schedule = (list(r) if isinstance(r, (list, tuple)) else r), schedule
+
+    def budget_sweep(self) -> list[dict[str, Any]]:
+        largest = largest_constant_r(self.num_patches, len(self.vit.blocks))
+        values = sorted({max(1, round(share * largest)) for share in _SWEEP_SHARES}) if largest else [0]
+        return [{"r": r, "schedule": "constant"} for r in values]
+

@@ -1,0 +1,227 @@
+"""ToMe: dense at r = 0, size-weighted merging, an independent reference on timm's block variants, MACs, knobs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dyntok
+from dyntok.measure.macs import count_macs_with_torch
+from dyntok.methods.token_reduction import attention_half, mlp_half
+from dyntok.methods.tome import ToMe, bipartite_soft_matching, largest_constant_r, merge_by_size, r_schedule
+from dyntok.models import BackboneSpec
+
+from . import vit_reference as ref
+from .conftest import TINY, tiny_model
+
+#: timm block variants the original ToMe patch silently breaks on, and prefix/pooling variants.
+VARIANTS = {
+    "plain": {},
+    "layerscale_qknorm": {"init_values": 0.5, "qk_norm": True},
+    "registers": {"reg_tokens": 2, "init_values": 0.5},
+    "avg_pool": {"class_token": False, "global_pool": "avg"},
+}
+
+
+def tome_on(variant: str, **kwargs) -> ToMe:
+    torch.manual_seed(0)
+    model = ToMe(BackboneSpec("vit_cifar_tiny", {**TINY, **VARIANTS[variant]}), **kwargs)
+    return ref.randomise(model).eval()
+
+
+# --------------------------------------------------------------------------------------------- the reference
+def reference_merge(tokens: torch.Tensor, sizes: torch.Tensor, keys: torch.Tensor, r: int):
+    """One image's ToMe step, written with loops: (n, C) tokens, (n,) sizes, (n, d) mean keys."""
+    a_ids, b_ids = list(range(0, len(tokens), 2)), list(range(1, len(tokens), 2))
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    best = {}
+    for a in a_ids:
+        similarities = [float(unit[a] @ unit[b]) for b in b_ids]
+        best[a] = (max(similarities), b_ids[similarities.index(max(similarities))])
+    # The r A tokens with the most similar partners merge (the first in order among equals).
+    merging = sorted(a_ids, key=lambda a: -best[a][0])[:r]
+    members = {b: [b] for b in b_ids}
+    for a in merging:
+        members[best[a][1]].append(a)
+    groups = [[a] for a in a_ids if a not in merging] + [members[b] for b in b_ids]
+    new_sizes = torch.stack([sizes[g].sum() for g in groups])
+    new_tokens = torch.stack([(tokens[g] * sizes[g, None]).sum(0) for g in groups]) / new_sizes[:, None]
+    return new_tokens, new_sizes
+
+
+@torch.no_grad()
+def reference_tome(model: ToMe, images: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` computed image by image from the weights, with loops for the matching."""
+    vit, prefix = model.vit, model.vit.num_prefix_tokens
+    logits = []
+    for image in images:
+        x = vit._pos_embed(vit.patch_embed(image[None]))[0]
+        sizes = torch.ones(len(x))
+        for block, r in zip(vit.blocks, model.r_per_block()):
+            branch, _, keys = ref.attention(block, x, key_bias=sizes.log())
+            x = x + branch
+            if r:
+                patches, patch_sizes = reference_merge(x[prefix:], sizes[prefix:], keys.mean(0)[prefix:], r)
+                x, sizes = torch.cat([x[:prefix], patches]), torch.cat([sizes[:prefix], patch_sizes])
+            x = x + ref.mlp(block, x)
+        logits.append(ref.head(vit, x, sizes[prefix:]))
+    return torch.stack(logits)
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_block_halves_are_timms_block_forward(variant, images):
+    vit = tome_on(variant).vit
+    tokens = vit._pos_embed(vit.patch_embed(images))
+    for block in vit.blocks:
+        torch.testing.assert_close(mlp_half(block, attention_half(block, tokens)), block(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_r_zero_gives_the_dense_logits(variant, images):
+    model = tome_on(variant, r=0)
+    torch.testing.assert_close(model.predict(images).logits, model.vit(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("r, schedule", [(2, "constant"), (1, "decreasing"), ([3, 0, 2, 1], "constant")])
+def test_matches_an_independent_reference(variant, fused, r, schedule, images):
+    model = tome_on(variant, r=r, schedule=schedule)
+    ref.set_fused_attention(model.vit, fused)
+    torch.testing.assert_close(model.predict(images).logits, reference_tome(model, images), rtol=1e-4, atol=1e-5)
+
+
+def test_proportional_attention_changes_the_result_and_can_be_switched_off(images):
+    with_sizes = tome_on("plain", r=3).predict(images).logits
+    without = tome_on("plain", r=3, proportional_attention=False).predict(images).logits
+    assert not torch.allclose(with_sizes, without)
+
+
+def test_merging_preserves_the_size_weighted_mean():
+    torch.manual_seed(0)
+    tokens, sizes = torch.randn(3, 9, 5), torch.randint(1, 5, (3, 9)).float()
+    destination = bipartite_soft_matching(torch.randn(3, 9, 4), r=3)
+    merged, merged_sizes = merge_by_size(tokens, sizes, destination, 6)
+    assert merged.shape == (3, 6, 5)
+    torch.testing.assert_close(merged_sizes.sum(1), sizes.sum(1))
+    mean = (tokens * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)
+    torch.testing.assert_close((merged * merged_sizes[..., None]).sum(1) / merged_sizes.sum(1, keepdim=True), mean)
+
+
+def test_matching_sends_r_tokens_of_a_to_their_most_similar_b_token():
+    torch.manual_seed(0)
+    metric = torch.randn(2, 11, 4)
+    destination = bipartite_soft_matching(metric, r=4)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    for image in range(2):
+        kept_a = 6 - 4
+        # B tokens (odd positions) stay, in order, after the unmerged A tokens.
+        assert destination[image, 1::2].tolist() == list(range(kept_a, kept_a + 5))
+        moved = [a for a in range(0, 11, 2) if destination[image, a] >= kept_a]
+        assert len(moved) == 4
+        for a in moved:
+            partner = 1 + 2 * (destination[image, a].item() - kept_a)
+            assert partner == 1 + 2 * (unit[image, a] @ unit[image, 1::2].T).argmax().item()
+
+
+@pytest.mark.parametrize("variant", ["plain", "layerscale_qknorm", "registers"])
+@pytest.mark.parametrize("r, schedule", [(3, "constant"), (2, "decreasing")])
+def test_reported_macs_match_torch_flop_counter(variant, r, schedule, images):
+    model = tome_on(variant, r=r, schedule=schedule)
+    reported = model.predict(images[:1]).macs.item()
+    assert reported == pytest.approx(count_macs_with_torch(model.predict, images[:1]), rel=0.01)
+    assert reported < model.dense_macs()
+
+
+def test_patch_groups_say_which_token_each_patch_became(images):
+    model = tome_on("plain", r=2)
+    prediction = model.predict(images)
+    groups, kept = prediction.extras["patch_groups"], prediction.extras["kept_patches"]
+    assert len(groups) == len(kept) == 4
+    for block, (index, alone) in enumerate(zip(groups, kept)):
+        tokens_left = 16 - 2 * (block + 1)
+        assert index.shape == alone.shape == (len(images), 16)
+        assert all(len(row.unique()) == tokens_left for row in index)  # every token stands for some patch
+        assert (alone.sum(1) <= tokens_left).all()
+    assert (prediction.extras["token_length"] == 8).all()
+
+
+def test_schedules_of_r():
+    assert r_schedule(4, "constant", 3) == [4, 4, 4]
+    assert r_schedule(4, "decreasing", 3) == [8, 4, 0]
+    assert r_schedule([1, 2, 3], "constant", 3) == [1, 2, 3]
+    assert largest_constant_r(16, 4) == 3 and largest_constant_r(196, 12) == 15
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"r": 4}, "asks block 3 to merge 4 of its 4 patch tokens.*largest constant r for 16 patches and 4 blocks is 3"),
+    ({"r": 4, "schedule": "decreasing"}, "r=4 \\(decreasing\\) asks block 1 to merge 5 of its 8 patch tokens"),
+    ({"r": -1}, "between 0 and half"),
+    ({"r": [1, 2]}, "a list of 4 ints"),
+    ({"r": True}, "a list of 4 ints"),
+    ({"r": [1, 1, 1, 1], "schedule": "decreasing"}, "leave schedule='constant'"),
+    ({"schedule": "increasing"}, "schedule is one of constant, decreasing"),
+    ({"keep_rate": 0.5}, "knobs are r and schedule"),
+])
+def test_impossible_knobs_are_rejected(knobs, message):
+    model = tiny_model("tome")
+    with pytest.raises(ValueError, match=message):
+        model.set_budget(**knobs)
+    assert model.get_budget() == {"r": 1, "schedule": "constant"}  # unchanged
+
+
+def test_training_free_from_a_dense_checkpoint(images):
+    dense = dyntok.create_model("vit_cifar_tiny", **TINY).eval()
+    ref.randomise(dense)
+    model = tiny_model("tome", r=0).eval()
+    model.init_from_dense(dense.state_dict())
+    torch.testing.assert_close(model.predict(images).logits, dense.predict(images).logits, rtol=0, atol=0)
+    model.set_budget(r=3)
+    assert model.predict(images).macs[0] < dense.dense_macs()
+
+
+def test_sweep_spans_the_possible_r():
+    sweep = tiny_model("tome").budget_sweep()
+    assert [point["r"] for point in sweep] == [1, 2, 3]
+
+
+def test_zero_epochs_evaluates_the_dense_checkpoint_without_training(image_folder, tmp_path):
+    from dyntok.checkpoint import load_model
+    from dyntok.data import DataConfig
+    from dyntok.training import TrainConfig, train
+
+    model_kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    data = DataConfig(dataset=str(image_folder), batch_size=8, holdout_size=0, cache_dir=str(tmp_path / "cache"))
+    dense = train(TrainConfig(model="vit_cifar_tiny", model_kwargs=model_kwargs, data=data, epochs=1,
+                              output_dir=str(tmp_path / "dense"), progress=False))
+    tome = train(TrainConfig(model="tome_vit_cifar_tiny", model_kwargs=model_kwargs, data=data, epochs=0,
+                             init=str(dense.model_path), output_dir=str(tmp_path / "tome"), progress=False))
+    trained, merged = load_model(dense.model_path), load_model(tome.model_path)
+    assert tome.metrics["steps"] == 0 and "test" in tome.metrics
+    for (name, a), (_, b) in zip(trained.state_dict().items(), merged.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_benchmark_entry_with_zero_epochs_evaluates_its_init(image_folder, tmp_path):
+    from dyntok.bench.runner import run_benchmark
+    from dyntok.bench.spec import parse_spec
+
+    model_kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    spec = parse_spec({
+        "name": "zero", "backbone": "vit_cifar_tiny", "device": "cpu",
+        "data": {"dataset": str(image_folder), "batch_size": 8, "holdout_size": 0,
+                 "cache_dir": str(tmp_path / "decoded")},
+        "train": {"epochs": 1, "warmup_epochs": 0},
+        "speed": {"batch_size": 4, "images": 8, "latency_images": 2, "repeats": 1, "warmup": 0},
+        "entries": [
+            {"name": "dense", "model": "{backbone}", "model_kwargs": model_kwargs},
+            {"name": "tome", "model": "tome_{backbone}", "model_kwargs": model_kwargs, "init": "dense",
+             "train": {"epochs": 0}, "budgets": [{"r": 0}, {"r": 3}]},
+        ],
+    })
+    dense, tome = run_benchmark(spec, tmp_path / "report", progress=False)["entries"]
+    assert tome["train_metrics"]["steps"] == 0
+    unmerged, merged = tome["points"]
+    assert unmerged["top1"] == dense["points"][0]["top1"]
+    assert unmerged["mean_gmacs"] == pytest.approx(dense["points"][0]["mean_gmacs"])
+    assert merged["mean_gmacs"] < unmerged["mean_gmacs"]
