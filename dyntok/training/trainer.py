@@ -233,8 +233,8 @@ class Trainer:
 
     def _share_done(self) -> float:
         """Share of all training steps (every phase) already taken: what method schedules follow."""
-        steps = [self._phase_steps(index) for index in range(len(self.model.training_phases()))]
-        return (sum(steps[:self.progress.phase]) + self.progress.step) / sum(steps)
+        # The step counter runs on across phases (one schedule for the whole run).
+        return self.progress.step / sum(self._phase_steps())
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, total_steps: int) -> float:
         warmup = round(self.config.warmup_epochs / max(self.config.epochs, 1e-9) * total_steps)
