@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, map_location=device).eval()
     image_size = model.backbone_spec.resolved_kwargs()[1].get("img_size")
     loaders = build_loaders(data_config(args, image_size=image_size))
+    if loaders["num_classes"] != model.num_classes:
+        raise ValueError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
+                         f"{loaders['num_classes']}: evaluate it on the dataset it was trained for")
     if args.budget:
         model.set_budget(**parse_knobs(args.budget))
     if args.calibrate_gmacs is not None:

@@ -43,6 +43,11 @@ class DistributedContext:
         return tensor.item() / self.world_size
 
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank, so that all ranks take the same branch."""
+        return flag if not self.enabled else self.mean(float(flag)) == 1.0
+
+
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks this rank's GPU when there is one, else the CPU."""
     if requested == "auto":

@@ -22,17 +22,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import (load_model, load_tensors, optimizer_state_from_tensors, optimizer_state_to_tensors,
-                          save_model, save_tensors)
+from ..checkpoint import (check_dense_init, config_mismatch, load_model, load_tensors, optimizer_state_from_tensors,
+                          optimizer_state_to_tensors, save_model, save_tensors)
 from ..data import DataConfig, build_loaders
 from ..measure.evaluate import evaluate
 from ..methods import AdaptiveViT, create_model
 from .distributed import DistributedContext, init_distributed
+from .lock import claim_output_dir
 from .schedule import warmup_cosine
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
 log = logging.getLogger(__name__)
+
+#: Steps in a row whose loss or gradients are not finite (each one skipped) after which training stops.
+MAX_NONFINITE_STEPS = 5
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Trainer:
         self.amp = config.amp if config.amp is not None else self.device.type == "cuda"
         self.ema = None
         self.progress = _Progress()
+        self._nonfinite_steps = 0
         self._start_from_dense()
 
     # ------------------------------------------------------------------ setup
@@ -116,6 +121,7 @@ class Trainer:
                             self.config.model)
             return
         dense = load_model(self.config.init, map_location=self.device)
+        check_dense_init(dense, self.model, self.config.init)
         self.model.init_from_dense(dense.state_dict())
         if self.model.wants_teacher:
             self.model.attach_teacher(dense)
@@ -165,9 +171,10 @@ class Trainer:
     def _restore_state(self) -> dict[str, torch.Tensor]:
         """Load weights, RNG and position from ``last.safetensors``; returns its tensors for the optimiser."""
         tensors, meta = load_tensors(self.out / "last.safetensors")
-        if meta["config"] != self.model.config:
-            raise ValueError(f"{self.out}/last.safetensors was written for a different model "
-                             f"({meta['config']}); use another --output-dir or drop --resume")
+        if meta.get("kind") != "training" or meta["config"] != self.model.config:
+            differences = config_mismatch(meta.get("config", {}), self.model.config) or "not a training checkpoint"
+            raise ValueError(f"{self.out}/last.safetensors was written for a different model ({differences}); "
+                             f"use another --output-dir or drop --resume")
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         torch.set_rng_state(tensors["rng.torch"])
         self.progress = _Progress(**meta["progress"])
@@ -185,17 +192,37 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             output = module(images)
             loss = self.model.compute_loss(output, targets, self.criterion)
-        if not torch.isfinite(loss.total):
-            raise FloatingPointError(f"loss is {loss.total.item()} at step {self.progress.step}; "
-                                     f"lower --lr or raise --clip-grad (last checkpoint is intact)")
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
-        if self.config.clip_grad:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        # Backward runs even for a NaN loss so that DDP's gradient all-reduce stays in step on every rank.
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad or math.inf)
+        if not self._step_is_finite(loss.total, grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return {}
         optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.step)
         return loss.terms
+
+    def _step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """False (skip the step) when the loss or the gradients are NaN/inf on any rank; stop when it repeats."""
+        finite = self.ctx.all_true(bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)))
+        if finite:
+            self._nonfinite_steps = 0
+            return True
+        self._nonfinite_steps += 1
+        if self.ctx.is_main:
+            log.warning("step %d: loss %s, gradient norm %s: step skipped, weights unchanged (%d in a row)",
+                        self.progress.step, loss.item(), grad_norm.item(), self._nonfinite_steps)
+        if self._nonfinite_steps >= MAX_NONFINITE_STEPS:
+            checkpoint = self.out / "last.safetensors"
+            kept = (f"the last checkpoint {checkpoint} is intact (resume it with --resume)" if checkpoint.exists()
+                    else "no checkpoint was written yet")
+            raise FloatingPointError(
+                f"the loss or its gradients were not finite for {self._nonfinite_steps} steps in a row (up to step "
+                f"{self.progress.step}); training stopped and {kept}. Lower --lr, keep --clip-grad on, turn off "
+                f"--amp, or check the data for broken images")
+        return False
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, total_steps: int) -> float:
         warmup = round(self.config.warmup_epochs / max(self.config.epochs, 1e-9) * total_steps)
@@ -269,6 +296,11 @@ class Trainer:
                              **self._holdout_metrics()})
 
     def fit(self) -> TrainResult:
+        """Train (or resume) to the end; the output folder is locked against a second run meanwhile."""
+        with claim_output_dir(self.out, enabled=self.ctx.is_main):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         resume_tensors = None
         if self.config.resume and (self.out / "last.safetensors").exists():
