@@ -39,9 +39,11 @@ def valid_values(knob) -> st.SearchStrategy:
     if isinstance(knob, Choice):
         return st.sampled_from(knob.values)
     if knob.integer:
-        one = st.integers(math.floor(knob.low) + 1 if knob.low_open else math.ceil(knob.low), math.floor(knob.high))
+        low, high = knob.extremes() if knob.length is None else [end[0] for end in knob.extremes()]
+        one = st.integers(low, high)
     else:
-        one = st.floats(knob.low, knob.high, exclude_min=knob.low_open, allow_nan=False)
+        one = st.floats(knob.low, knob.high, exclude_min=knob.low_open, exclude_max=knob.high_open,
+                        allow_nan=False, allow_infinity=False)
     if knob.sentinels:
         one = one | st.sampled_from(knob.sentinels)
     return one if knob.length is None else st.lists(one, min_size=knob.length, max_size=knob.length)
@@ -51,9 +53,11 @@ def accepts(knob: Interval, number: float) -> bool:
     """What the knob's range says, written independently of ``Interval.check``."""
     if number in knob.sentinels:
         return True
+    if not math.isfinite(number):
+        return False
     above_low = number > knob.low if knob.low_open else number >= knob.low
-    whole = not knob.integer or number == int(number)
-    return math.isfinite(number) and above_low and number <= knob.high and whole
+    below_high = number < knob.high if knob.high_open else number <= knob.high
+    return above_low and below_high and (not knob.integer or number == int(number))
 
 
 def invalid_values(knob: Interval) -> st.SearchStrategy:
@@ -61,7 +65,7 @@ def invalid_values(knob: Interval) -> st.SearchStrategy:
     wrong_type = st.sampled_from([True, None, "0.5", {"value": 0.5}])
     if knob.length is None:
         return numbers | wrong_type
-    good = valid_values(Interval(knob.low, knob.high, knob.low_open, knob.integer))
+    good = valid_values(Interval(knob.low, knob.high, knob.low_open, knob.high_open, knob.integer))
     one_bad = st.tuples(st.lists(good, min_size=knob.length - 1, max_size=knob.length - 1), numbers,
                         st.integers(0, knob.length - 1)).map(lambda t: t[0][:t[2]] + [t[1]] + t[0][t[2]:])
     wrong_length = st.lists(good, max_size=knob.length + 2).filter(lambda values: len(values) != knob.length)
@@ -142,6 +146,8 @@ def test_unknown_knob_names_list_the_real_ones(method):
 def test_interval_describes_open_ends_lists_and_sentinels():
     assert Interval(0.0, 1.0, low_open=True).describe() == "a number in (0, 1]"
     assert Interval(0.0, 1.0, length=2, sentinels=(2.0,)).describe() == "a list of 2 numbers, each number in [0, 1] or 2"
+    assert Interval(0.0, 1.0, high_open=True).describe() == "a number in [0, 1)"
+    assert Interval(0.0, low_open=True).describe() == "a number > 0"
     assert Interval(0, 16, integer=True).check("r", 3.0) == 3
     with pytest.raises(ValueError, match=r"r must be a whole number in \[0, 16\]; got 2.5"):
         Interval(0, 16, integer=True).check("r", 2.5)

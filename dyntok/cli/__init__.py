@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -55,6 +56,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     user_errors = _user_errors()
+    from ..training.distributed import RunStopped
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         # User errors (bad paths, impossible budgets, broken checkpoints) get one clear line, not a traceback.
         print(f"dyntok {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(f"dyntok {args.command}: {stopped}", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":  # pragma: no cover

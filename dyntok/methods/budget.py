@@ -16,26 +16,31 @@ __all__ = ["Interval", "Choice", "KnobSpace"]
 
 @dataclass(frozen=True)
 class Interval:
-    """A number in ``[low, high]`` (``(low, high]`` when ``low_open``), or a list of ``length`` of them.
+    """A finite number in ``[low, high]`` (ends excluded when ``low_open``/``high_open``), or a list of
+    ``length`` of them.
 
     ``integer`` knobs take whole numbers only. ``sentinels`` are extra values with a documented meaning
-    outside the range (DVT's "never exit at this stage").
+    outside the range (DVT's "never exit at this stage"). Also used for training settings (``--lr``).
     """
 
     low: float
-    high: float
+    high: float = math.inf
     low_open: bool = False
+    high_open: bool = False
     integer: bool = False
     length: int | None = None
     sentinels: tuple[float, ...] = ()
 
     def describe(self) -> str:
         kind = "a whole number" if self.integer else "a number"
-        bounds = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.high == math.inf:
+            bounds = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         extra = "".join(f" or {value:g}" for value in self.sentinels)
         if self.length is None:
-            return f"{kind} in {bounds}{extra}"
-        return f"a list of {self.length} numbers, each {kind[2:]} in {bounds}{extra}"
+            return f"{kind} {bounds}{extra}"
+        return f"a list of {self.length} numbers, each {kind[2:]} {bounds}{extra}"
 
     def check(self, name: str, value: Any) -> Any:
         """``value`` as a float, int or list of them; a ``ValueError`` naming ``name`` when it is not valid."""
@@ -50,7 +55,8 @@ class Interval:
         if number is not None and number in self.sentinels:
             return float(number)
         low_ok = number is not None and (number > self.low if self.low_open else number >= self.low)
-        valid = low_ok and number <= self.high and math.isfinite(number)
+        high_ok = number is not None and (number < self.high if self.high_open else number <= self.high)
+        valid = low_ok and high_ok and math.isfinite(number)
         if valid and self.integer and number != int(number):
             valid = False
         if not valid:
@@ -60,9 +66,10 @@ class Interval:
     def extremes(self) -> list[Any]:
         """The two ends of the range (the open end approached as closely as floats allow)."""
         low = math.nextafter(self.low, self.high) if self.low_open else self.low
+        high = math.nextafter(self.high, self.low) if self.high_open else self.high
         if self.integer:
-            low = math.ceil(low)
-        ends = [low, self.high]
+            low, high = math.ceil(low), math.floor(high)
+        ends = [low, high]
         return ends if self.length is None else [[end] * self.length for end in ends]
 
 

@@ -6,12 +6,22 @@ group (gloo on CPU, nccl on GPU) and each rank trains on its own shard of every 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_distributed", "select_device"]
+__all__ = ["DistributedContext", "RunStopped", "init_distributed", "select_device", "stop_cleanly_on_sigterm"]
+
+
+class RunStopped(RuntimeError):
+    """The run received SIGTERM (a scheduler's preemption, ``kill``, or torchrun stopping the survivors of a
+    failed worker); checkpoints are written atomically, so the last complete one is intact."""
 
 
 @dataclass(frozen=True)
@@ -69,3 +79,28 @@ def init_distributed(device_request: str = "auto") -> tuple[DistributedContext, 
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(rank, world_size, local_rank), device
+
+
+@contextmanager
+def stop_cleanly_on_sigterm(checkpoint: Path, rank: int = 0) -> Iterator[None]:
+    """Turn SIGTERM into :class:`RunStopped`, whose message says what happened and how to resume.
+
+    When one torchrun worker dies, the agent sends SIGTERM to the others and reports the failed rank; each
+    survivor then says which checkpoint is intact instead of dying silently. Only the main thread can
+    install signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        state = f"the last complete checkpoint {checkpoint} is intact" if checkpoint.exists() else \
+            "no checkpoint had been written yet"
+        raise RunStopped(f"rank {rank} stopped by SIGTERM (torchrun sends it to every worker when one fails; "
+                         f"see its report for the failed rank); {state}: run the same command with --resume")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

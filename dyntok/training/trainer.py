@@ -27,8 +27,9 @@ from ..checkpoint import (check_dense_init, config_mismatch, load_model, load_te
 from ..data import DataConfig, build_loaders
 from ..measure.evaluate import evaluate
 from ..methods import AdaptiveViT, create_model
-from .distributed import DistributedContext, init_distributed
+from .distributed import DistributedContext, init_distributed, stop_cleanly_on_sigterm
 from .lock import claim_output_dir
+from .validation import check_train_settings
 from .schedule import warmup_cosine
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -63,6 +64,9 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_train_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,7 +301,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train (or resume) to the end; the output folder is locked against a second run meanwhile."""
-        with claim_output_dir(self.out, enabled=self.ctx.is_main):
+        with claim_output_dir(self.out, enabled=self.ctx.is_main), \
+                stop_cleanly_on_sigterm(self.out / "last.safetensors", self.ctx.rank):
             return self._fit()
 
     def _fit(self) -> TrainResult:
