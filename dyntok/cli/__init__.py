@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -65,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         # User errors (bad paths, impossible budgets, broken checkpoints) get one clear line, not a traceback.
         print(f"dyntok {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except RunStopped as stopped:
-        print(f"dyntok {args.command}: {stopped}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except RunStopped as stopped:  # its message was printed when it happened
+        return stopped.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover
