@@ -239,3 +239,51 @@ def test_a_dead_ddp_worker_ends_the_run_clearly_and_resume_finishes_it(image_fol
     assert resumed.returncode == 0, output[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 40 * 24 // 8
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def points(results) -> dict[str, list[tuple[float, float]]]:
+    """What a benchmark measured that does not depend on timing: accuracy and GMACs of every point."""
+    return {entry["name"]: [(point["top1"], point["mean_gmacs"]) for point in entry["points"]]
+            for entry in results["entries"]}
+
+
+@pytest.fixture(scope="module")
+def bench_reference(tmp_path_factory):
+    from dyntok.bench import runner
+    from dyntok.bench.spec import parse_spec
+
+    from .test_bench_cache import tiny_spec
+
+    root = tmp_path_factory.mktemp("bench")
+    dataset = make_image_folder(root / "tiny", per_class=8)
+    spec = parse_spec(tiny_spec(dataset, root / "decoded"))
+    return dataset, points(runner.run_benchmark(spec, root / "report", progress=False))
+
+
+@pytest.mark.parametrize("where", ["training-step-2", "evaluation-2"])
+def test_an_interrupted_benchmark_finishes_with_the_uninterrupted_results(bench_reference, tmp_path, monkeypatch,
+                                                                         where):
+    from dyntok.bench import runner
+    from dyntok.bench.spec import parse_spec
+
+    from .test_bench_cache import tiny_spec
+
+    dataset, expected = bench_reference
+    spec = parse_spec(tiny_spec(dataset, tmp_path / "decoded"))
+    with monkeypatch.context() as patch:
+        if where.startswith("training"):
+            interrupt_after(patch, 2)  # inside the second entry (DynamicViT trains after dense)
+        else:
+            original, calls = runner._evaluate_point, {"n": 0}
+
+            def evaluate_point(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise Interrupt
+                return original(*args, **kwargs)
+
+            patch.setattr(runner, "_evaluate_point", evaluate_point)
+        with pytest.raises(Interrupt):
+            runner.run_benchmark(spec, tmp_path / "report", progress=False)
+    assert points(runner.run_benchmark(spec, tmp_path / "report", progress=False)) == expected
