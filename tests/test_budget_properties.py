@@ -154,3 +154,10 @@ def test_interval_describes_open_ends_lists_and_sentinels():
     assert Choice((0.5, [1, 2])).check("k", [1, 2]) == [1, 2]
     with pytest.raises(ValueError, match=r"k must be one of \[0.5, \[1, 2\]\]"):
         Choice((0.5, [1, 2])).check("k", True)
+
+
+@pytest.mark.parametrize("target", [{"gmacs": math.nan}, {"gmacs": -1.0}, {"q": math.inf}, {"q": 0}], ids=str)
+def test_dvt_calibration_targets_must_be_positive_numbers(target):
+    model = eval_model("dvt")
+    with pytest.raises(ValueError, match=f"{next(iter(target))} must be a number > 0"):
+        model.calibrate([(images(), None)], **target)

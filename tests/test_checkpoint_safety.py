@@ -50,6 +50,21 @@ def test_code_in_a_pickled_file_never_runs(evil_pickle, image_folder, tmp_path):
     assert not marker.exists()
 
 
+def test_tampered_cifar_batch_files_are_never_unpickled(evil_pickle, tmp_path):
+    """torchvision's CIFAR files are pickles; torchvision checks their published MD5s before reading them."""
+    from dyntok.data.datasets import load_dataset
+    from dyntok.data.errors import DatasetNotFoundError
+
+    path, marker = evil_pickle
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(path.read_bytes())
+    with pytest.raises(DatasetNotFoundError, match="corrupt"):
+        load_dataset("cifar10", "train", data_root=tmp_path / "data")
+    assert not marker.exists()
+
+
 def test_plain_tensor_torch_files_still_load_as_pretrained_weights(tmp_path):
     source = dyntok.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=4)
     path = tmp_path / "weights.pth"

@@ -350,6 +350,9 @@ class DVT(AdaptiveViT):
         """
         if gmacs is not None and q is not None:
             raise ValueError("calibrate for gmacs= or for q=, not both")
+        for name, target in (("gmacs", gmacs), ("q", q)):
+            if target is not None:
+                Interval(0.0, low_open=True).check(name, target)  # NaN would silently fit "everyone exits first"
         self._held_out_confidences = self._collect_confidences(loader)
         if q is not None:
             proportions = geometric_exit_proportions(q, len(self.stages))
