@@ -151,11 +151,6 @@ def build_loaders(
     train = BatchLoader(train_part, config.batch_size, _train_transform(config, train_set.num_classes),
                         shuffle=True, drop_last=config.drop_last, seed=config.seed, rank=rank,
                         world_size=world_size, device=device)
-    if len(train) == 0:
-        raise ValueError(f"batch_size (--batch-size) is larger than the training data: {config.batch_size} per "
-                         f"process, but each of the {world_size} process(es) gets {train.num_samples} of the "
-                         f"{len(train_part)} training images left after the held-out split; lower --batch-size "
-                         f"or --holdout-size")
     return {
         "train": train,
         "holdout": eval_loader(held_part) if len(held_part) else None,

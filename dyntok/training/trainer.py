@@ -107,6 +107,7 @@ class Trainer:
         self.ctx, self.device = init_distributed(config.device)
         self.loaders = build_loaders(_per_rank(config.data, self.ctx.world_size), rank=self.ctx.rank,
                                      world_size=self.ctx.world_size)
+        _require_a_full_batch(self.loaders["train"], self.ctx.world_size)
         torch.manual_seed(config.seed)
         model_kwargs = {"num_classes": self.loaders["num_classes"], **config.model_kwargs}
         self.model: AdaptiveViT = create_model(config.model, **model_kwargs).to(self.device)
@@ -341,6 +342,15 @@ def _per_rank(data: DataConfig, world_size: int) -> DataConfig:
     if data.batch_size % world_size:
         raise ValueError(f"batch size {data.batch_size} does not split evenly over {world_size} processes")
     return dataclasses.replace(data, batch_size=data.batch_size // world_size)
+
+
+def _require_a_full_batch(loader, world_size: int) -> None:
+    """A clear error instead of a training loop with nothing to iterate over."""
+    if len(loader) == 0:
+        raise ValueError(f"batch_size (--batch-size) is larger than the training data: {loader.batch_size} per "
+                         f"process, but each of the {world_size} process(es) gets {loader.num_samples} of the "
+                         f"{len(loader.dataset)} training images left after the held-out split; lower "
+                         f"--batch-size or --holdout-size")
 
 
 def train(config: TrainConfig) -> TrainResult:
