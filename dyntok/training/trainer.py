@@ -29,8 +29,8 @@ from ..measure.evaluate import evaluate
 from ..methods import AdaptiveViT, create_model
 from .distributed import DistributedContext, init_distributed, stop_cleanly_on_sigterm
 from .lock import claim_output_dir
-from .validation import check_train_settings
 from .schedule import warmup_cosine
+from .validation import check_train_settings
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
