@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "load_meta", "CheckpointError",
-           "optimizer_state_to_tensors", "optimizer_state_from_tensors"]
+           "CheckpointWriteError", "config_mismatch", "check_dense_init", "optimizer_state_to_tensors",
+           "optimizer_state_from_tensors"]
 
 _FORMAT = "dyntok/1"
 
@@ -26,19 +27,29 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, not safetensors, or not a dyntok checkpoint."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission); any previous file is left as it was."""
+
+
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     """Atomically write ``tensors`` and JSON-serialisable ``meta`` to a safetensors file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     metadata = {"format": _FORMAT, "meta": json.dumps(meta)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    had_previous = path.exists()
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except OSError as error:
+        kept = f"the previous {path.name} is intact" if had_previous else f"no {path.name} was written"
+        raise CheckpointWriteError(error.errno, f"could not write {path} ({error.strerror or error}); {kept}. "
+                                   f"Free some space or fix the folder's permissions, then run again") from error
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
 
@@ -68,7 +79,14 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     if metadata.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a dyntok checkpoint (format "
                               f"{metadata.get('format')!r}); load raw timm weights with pretrained_file=")
-    return json.loads(metadata["meta"])
+    try:
+        meta = json.loads(metadata["meta"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} has a damaged dyntok header ({type(error).__name__}: {error}); "
+                              f"use another copy of the checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has a damaged dyntok header (meta is a {type(meta).__name__})")
+    return meta
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -86,14 +104,69 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
         tensors = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
     elif meta.get("kind") != "model":
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a model")
-    model = create_model_from_config(meta["config"])
     try:
-        model.load_state_dict(tensors)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the model they say they are for: {error}") from None
+        model = create_model_from_config(meta["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} describes a model dyntok cannot build ({type(error).__name__}: {error}); "
+                              f"it was written by another dyntok version or edited") from None
+    problems = _weight_mismatch(model.state_dict(), tensors)
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not fit the model its header describes "
+                              f"({meta['config'].get('method')} on {meta['config'].get('backbone', {}).get('name')}): "
+                              f"{problems}; the file is damaged or was edited")
+    model.load_state_dict(tensors)
     if meta.get("budget"):
         model.set_budget(**meta["budget"])
     return model.to(map_location)
+
+
+def _weight_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str:
+    """Missing, unexpected and misshapen weights in a few words ('' when they fit)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshapen = [f"{name} {tuple(found[name].shape)} instead of {tuple(tensor.shape)}"
+                 for name, tensor in expected.items() if name in found and found[name].shape != tensor.shape]
+    parts = [f"{label}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+             if items]
+    return "; ".join(parts)
+
+
+def config_mismatch(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    """How two ``model.config`` dicts differ, setting by setting: ``'num_classes: 100 in the file, 10 here'``."""
+    from .models import BackboneSpec
+
+    def settings(config: dict[str, Any]) -> dict[str, Any]:
+        backbone = config.get("backbone", {})
+        arch, kwargs = BackboneSpec(backbone.get("name", "?"), dict(backbone.get("overrides", {}))).resolved_kwargs()
+        return {"method": config.get("method"), "backbone": arch, **kwargs, **config.get("method_kwargs", {})}
+
+    found_settings, expected_settings = settings(found), settings(expected)
+    differences = [f"{key}: {found_settings.get(key)!r} in the file, {expected_settings.get(key)!r} here"
+                   for key in sorted(set(found_settings) | set(expected_settings), key=str)
+                   if found_settings.get(key) != expected_settings.get(key)]
+    return "; ".join(differences)
+
+
+#: Backbone settings that change training but not the weights' shapes: a dense model may differ in them.
+_TRAINING_ONLY = ("drop_path_rate", "drop_rate")
+
+
+def check_dense_init(dense: nn.Module, model: nn.Module, source: str | Path) -> None:
+    """A ``ValueError`` naming every difference when ``dense`` cannot initialise ``model`` (``--init``)."""
+    if dense.config["method"] != "dense":
+        raise CheckpointError(f"--init {source} is a {dense.config['method']} model; it must be a dense model of "
+                              f"the same backbone (train one with --method dense)")
+    found = {**dense.config, "method": model.config["method"], "method_kwargs": {}}
+    expected = {**model.config, "method_kwargs": {}}
+    for config in (found, expected):
+        config["backbone"] = {**config["backbone"], "overrides": {key: value for key, value in
+                                                                  config["backbone"]["overrides"].items()
+                                                                  if key not in _TRAINING_ONLY}}
+    differences = config_mismatch(found, expected)
+    if differences:
+        raise CheckpointError(f"--init {source} was trained for another backbone ({differences}); start from a "
+                              f"dense model with the same backbone settings")
 
 
 def optimizer_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -221,13 +221,13 @@ def test_thresholds_for_proportions_gives_the_requested_shares():
 
 def test_set_budget_validates():
     model = tiny_dvt()
-    for bad in ([0.5], [0.5, -0.1], [0.5, float("nan")], "high", 0.5):
+    for bad in ([0.5], [0.5, -0.1], [0.5, float("nan")], [0.5, 1.5], "high", 0.5):
         with pytest.raises(ValueError):
             model.set_budget(thresholds=bad)
     with pytest.raises(ValueError):
         model.set_budget(q=0.5)
-    model.set_budget(thresholds=[0.3, 1.5])
-    assert model.get_budget() == {"thresholds": [0.3, 1.5]}
+    model.set_budget(thresholds=[0.3, NEVER_EXIT])
+    assert model.get_budget() == {"thresholds": [0.3, NEVER_EXIT]}
 
 
 def test_calibrate_for_q_and_for_gmacs(images):

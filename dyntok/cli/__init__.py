@@ -47,16 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix the input and run again": one line for each, never a traceback."""
+    from ..checkpoint import CheckpointWriteError
+    from ..training.lock import RunLockedError
+
+    return ValueError, FileNotFoundError, CheckpointWriteError, RunLockedError, FloatingPointError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    user_errors = _user_errors()
+    from ..training.distributed import RunStopped
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError) as error:
+    except user_errors as error:
         # User errors (bad paths, impossible budgets, broken checkpoints) get one clear line, not a traceback.
         print(f"dyntok {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:  # its message was printed when it happened
+        return stopped.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

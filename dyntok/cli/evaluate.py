@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     split = (calibration_split(args.checkpoint, args.holdout_size) if args.calibrate_gmacs is not None
              else {"holdout_size": 0})
     loaders = build_loaders(data_config(args, image_size=image_size, **split))
+    if loaders["num_classes"] != model.num_classes:
+        raise ValueError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
+                         f"{loaders['num_classes']}: evaluate it on the dataset it was trained for")
     if args.budget:
         model.set_budget(**parse_knobs(args.budget))
     if args.calibrate_gmacs is not None:

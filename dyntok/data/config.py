@@ -8,11 +8,27 @@ from typing import Any
 
 import torch
 
+from ..methods.budget import Interval
 from .datasets import ImageTensorDataset, holdout_split, load_dataset
 from .loader import BatchLoader
 from .transforms import EvalTransform, TrainTransform, default_normalization
 
 __all__ = ["DataConfig", "build_loaders"]
+
+#: Numeric options and the values they accept (``None`` too for the ``_OPTIONAL`` ones); checked on creation.
+_RANGES = {
+    "batch_size": Interval(1, integer=True),
+    "eval_batch_size": Interval(1, integer=True),
+    "image_size": Interval(1, integer=True),
+    "crop_padding": Interval(0, integer=True),
+    "mixup_alpha": Interval(0.0),
+    "cutmix_alpha": Interval(0.0),
+    "mixup_prob": Interval(0.0, 1.0),
+    "mixup_switch_prob": Interval(0.0, 1.0),
+    "label_smoothing": Interval(0.0, 1.0, high_open=True),
+}
+_OPTIONAL = {"eval_batch_size", "image_size"}
+_CLI_NAMES = {"mixup_alpha": "--mixup", "cutmix_alpha": "--cutmix"}
 
 
 @dataclass
@@ -72,6 +88,10 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
+        for name, accepted in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                accepted.check(f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})", value)
 
     @property
     def mixup(self) -> bool:

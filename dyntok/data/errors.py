@@ -31,11 +31,16 @@ class ImageDecodeError(ValueError):
     """An image file could not be read; the message names the file."""
 
     def __init__(self, path, cause: BaseException):
+        if isinstance(cause, PermissionError):
+            problem = "This user may not read the file. Fix its permissions (e.g. chmod a+r) or run as its owner"
+        elif isinstance(cause, FileNotFoundError):
+            problem = "The file is missing. Restore it (re-extract the dataset) or delete the entry"
+        else:
+            problem = ("The file is corrupt, truncated or not an image. Replace it with a good copy "
+                       "(re-extract or re-download the dataset) or delete it")
         super().__init__(
             f"Cannot decode image {str(path)!r}: {type(cause).__name__}: {cause}\n"
-            "The file is corrupt, truncated or not an image. Replace it with a good copy "
-            "(re-extract or re-download the dataset) or delete it, then run again. "
-            "Nothing was cached, so no other file is affected."
+            f"{problem}, then run again. Nothing was cached, so no other file is affected."
         )
         self.path = str(path)
 

@@ -81,13 +81,13 @@ def scan_split(directory: Path) -> FolderSplit:
     files, labels = [], []
     for label, name in enumerate(classes):
         class_dir = os.path.join(directory, name)
-        images = sorted(
-            e.path
-            for e in os.scandir(class_dir)
-            if not e.name.startswith(".")
-            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-            and e.is_file()
-        )
+        entries = [e for e in os.scandir(class_dir)
+                   if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+        broken = [e.path for e in entries if e.is_symlink() and not e.is_file()]
+        if broken:  # skipping them would silently train on fewer images than the user put there
+            raise ImageDecodeError(broken[0], FileNotFoundError(f"a link to {os.readlink(broken[0])!r}, "
+                                                                f"which does not exist"))
+        images = sorted(e.path for e in entries if e.is_file())
         if not images:
             raise DatasetLayoutError(
                 f"Class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})."
@@ -114,12 +114,30 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     """Decode one image to an ``(H, W, 3)`` uint8 array, resized to ``size x size`` if given."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")  # forces the full decode: truncation fails here
+            image = _to_rgb(image)  # forces the full decode: truncation fails here
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(image)
     except Exception as error:  # PIL raises many types for bad files; all mean "bad file"
         raise ImageDecodeError(path, error) from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: grey is repeated, alpha and palettes dropped, deep images scaled.
+
+    PIL's own ``convert`` clips 16-bit greys to 0..255, which would turn most of a 16-bit PNG white:
+    scale them to 8 bits first. Float images have no agreed range, so they are refused, not guessed.
+    """
+    if image.mode == "F":
+        raise ValueError("floating-point images have no agreed pixel range; convert them to 8-bit first")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{image.mode} image with values outside 0..65535; convert it to 8-bit first")
+        deep = image.mode.startswith("I;16") or pixels.max() > 255
+        eight_bit = np.round(pixels / 257.0) if deep else pixels
+        image = Image.fromarray(eight_bit.astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def decode_images(paths: Sequence[str | Path], image_size: int | None = None, desc: str = "decoding") -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.vit import BackboneSpec
+from .budget import Choice, KnobSpace
 
 __all__ = ["Prediction", "LossOutput", "TrainingPhase", "AdaptiveViT", "Criterion"]
 
@@ -201,6 +202,33 @@ class AdaptiveViT(nn.Module):
         """Change budget knobs after training; unknown knobs or impossible values raise ``ValueError``."""
         if knobs:
             raise ValueError(f"{type(self).__name__} has no budget knobs; got {sorted(knobs)}")
+
+    def budget_space(self) -> dict[str, KnobSpace]:
+        """The valid values of each budget knob: an :class:`~dyntok.methods.budget.Interval` or a
+        :class:`~dyntok.methods.budget.Choice` per name in :meth:`get_budget`.
+
+        Override it with each knob's full range: tests then draw any valid setting and check that every one
+        runs with finite logits and MACs between the cheapest setting and the dense cost. The default only
+        knows the values this model has seen (its current budget and its sweep).
+        """
+        seen: dict[str, list[Any]] = {}
+        for point in [self.get_budget(), *self.budget_sweep()]:
+            for name, value in point.items():
+                if value not in seen.setdefault(name, []):
+                    seen[name].append(value)
+        return {name: Choice(tuple(values)) for name, values in seen.items()}
+
+    def checked_budget(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        """``knobs`` validated against :meth:`budget_space`, for :meth:`set_budget` implementations.
+
+        Unknown names and values out of range raise a ``ValueError`` naming the knob and what it accepts.
+        """
+        space = self.budget_space()
+        unknown = sorted(set(knobs) - set(space))
+        if unknown:
+            accepted = ", ".join(f"{name} ({knob.describe()})" for name, knob in space.items()) or "none"
+            raise ValueError(f"{type(self).__name__} has no budget knob {', '.join(unknown)}; knobs: {accepted}")
+        return {name: space[name].check(name, value) for name, value in knobs.items()}
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         """Knob settings the benchmark evaluates, one point of the accuracy-vs-GMACs curve each.

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..measure.macs import vit_macs
 from ..models.vit import BackboneSpec
 from .base import AdaptiveViT, Criterion, LossOutput, Prediction
+from .budget import Interval, KnobSpace
 from .dvt_reuse import FeatureReuse, RelationReuse, block_forward, check_block_supported, widen_mlp_input
 from .registry import register_method
 
@@ -110,17 +111,6 @@ def exit_stages(confidences: Tensor, thresholds: Sequence[float]) -> Tensor:
     leaves = confidences[:, :-1] >= limits
     leaves = torch.cat([leaves, leaves.new_ones(len(leaves), 1)], dim=1)
     return leaves.int().argmax(dim=1)
-
-
-def _validated_thresholds(thresholds: Any, count: int) -> list[float]:
-    try:
-        values = [float(value) for value in thresholds]
-    except (TypeError, ValueError):
-        values = None
-    if values is None or len(values) != count or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"thresholds must be {count} finite numbers >= 0, one per exit before the last "
-                         f"(confidence in [0, 1]; above 1 means never exit there), got {thresholds!r}")
-    return values
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -348,13 +338,13 @@ class DVT(AdaptiveViT):
     def get_budget(self) -> dict[str, Any]:
         return {"thresholds": list(self.thresholds)}
 
+    def budget_space(self) -> dict[str, KnobSpace]:
+        """One confidence threshold in [0, 1] per exit before the last; NEVER_EXIT closes an exit."""
+        return {"thresholds": Interval(0.0, 1.0, length=len(self.stages) - 1, sentinels=(NEVER_EXIT,))}
+
     def set_budget(self, **knobs: Any) -> None:
-        """``thresholds=[...]``: K-1 confidences in [0, 1] (above 1: never exit at that stage)."""
-        unknown = sorted(set(knobs) - {"thresholds"})
-        if unknown:
-            raise ValueError(f"DVT's budget knob is thresholds=[{len(self.stages) - 1} floats]; got {unknown}")
-        if "thresholds" in knobs:
-            self.thresholds = _validated_thresholds(knobs["thresholds"], len(self.stages) - 1)
+        """``thresholds=[...]``: K-1 confidences in [0, 1], or :data:`NEVER_EXIT` to close an exit."""
+        self.thresholds = self.checked_budget(knobs).get("thresholds", self.thresholds)
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         """Thresholds giving the geometric exit proportions q^k for each q in :data:`SWEEP_Q`.
@@ -381,6 +371,9 @@ class DVT(AdaptiveViT):
         """
         if gmacs is not None and q is not None:
             raise ValueError("calibrate for gmacs= or for q=, not both")
+        for name, target in (("gmacs", gmacs), ("q", q)):
+            if target is not None:
+                Interval(0.0, low_open=True).check(name, target)  # NaN would silently fit "everyone exits first"
         self._held_out_confidences = self._collect_confidences(loader)
         if q is not None:
             proportions = geometric_exit_proportions(q, len(self.stages))
@@ -432,8 +425,7 @@ def _build_stages(backbone: BackboneSpec, grids: list[int] | None) -> list[DVTSt
     if side[0] != side[1] or patch[0] != patch[1]:
         raise ValueError(f"DVT needs square images and patches, got img_size {side}, patch_size {patch}")
     grids = grids if grids is not None else default_grids(reference.patch_embed.grid_size[0])
-    if len(grids) < 2 or any(grid < 1 for grid in grids):
-        raise ValueError(f"DVT needs at least two positive grid sides, got {grids}")
+    _check_grids(grids, side[0])
     stages = []
     for grid in grids:
         stage_patch, stage_side = stage_geometry(side[0], grid)
@@ -443,6 +435,14 @@ def _build_stages(backbone: BackboneSpec, grids: list[int] | None) -> list[DVTSt
             vit = backbone.build(img_size=stage_side, patch_size=stage_patch)
         stages.append(DVTStage(vit, grid))
     return stages
+
+
+def _check_grids(grids: Sequence[int], image_side: int) -> None:
+    """Coarse to fine, and no finer than one pixel per token: anything else cannot be built sensibly."""
+    fits = all(isinstance(grid, int) and 1 <= grid <= image_side for grid in grids)
+    if len(grids) < 2 or not fits or list(grids) != sorted(set(grids)):
+        raise ValueError(f"grids must be at least two increasing token-grid sides, each in [1, {image_side}] "
+                         f"for {image_side}px images; got {list(grids)}")
 
 
 def _fit_dense_to_stage(dense: dict[str, Tensor], vit: VisionTransformer) -> dict[str, Tensor]:

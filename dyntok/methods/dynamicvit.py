@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..measure.macs import linear_macs, vit_macs
 from ..models.vit import BackboneSpec
 from .base import AdaptiveViT, Criterion, LossOutput, Prediction, TrainingPhase, split_weight_decay
+from .budget import Interval, KnobSpace
 from .registry import register_method
 
 __all__ = ["DynamicViT", "DynamicViTOutput", "KeepPredictor", "default_prune_locations", "keep_attention_mask",
@@ -344,22 +345,18 @@ class DynamicViT(AdaptiveViT):
         return vit_macs(self.vit, patches_per_block) + predictor_total
 
     def dense_macs(self) -> float:
-        return vit_macs(self.vit)
+        """The top of the budget range, keep_ratio 1: every block sees every token and the predictors still run."""
+        return vit_macs(self.vit) + sum(predictor_macs(predictor, self.num_patches) for predictor in self.predictors)
 
     # ----------------------------------------------------------------- budget knobs
     def get_budget(self) -> dict[str, Any]:
         return {"keep_ratio": self.keep_ratio}
 
+    def budget_space(self) -> dict[str, KnobSpace]:
+        return {"keep_ratio": Interval(0.0, 1.0, low_open=True)}
+
     def set_budget(self, **knobs: Any) -> None:
-        unknown = sorted(set(knobs) - {"keep_ratio"})
-        if unknown:
-            raise ValueError(f"DynamicViT has one budget knob, keep_ratio; got {unknown}")
-        if "keep_ratio" in knobs:
-            ratio = knobs["keep_ratio"]
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-                raise ValueError(f"keep_ratio is the share of patch tokens each stage keeps, in (0, 1]; "
-                                 f"got {ratio!r}")
-            self.keep_ratio = float(ratio)
+        self.keep_ratio = self.checked_budget(knobs).get("keep_ratio", self.keep_ratio)
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         return [{"keep_ratio": ratio} for ratio in _SWEEP_KEEP_RATIOS]

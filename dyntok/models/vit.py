@@ -6,10 +6,13 @@ made, so that presets, overrides and pretrained weights behave the same for ever
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer
 
 __all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "list_backbones"]
@@ -104,6 +107,7 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
         raise ValueError(f"unknown backbone {name!r}: use a dyntok preset ({', '.join(PRESETS)}) "
                          f"or a timm plain-ViT name such as 'vit_tiny_patch16_224' or 'deit_small_patch16_224'")
     if pretrained_file is not None:
+        _refuse_pickled_code(pretrained_file)
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     if pretrained and name in PRESETS and pretrained_file is None:
@@ -113,6 +117,27 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
         raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "
                          f"VisionTransformer (vit_*, deit_*)")
     return model
+
+
+def _refuse_pickled_code(path: str | Path) -> None:
+    """A ``ValueError`` for a pickle-based weight file that needs code to load, before timm opens it.
+
+    Pickles are only ever read with ``weights_only=True`` (tensors and plain containers), whatever timm's
+    version does; mapping to the meta device makes this check cost no memory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        return
+    try:
+        torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors, which would run "
+                         f"code while loading. Convert weights you trust to safetensors first") from None
+    except Exception as error:  # any other failure means a damaged or foreign file
+        raise ValueError(f"{path} is not a readable weight file ({type(error).__name__}); pass a .safetensors "
+                         f"file or a torch file of plain tensors") from None
 
 
 def list_backbones(include_timm: bool = False) -> list[str]:

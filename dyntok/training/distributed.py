@@ -6,12 +6,36 @@ group (gloo on CPU, nccl on GPU) and each rank trains on its own shard of every 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_distributed", "select_device"]
+__all__ = ["DistributedContext", "RunStopped", "WorkerLost", "init_distributed", "select_device", "stop_cleanly_on_sigterm"]
+
+
+class RunStopped(RuntimeError):
+    """The run received SIGTERM (a scheduler's preemption, ``kill``, or torchrun stopping the survivors of a
+    failed worker); checkpoints are written atomically, so the last complete one is intact."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class WorkerLost(RunStopped):
+    """Another DDP worker died or stopped answering while this one waited for it."""
+
+    exit_code = 1
+
+
+#: Fragments of the errors gloo and nccl raise when a peer is gone (they raise plain RuntimeErrors).
+_PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed",
+                  "communicator was aborted", "Timed out", "timed out")
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,11 @@ class DistributedContext:
         return tensor.item() / self.world_size
 
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank, so that all ranks take the same branch."""
+        return flag if not self.enabled else self.mean(float(flag)) == 1.0
+
+
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks this rank's GPU when there is one, else the CPU."""
     if requested == "auto":
@@ -64,3 +93,47 @@ def init_distributed(device_request: str = "auto") -> tuple[DistributedContext, 
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(rank, world_size, local_rank), device
+
+
+@contextmanager
+def stop_cleanly_on_sigterm(checkpoint: Path, rank: int = 0) -> Iterator[None]:
+    """Turn SIGTERM into :class:`RunStopped`, whose message says what happened and how to resume.
+
+    When one torchrun worker dies, the agent sends SIGTERM to the others and reports the failed rank; each
+    survivor then says which checkpoint is intact instead of dying silently. Only the main thread can
+    install signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _announced(RunStopped(f"rank {rank} stopped by SIGTERM (torchrun sends it to every worker when "
+                                    f"one fails: see its report for the failed rank); {_resume_hint(checkpoint)}"))
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except RuntimeError as error:
+        if isinstance(error, RunStopped) or not dist.is_initialized() or not _is_peer_failure(error):
+            raise
+        raise _announced(WorkerLost(f"rank {rank} lost another worker ({str(error).splitlines()[0][:200]}); "
+                                    f"{_resume_hint(checkpoint)}")) from error
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_peer_failure(error: RuntimeError) -> bool:
+    return isinstance(error, getattr(dist, "DistError", ())) or any(part in str(error) for part in _PEER_FAILURES)
+
+
+def _resume_hint(checkpoint: Path) -> str:
+    if checkpoint.exists():
+        return f"the last complete checkpoint {checkpoint} is intact: run the same command with --resume"
+    return "no checkpoint had been written yet: run the same command again"
+
+
+def _announced(error: RunStopped) -> RunStopped:
+    """Print the message at once: torchrun may kill this process before the exception reaches the top."""
+    print(f"dyntok: {error}", file=sys.stderr, flush=True)
+    return error

@@ -27,13 +27,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import (load_model, load_tensors, optimizer_state_from_tensors, optimizer_state_to_tensors,
-                          save_model, save_tensors)
+from ..checkpoint import (check_dense_init, config_mismatch, load_model, load_tensors, optimizer_state_from_tensors,
+                          optimizer_state_to_tensors, save_model, save_tensors)
 from ..data import DataConfig, build_loaders
 from ..measure.evaluate import evaluate
 from ..methods import AdaptiveViT, create_model
-from .distributed import DistributedContext, init_distributed
+from .distributed import DistributedContext, init_distributed, stop_cleanly_on_sigterm
+from .lock import claim_output_dir
 from .schedule import warmup_cosine
+from .validation import check_train_settings
 
 __all__ = ["TrainConfig", "TrainResult", "train", "PRETRAINED_INIT"]
 
@@ -41,6 +43,9 @@ __all__ = ["TrainConfig", "TrainResult", "train", "PRETRAINED_INIT"]
 PRETRAINED_INIT = "pretrained"
 
 log = logging.getLogger(__name__)
+
+#: Steps in a row whose loss or gradients are not finite (each one skipped) after which training stops.
+MAX_NONFINITE_STEPS = 5
 
 
 @dataclass
@@ -67,6 +72,9 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_train_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +120,7 @@ class Trainer:
         self.ctx, self.device = init_distributed(config.device)
         self.loaders = build_loaders(_per_rank(config.data, self.ctx.world_size), rank=self.ctx.rank,
                                      world_size=self.ctx.world_size)
+        _require_a_full_batch(self.loaders["train"], self.ctx.world_size)
         torch.manual_seed(config.seed)
         model_kwargs = {"num_classes": self.loaders["num_classes"], **config.model_kwargs}
         self.model: AdaptiveViT = create_model(config.model, **model_kwargs).to(self.device)
@@ -119,6 +128,7 @@ class Trainer:
         self.amp = config.amp if config.amp is not None else self.device.type == "cuda"
         self.ema = None
         self.progress = _Progress()
+        self._nonfinite_steps = 0
         self._start_from_dense()
 
     # ------------------------------------------------------------------ setup
@@ -129,6 +139,7 @@ class Trainer:
                             self.config.model)
             return
         dense = self._load_init().to(self.device)
+        check_dense_init(dense, self.model, self.config.init)
         self.model.init_from_dense(dense.state_dict())
         if self.model.wants_teacher:
             self.model.attach_teacher(dense)
@@ -195,9 +206,10 @@ class Trainer:
     def _restore_state(self) -> dict[str, torch.Tensor]:
         """Load weights, RNG and position from ``last.safetensors``; returns its tensors for the optimiser."""
         tensors, meta = load_tensors(self.out / "last.safetensors")
-        if meta["config"] != self.model.config:
-            raise ValueError(f"{self.out}/last.safetensors was written for a different model "
-                             f"({meta['config']}); use another --output-dir or drop --resume")
+        if meta.get("kind") != "training" or meta["config"] != self.model.config:
+            differences = config_mismatch(meta.get("config", {}), self.model.config) or "not a training checkpoint"
+            raise ValueError(f"{self.out}/last.safetensors was written for a different model ({differences}); "
+                             f"use another --output-dir or drop --resume")
         if meta["progress"]["phase"] > 0 and meta.get("schedule") != _SCHEDULE:
             raise ValueError(f"{self.out}/last.safetensors stopped in a later training phase of a run whose "
                              f"learning-rate schedule restarted at each phase (older dyntok); it cannot be "
@@ -219,13 +231,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             output = module(images)
             loss = self.model.compute_loss(output, targets, self.criterion)
-        if not torch.isfinite(loss.total):
-            raise FloatingPointError(f"loss is {loss.total.item()} at step {self.progress.step}; "
-                                     f"lower --lr or raise --clip-grad (last checkpoint is intact)")
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
-        if self.config.clip_grad:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        # Backward runs even for a NaN loss so that DDP's gradient all-reduce stays in step on every rank.
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad or math.inf)
+        if not self._step_is_finite(loss.total, grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return {}
         optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.step)
@@ -235,6 +247,26 @@ class Trainer:
         """Share of all training steps (every phase) already taken: what method schedules follow."""
         # The step counter runs on across phases (one schedule for the whole run).
         return self.progress.step / sum(self._phase_steps())
+
+    def _step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """False (skip the step) when the loss or the gradients are NaN/inf on any rank; stop when it repeats."""
+        finite = self.ctx.all_true(bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)))
+        if finite:
+            self._nonfinite_steps = 0
+            return True
+        self._nonfinite_steps += 1
+        if self.ctx.is_main:
+            log.warning("step %d: loss %s, gradient norm %s: step skipped, weights unchanged (%d in a row)",
+                        self.progress.step, loss.item(), grad_norm.item(), self._nonfinite_steps)
+        if self._nonfinite_steps >= MAX_NONFINITE_STEPS:
+            checkpoint = self.out / "last.safetensors"
+            kept = (f"the last checkpoint {checkpoint} is intact (resume it with --resume)" if checkpoint.exists()
+                    else "no checkpoint was written yet")
+            raise FloatingPointError(
+                f"the loss or its gradients were not finite for {self._nonfinite_steps} steps in a row (up to step "
+                f"{self.progress.step}); training stopped and {kept}. Lower --lr, keep --clip-grad on, turn off "
+                f"--amp, or check the data for broken images")
+        return False
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, total_steps: int) -> float:
         warmup = round(self.config.warmup_epochs / max(self.config.epochs, 1e-9) * total_steps)
@@ -313,6 +345,12 @@ class Trainer:
         return optimizer
 
     def fit(self) -> TrainResult:
+        """Train (or resume) to the end; the output folder is locked against a second run meanwhile."""
+        with claim_output_dir(self.out, enabled=self.ctx.is_main), \
+                stop_cleanly_on_sigterm(self.out / "last.safetensors", self.ctx.rank):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         resume_tensors = None
         if self.config.resume and (self.out / "last.safetensors").exists():
@@ -349,6 +387,15 @@ def _per_rank(data: DataConfig, world_size: int) -> DataConfig:
     if data.batch_size % world_size:
         raise ValueError(f"batch size {data.batch_size} does not split evenly over {world_size} processes")
     return dataclasses.replace(data, batch_size=data.batch_size // world_size)
+
+
+def _require_a_full_batch(loader, world_size: int) -> None:
+    """A clear error instead of a training loop with nothing to iterate over."""
+    if len(loader) == 0:
+        raise ValueError(f"batch_size (--batch-size) is larger than the training data: {loader.batch_size} per "
+                         f"process, but each of the {world_size} process(es) gets {loader.num_samples} of the "
+                         f"{len(loader.dataset)} training images left after the held-out split; lower "
+                         f"--batch-size or --holdout-size")
 
 
 def train(config: TrainConfig) -> TrainResult:

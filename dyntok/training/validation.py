@@ -1,0 +1,41 @@
+"""Training settings are checked when a :class:`TrainConfig` is made: a typo fails before any data is loaded,
+with the option's name and the values it accepts."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..methods.budget import Interval
+
+__all__ = ["check_train_settings", "option_name"]
+
+_POSITIVE = Interval(0.0, low_open=True)
+_NON_NEGATIVE = Interval(0.0)
+
+#: Setting -> accepted values; ``None`` is also accepted for the ones in ``_OPTIONAL``.
+_RANGES: dict[str, Interval] = {
+    "epochs": _POSITIVE,
+    "lr": _POSITIVE,
+    "min_lr": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "warmup_epochs": _NON_NEGATIVE,
+    "label_smoothing": Interval(0.0, 1.0, high_open=True),
+    "save_every": Interval(0, integer=True),
+    "seed": Interval(0, integer=True),
+    "clip_grad": _POSITIVE,
+    "ema_decay": Interval(0.0, 1.0, low_open=True, high_open=True),
+}
+_OPTIONAL = {"clip_grad", "ema_decay"}
+
+
+def option_name(setting: str) -> str:
+    """``'warmup_epochs'`` -> ``'warmup_epochs (--warmup-epochs)'``: readable from Python and from the shell."""
+    return f"{setting} (--{setting.replace('_', '-')})"
+
+
+def check_train_settings(config: Any) -> None:
+    """``ValueError`` for the first setting of ``config`` (a ``TrainConfig``) outside its range."""
+    for setting, accepted in _RANGES.items():
+        value = getattr(config, setting)
+        if value is None and setting in _OPTIONAL:
+            continue
+        accepted.check(option_name(setting), value)
