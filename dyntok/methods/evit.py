@@ -142,8 +142,9 @@ class EViT(AdaptiveViT):
             keep = kept_count(keep_rate, tokens.shape[1] - prefix)
             tap = self._taps.get(index)
             query, key = tap.pop() if tap is not None else (None, None)
-            # A rate that keeps every token (1.0, or a short sequence) leaves the block as it is.
-            if tap is not None and keep < tokens.shape[1] - prefix:
+            # Reorganise only where it shortens the sequence: keeping all but one token and fusing that one
+            # would cost the class-attention row and the fusion and save nothing (short CIFAR sequences).
+            if tap is not None and keep + 1 < tokens.shape[1] - prefix:
                 scores = class_attention(query, key, tap.scale)[:, prefix:]
                 patches, destination = fuse_inattentive(tokens[:, prefix:], scores, keep)
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
@@ -169,7 +170,7 @@ class EViT(AdaptiveViT):
         for index, block in enumerate(self.vit.blocks):
             macs += attention_macs(block, patches + prefix)
             keep = kept_count(self.keep_rate, patches)
-            if index in self.prune_locations and keep < patches:
+            if index in self.prune_locations and keep + 1 < patches:
                 attn_dim = block.attn.qkv.out_features // 3
                 macs += (patches + prefix) * attn_dim + (patches - keep) * block.attn.proj.out_features
                 patches = keep + 1
