@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "linear_macs", "attention_product_macs", "block_macs", "patch_embed_macs", "head_macs",
+    "linear_macs", "attention_product_macs", "attention_macs", "mlp_macs", "block_macs", "patch_embed_macs", "head_macs",
     "vit_macs", "count_macs_with_torch",
 ]
 
@@ -38,11 +38,24 @@ def block_macs(block: nn.Module, tokens: int | float) -> float:
     Every linear layer inside the attention and MLP sub-modules is counted, so variants with qk-norm,
     LayerScale or a different MLP are covered without special cases.
     """
-    attn_dim = block.attn.qkv.out_features // 3
-    macs = sum(linear_macs(layer, tokens) for layer in _linears(block.attn))
-    macs += attention_product_macs(tokens, tokens, attn_dim)
-    macs += sum(linear_macs(layer, tokens) for layer in _linears(block.mlp))
-    return macs
+    return attention_macs(block.attn, tokens) + mlp_macs(block.mlp, tokens)
+
+
+def attention_macs(attn: nn.Module, tokens: int | float, heads: int | None = None) -> float:
+    """MACs of a timm ``Attention`` over ``tokens`` tokens, running ``heads`` of its heads (default: all).
+
+    Every linear layer of the attention (qkv, proj, an output gate) grows linearly with the heads it runs,
+    so a subset of the heads costs that share of the full count.
+    """
+    share = 1.0 if heads is None else heads / attn.num_heads
+    attn_dim = attn.qkv.out_features // 3
+    macs = sum(linear_macs(layer, tokens) for layer in _linears(attn))
+    return share * (macs + attention_product_macs(tokens, tokens, attn_dim))
+
+
+def mlp_macs(mlp: nn.Module, tokens: int | float) -> float:
+    """MACs of a block's MLP over ``tokens`` tokens (every linear layer in it)."""
+    return sum(linear_macs(layer, tokens) for layer in _linears(mlp))
 
 
 def patch_embed_macs(patch_embed: nn.Module) -> float:

@@ -4,6 +4,7 @@ from .registry import create_model, create_model_from_config, list_methods, list
 from . import dense  # noqa: F401  (registers "dense")
 from . import dynamicvit  # noqa: F401  (registers "dynamicvit")
 from . import dvt  # noqa: F401  (registers "dvt")
+from . import adavit  # noqa: F401  (registers "adavit")
 
 __all__ = ["AdaptiveViT", "LossOutput", "Prediction", "TrainingPhase", "create_model",
            "create_model_from_config", "list_methods", "list_models", "register_method"]
