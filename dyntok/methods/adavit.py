@@ -29,8 +29,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..measure.macs import attention_macs, linear_macs, mlp_macs, vit_macs
-from ..models.vit import BackboneSpec
-from .base import AdaptiveViT, Criterion, LossOutput, Prediction
+from ..models.vit import BackboneSpec, embed_tokens
+from .base import AdaptiveViT, Criterion, LossOutput, Prediction, dense_backbone_state
 from .dynamicvit import keep_attention_mask
 from .registry import register_method
 
@@ -242,11 +242,6 @@ class AdaViT(AdaptiveViT):
         return self.vit.blocks[0].attn.num_heads
 
     # ----------------------------------------------------------------- shared pieces of both forwards
-    def _embed(self, x: Tensor) -> Tensor:
-        """Tokens entering the first block: the prologue of timm's ``forward_features``."""
-        vit = self.vit
-        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-
     def _decide(self, policy: BlockPolicy, tokens: Tensor, normed: Tensor) -> Decisions:
         """The block's decisions: Gumbel-sigmoid samples in training, thresholded sigmoids otherwise."""
         batch, prefix = tokens.shape[0], self.vit.num_prefix_tokens
@@ -269,7 +264,7 @@ class AdaViT(AdaptiveViT):
         eval mode, so this path and the skipping one can be compared.
         """
         self.check_images(x)
-        tokens = self.vit.blocks[0](self._embed(x))
+        tokens = self.vit.blocks[0](embed_tokens(self.vit, x))
         decisions = []
         for policy, block in zip(self.policies, self.vit.blocks[1:]):
             normed = block.norm1(tokens)
@@ -305,17 +300,14 @@ class AdaViT(AdaptiveViT):
 
     def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
         """Load a ``DenseViT.state_dict()`` into the backbone; the decision modules keep their fresh weights."""
-        foreign = sorted(key for key in state_dict if not key.startswith("vit."))
-        if foreign:
-            raise ValueError(f"init_from_dense expects a DenseViT state dict (keys 'vit.*'); got {foreign[:3]}...")
-        self.vit.load_state_dict({key[len("vit."):]: value for key, value in state_dict.items()})
+        self.vit.load_state_dict(dense_backbone_state(state_dict))
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
         """Skip for real: each sub-block runs for the images that use it, on their kept tokens and heads."""
         self.check_images(x)
-        tokens = self.vit.blocks[0](self._embed(x))
+        tokens = self.vit.blocks[0](embed_tokens(self.vit, x))
         batch, num_patches = tokens.shape[0], self.num_patches
         macs = torch.full((batch,), self._fixed_macs(), dtype=torch.float64)
         full_patches = torch.ones(batch, num_patches, dtype=torch.bool, device=x.device)

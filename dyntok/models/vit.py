@@ -11,8 +11,9 @@ from typing import Any
 
 import timm
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 
-__all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "list_backbones"]
+__all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "embed_tokens", "list_backbones"]
 
 #: Keyword arguments of ``create_model`` that shape the backbone rather than the method.
 BACKBONE_OVERRIDES = (
@@ -102,6 +103,11 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
         raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "
                          f"VisionTransformer (vit_*, deit_*)")
     return model
+
+
+def embed_tokens(vit: VisionTransformer, images: Tensor) -> Tensor:
+    """Tokens entering a timm ViT's first block: the prologue of its ``forward_features``."""
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
 
 
 def list_backbones(include_timm: bool = False) -> list[str]:
