@@ -254,3 +254,13 @@ def test_calibration_sets_thresholds_that_reach_a_usage_on_held_out_images(image
     assert len(model.budget_sweep()) == 7
     model.calibrate([(held_out, None)], usage=1.0)
     assert model.get_budget() == {"patch_threshold": 0.0}
+
+
+def test_bfloat16_autocast_trains_and_predicts(images, labels):
+    _, model = dense_and_adavit()
+    spread_decisions(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction = model.predict(images)
+        loss = model.compute_loss(model.train()(images), labels, criterion)
+    assert torch.isfinite(prediction.logits).all() and torch.isfinite(loss.total)
+    loss.total.backward()

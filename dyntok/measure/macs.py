@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "linear_macs", "attention_product_macs", "attention_macs", "mlp_macs", "block_macs", "patch_embed_macs", "head_macs",
-    "vit_macs", "count_macs_with_torch",
+    "linear_macs", "attention_product_macs", "attention_macs", "mlp_macs", "block_macs", "patch_embed_macs",
+    "head_macs", "vit_macs", "count_macs_with_torch",
 ]
 
 

@@ -28,7 +28,8 @@ from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..measure.macs import attention_macs, linear_macs, mlp_macs, vit_macs
+from ..measure.macs import (attention_macs, block_macs, head_macs, linear_macs, mlp_macs, patch_embed_macs,
+                            vit_macs)
 from ..models.vit import BackboneSpec, embed_tokens
 from .base import AdaptiveViT, Criterion, LossOutput, Prediction, dense_backbone_state
 from .dynamicvit import keep_attention_mask
@@ -69,6 +70,7 @@ def gumbel_sigmoid(logits: Tensor, threshold: float, temperature: float, trainin
     there is no noise: the decision is deterministic.
     """
     boundary = _logit(threshold)
+    logits = logits.float()  # the noise needs float32: in bfloat16, 1 - 1e-6 rounds to 1 and its log1p to -inf
     if not training:
         return (logits / temperature > boundary).to(logits.dtype)
     uniform = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
@@ -323,7 +325,7 @@ class AdaViT(AdaptiveViT):
             macs += policy.macs(num_patches)
             macs += self._skipping_attention(block, tokens, normed, keep & runs_attention[:, None], heads)
             macs += self._skipping_mlp(block, tokens, keep & runs_mlp[:, None])
-            runs_attention &= heads.any(dim=1)
+            runs_attention = runs_attention & heads.any(dim=1)  # an attention without heads computed nothing
             kept_patches.append(decided.patches.bool() & (runs_attention | runs_mlp)[:, None])
             kept_heads.append(heads & runs_attention[:, None])
             kept_blocks.append(torch.stack([runs_attention, runs_mlp], dim=1))
@@ -343,7 +345,7 @@ class AdaViT(AdaptiveViT):
         """
         no_head = keep & ~heads.any(dim=1, keepdim=True)
         if block.attn.proj.bias is not None and no_head.any():
-            tokens[no_head] += block.ls1(block.attn.proj.bias)
+            tokens[no_head] += block.ls1(block.attn.proj.bias).to(tokens.dtype)
         keep = keep & ~no_head
         macs = torch.zeros(tokens.shape[0], dtype=torch.float64)
         for images, head_index in self._attention_groups(keep, heads):
@@ -355,7 +357,8 @@ class AdaViT(AdaptiveViT):
             rows = images[:, None].expand_as(order)
             update = attention_on_heads(block.attn, normed[rows, order], head_index,
                                         None if bool(valid.all()) else valid)
-            tokens.index_put_((rows[valid], order[valid]), block.ls1(update)[valid], accumulate=True)
+            update = block.ls1(update)[valid].to(tokens.dtype)
+            tokens.index_put_((rows[valid], order[valid]), update, accumulate=True)
             macs[images.cpu()] += attention_macs(block.attn, length, len(head_index))
         return macs
 
@@ -368,6 +371,8 @@ class AdaViT(AdaptiveViT):
             key = key * (keep.shape[1] + 1) + keep[images].sum(dim=1)
         elif self.attention_batching == "per_image":
             key = images
+        elif self.attention_batching != "pad":
+            raise ValueError(f"attention_batching is one of {ATTENTION_BATCHING}, got {self.attention_batching!r}")
         for value in key.unique():
             group = images[key == value]
             yield group, heads[group[0]].nonzero().squeeze(1)
@@ -376,13 +381,13 @@ class AdaViT(AdaptiveViT):
     def _skipping_mlp(block: Block, tokens: Tensor, keep: Tensor) -> Tensor:
         """Add the MLP update in place for the (image, token) pairs ``keep`` marks, all packed in one batch."""
         packed = tokens[keep]
-        tokens[keep] = packed + block.ls2(block.mlp(block.norm2(packed)))
+        tokens[keep] = (packed + block.ls2(block.mlp(block.norm2(packed)))).to(tokens.dtype)
         return keep.sum(dim=1).cpu().double() * mlp_macs(block.mlp, 1)
 
     def _fixed_macs(self) -> float:
         """What every image runs: patch embedding, the first block and the head."""
         tokens = self.num_patches + self.vit.num_prefix_tokens
-        return vit_macs(self.vit, [tokens] + [0] * (len(self.vit.blocks) - 1))
+        return patch_embed_macs(self.vit.patch_embed) + block_macs(self.vit.blocks[0], tokens) + head_macs(self.vit)
 
     def dense_macs(self) -> float:
         """Every patch, head and block run, plus the decision modules: the top of the budget range."""
