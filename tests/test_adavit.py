@@ -251,7 +251,9 @@ def test_calibration_sets_thresholds_that_reach_a_usage_on_held_out_images(image
     assert set(budget) == {"patch_threshold"} and 0.0 < budget["patch_threshold"] < 1.0
     kept = torch.stack(model.predict(held_out).extras["kept_patches"][1:]).float().mean().item()
     assert kept == pytest.approx(0.3, abs=0.05)
-    assert len(model.budget_sweep()) == 7
+    sweep = model.budget_sweep()
+    assert len(sweep) == 5 and {"patch_threshold": 0.6} in sweep
+    assert sweep[0]["patch_threshold"] < sweep[-1]["patch_threshold"]
     model.calibrate([(held_out, None)], usage=1.0)
     assert model.get_budget() == {"patch_threshold": 0.0}
 

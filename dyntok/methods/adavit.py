@@ -49,7 +49,7 @@ _DEFAULT_THRESHOLDS = {"patch": 0.6, "head": 0.5, "block": 0.5}
 #: Before :meth:`AdaViT.calibrate`, the sweep shifts the published thresholds by these amounts.
 _SWEEP_SHIFTS = (-0.1, -0.03, 0.0, 0.03, 0.1)
 #: After it, the sweep aims every policy at these usages on the held-out split (plus the trained thresholds).
-_SWEEP_USAGES = (0.9, 0.75, 0.6, 0.45, 0.35, 0.25)
+_SWEEP_USAGES = (0.8, 0.65, 0.4, 0.3)
 
 
 # --------------------------------------------------------------------------------------------- decisions
@@ -419,8 +419,9 @@ class AdaViT(AdaptiveViT):
         if not self._held_out_scores:
             return [{knob: round(min(1.0, max(0.0, value + shift)), 3) for knob, value in published.items()}
                     for shift in _SWEEP_SHIFTS]
-        return [self._thresholds_for_usage(usage) for usage in _SWEEP_USAGES[:3]] + [published] + [
-            self._thresholds_for_usage(usage) for usage in _SWEEP_USAGES[3:]]
+        generous, aggressive = _SWEEP_USAGES[:2], _SWEEP_USAGES[2:]
+        return ([self._thresholds_for_usage(usage) for usage in generous] + [published]
+                + [self._thresholds_for_usage(usage) for usage in aggressive])
 
     def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], usage: float | None = None) -> dict[str, Any]:
         """Record every policy's decision scores (``sigmoid(logits / temperature)``) over a held-out split.
