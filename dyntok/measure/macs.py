@@ -32,18 +32,6 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
-def attention_macs(block: nn.Module, tokens: int | float) -> float:
-    """MACs of the attention half of a timm ``Block`` (its linear layers and both products) over ``tokens``."""
-    attn_dim = block.attn.qkv.out_features // 3
-    macs = sum(linear_macs(layer, tokens) for layer in _linears(block.attn))
-    return macs + attention_product_macs(tokens, tokens, attn_dim)
-
-
-def mlp_macs(block: nn.Module, tokens: int | float) -> float:
-    """MACs of the MLP half of a timm ``Block`` over ``tokens`` tokens."""
-    return sum(linear_macs(layer, tokens) for layer in _linears(block.mlp))
-
-
 def block_macs(block: nn.Module, tokens: int | float) -> float:
     """MACs of one timm transformer ``Block`` over ``tokens`` tokens (class token included).
 
@@ -51,7 +39,24 @@ def block_macs(block: nn.Module, tokens: int | float) -> float:
     LayerScale or a different MLP are covered without special cases. Token-reducing methods (ToMe, EViT)
     shrink the sequence between the two halves and count them apart.
     """
-    return attention_macs(block, tokens) + mlp_macs(block, tokens)
+    return attention_macs(block.attn, tokens) + mlp_macs(block.mlp, tokens)
+
+
+def attention_macs(attn: nn.Module, tokens: int | float, heads: int | None = None) -> float:
+    """MACs of a timm ``Attention`` over ``tokens`` tokens, running ``heads`` of its heads (default: all).
+
+    Every linear layer of the attention (qkv, proj, an output gate) grows linearly with the heads it runs,
+    so a subset of the heads costs that share of the full count.
+    """
+    share = 1.0 if heads is None else heads / attn.num_heads
+    attn_dim = attn.qkv.out_features // 3
+    macs = sum(linear_macs(layer, tokens) for layer in _linears(attn))
+    return share * (macs + attention_product_macs(tokens, tokens, attn_dim))
+
+
+def mlp_macs(mlp: nn.Module, tokens: int | float) -> float:
+    """MACs of a block's MLP over ``tokens`` tokens (every linear layer in it)."""
+    return sum(linear_macs(layer, tokens) for layer in _linears(mlp))
 
 
 def patch_embed_macs(patch_embed: nn.Module) -> float:

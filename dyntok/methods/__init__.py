@@ -7,6 +7,7 @@ from . import dvt  # noqa: F401  (registers "dvt")
 from . import revit  # noqa: F401  (registers "revit")
 from . import tome  # noqa: F401  (registers "tome")
 from . import evit  # noqa: F401  (registers "evit")
+from . import adavit  # noqa: F401  (registers "adavit")
 
 __all__ = ["AdaptiveViT", "LossOutput", "Prediction", "TrainingPhase", "create_model",
            "create_model_from_config", "list_methods", "list_models", "register_method"]

@@ -252,6 +252,14 @@ class AdaptiveViT(nn.Module):
         return prediction.extras.get("kept_patches")
 
 
+def dense_backbone_state(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's weights in a ``DenseViT.state_dict()`` (keys ``vit.*``), for ``vit.load_state_dict``."""
+    foreign = sorted(key for key in state_dict if not key.startswith("vit."))
+    if foreign:
+        raise ValueError(f"init_from_dense expects a DenseViT state dict (keys 'vit.*'); got {foreign[:3]}...")
+    return {key[len("vit."):]: value for key, value in state_dict.items()}
+
+
 def _default_image_side(arch: str) -> int:
     """The input side timm builds ``arch`` with when no ``img_size`` is given (224 for most ViTs)."""
     import timm

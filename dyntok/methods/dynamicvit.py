@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..measure.macs import linear_macs, vit_macs
-from ..models.vit import BackboneSpec
-from .base import AdaptiveViT, Criterion, LossOutput, Prediction, TrainingPhase, split_weight_decay
+from ..models.vit import BackboneSpec, embed_tokens
+from .base import (AdaptiveViT, Criterion, LossOutput, Prediction, TrainingPhase, dense_backbone_state,
+                   split_weight_decay)
 from .budget import Interval, KnobSpace
 from .registry import register_method
 
@@ -198,11 +199,6 @@ class DynamicViT(AdaptiveViT):
         return [max(1, math.floor(ratio * num_patches + 1e-9)) for ratio in self.stage_keep_ratios()]
 
     # ----------------------------------------------------------------- shared pieces of both forwards
-    def _embed(self, x: Tensor) -> Tensor:
-        """Tokens entering the first block: the prologue of timm's ``forward_features``."""
-        vit = self.vit
-        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-
     def _stage_before(self, block_index: int) -> int | None:
         """The pruning stage that runs before block ``block_index``, if any."""
         try:
@@ -219,7 +215,7 @@ class DynamicViT(AdaptiveViT):
         """
         self.check_images(x)
         prefix = self.vit.num_prefix_tokens
-        tokens = self._embed(x)
+        tokens = embed_tokens(self.vit, x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
         keep = torch.ones(batch, num_patches, device=tokens.device)
         prefix_keep = keep.new_ones(batch, prefix)
@@ -298,10 +294,7 @@ class DynamicViT(AdaptiveViT):
 
     def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
         """Load a ``DenseViT.state_dict()`` into the backbone; the predictors keep their fresh weights."""
-        foreign = sorted(key for key in state_dict if not key.startswith("vit."))
-        if foreign:
-            raise ValueError(f"init_from_dense expects a DenseViT state dict (keys 'vit.*'); got {foreign[:3]}...")
-        self.vit.load_state_dict({key[len("vit."):]: value for key, value in state_dict.items()})
+        self.vit.load_state_dict(dense_backbone_state(state_dict))
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
@@ -309,7 +302,7 @@ class DynamicViT(AdaptiveViT):
         """Prune by gathering: after each stage only the top-k patch tokens, in their original order, go on."""
         self.check_images(x)
         prefix = self.vit.num_prefix_tokens
-        tokens = self._embed(x)
+        tokens = embed_tokens(self.vit, x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
         counts = self.stage_keep_counts(num_patches)
         # Original position of each patch token still present, to report what was kept.

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
-from ..models.vit import BackboneSpec
+from ..models.vit import BackboneSpec, embed_tokens
 from .base import AdaptiveViT, Prediction
 from .dynamicvit import _check_locations
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              class_attention, embed_tokens, gather_tokens, mlp_half, pooled_head)
+                              class_attention, gather_tokens, mlp_half, pooled_head)
 
 __all__ = ["EViT", "fuse_inattentive", "kept_count"]
 
@@ -168,13 +168,13 @@ class EViT(AdaptiveViT):
         prefix, patches = self.vit.num_prefix_tokens, self.num_patches
         macs = patch_embed_macs(self.vit.patch_embed) + head_macs(self.vit)
         for index, block in enumerate(self.vit.blocks):
-            macs += attention_macs(block, patches + prefix)
+            macs += attention_macs(block.attn, patches + prefix)
             keep = kept_count(self.keep_rate, patches)
             if index in self.prune_locations and keep + 1 < patches:
                 attn_dim = block.attn.qkv.out_features // 3
                 macs += (patches + prefix) * attn_dim + (patches - keep) * block.attn.proj.out_features
                 patches = keep + 1
-            macs += mlp_macs(block, patches + prefix)
+            macs += mlp_macs(block.mlp, patches + prefix)
         return macs, patches
 
     def dense_macs(self) -> float:

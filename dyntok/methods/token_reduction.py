@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from timm.models.vision_transformer import Block
 
-__all__ = ["attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "embed_tokens", "pooled_head",
+__all__ = ["attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "pooled_head",
            "gather_tokens", "AttentionTap", "class_attention", "PatchGroups", "patches_alone"]
 
 
@@ -40,11 +40,6 @@ def check_plain_blocks(vit: nn.Module, method: str) -> None:
         if not isinstance(block, Block) or type(block).forward is not Block.forward:
             raise ValueError(f"{method} needs timm's pre-norm Block (attention then MLP, each a residual branch); "
                              f"block {index} is a {type(block).__name__}")
-
-
-def embed_tokens(vit: nn.Module, x: Tensor) -> Tensor:
-    """Tokens entering the first block: the prologue of timm's ``forward_features``."""
-    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
 
 
 def pooled_head(vit: nn.Module, tokens: Tensor, sizes: Tensor | None = None) -> Tensor:

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
-from ..models.vit import BackboneSpec
+from ..models.vit import BackboneSpec, embed_tokens
 from .base import AdaptiveViT, Prediction
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              embed_tokens, mlp_half, patches_alone, pooled_head)
+                              mlp_half, patches_alone, pooled_head)
 
 __all__ = ["ToMe", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
 
@@ -214,7 +214,7 @@ class ToMe(AdaptiveViT):
         macs = patch_embed_macs(self.vit.patch_embed) + head_macs(self.vit)
         per_block = self.r_per_block()
         for block, r, patches in zip(self.vit.blocks, per_block, patch_counts(per_block, self.num_patches)):
-            macs += attention_macs(block, patches + prefix) + mlp_macs(block, patches - r + prefix)
+            macs += attention_macs(block.attn, patches + prefix) + mlp_macs(block.mlp, patches - r + prefix)
             if r > 0:
                 macs += (patches + 1) // 2 * (patches // 2) * head_dim  # cosine similarities of A x B
         return macs

@@ -14,8 +14,9 @@ from typing import Any
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 
-__all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "list_backbones"]
+__all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "embed_tokens", "list_backbones"]
 
 #: Keyword arguments of ``create_model`` that shape the backbone rather than the method.
 BACKBONE_OVERRIDES = (
@@ -138,6 +139,11 @@ def _refuse_pickled_code(path: str | Path) -> None:
     except Exception as error:  # any other failure means a damaged or foreign file
         raise ValueError(f"{path} is not a readable weight file ({type(error).__name__}); pass a .safetensors "
                          f"file or a torch file of plain tensors") from None
+
+
+def embed_tokens(vit: VisionTransformer, images: Tensor) -> Tensor:
+    """Tokens entering a timm ViT's first block: the prologue of its ``forward_features``."""
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
 
 
 def list_backbones(include_timm: bool = False) -> list[str]:
