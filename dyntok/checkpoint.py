@@ -5,6 +5,7 @@ written to a temporary name and moved into place, so an interrupted write never 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "load_meta", "CheckpointError",
+__all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "load_meta", "file_sha256", "CheckpointError",
            "CheckpointWriteError", "config_mismatch", "check_dense_init", "optimizer_state_to_tensors",
            "optimizer_state_from_tensors"]
 
@@ -87,6 +88,15 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} has a damaged dyntok header (meta is a {type(meta).__name__})")
     return meta
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: names a checkpoint in provenance records and cache keys."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -83,7 +83,7 @@ def test_valid_spec_fills_placeholders_defaults_and_budgets():
     (lambda s: s["entries"][2].update(budgets=[{"calibrate": {"q": 1}, "x": 1}]),
      "entries[2].budgets[0]: unknown key 'x'; known keys: calibrate"),
     (lambda s: s.update(reference="baseline"), "reference: no entry named 'baseline'"),
-    (lambda s: s.update(backbone="vit_cifar_nano"), "backbone: unknown backbone 'vit_cifar_nano'"),
+    (lambda s: s.update(backbone="vit_cifar_pico"), "backbone: unknown backbone 'vit_cifar_pico'"),
     (lambda s: s.pop("entries"), "entries: missing"),
     (lambda s: s["entries"][0].pop("model"), "entries[0].model: missing"),
     (lambda s: s.update(train={}), "entries[0].train.epochs: missing"),

@@ -130,7 +130,7 @@ def test_trainer_reports_progress_to_the_schedule(image_folder, tmp_path, monkey
     ({"keep_rate": 0.0}, r"in \(0, 1\]"),
     ({"keep_rate": 1.5}, r"in \(0, 1\]"),
     ({"keep_rate": "0.7"}, r"in \(0, 1\]"),
-    ({"r": 2}, "one budget knob, keep_rate"),
+    ({"r": 2}, "no budget knob r; knobs: keep_rate"),
 ])
 def test_impossible_knobs_are_rejected(knobs, message):
     model = tiny_model("evit")

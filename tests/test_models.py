@@ -54,6 +54,9 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     assert not torch.equal(loaded["head.weight"], source.state_dict()["head.weight"])
 
 
-def test_presets_have_no_published_weights():
-    with pytest.raises(ValueError, match="no published weights"):
-        dyntok.create_model("vit_cifar_tiny", pretrained=True)
+def test_a_preset_without_shipped_weights_says_how_to_make_them(monkeypatch, tmp_path):
+    from dyntok import pretrained
+
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path)  # whatever this installation ships
+    with pytest.raises(ValueError, match="ships no weights for 'vit_cifar_base'.*dyntok pretrain vit_cifar_base"):
+        dyntok.create_model("vit_cifar_base", pretrained=True)

@@ -33,7 +33,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
 # ------------------------------------------------------------------------------------------ bad settings
 @pytest.mark.parametrize("option, value, expected", [
     ("--lr", "nan", "lr (--lr) must be a number > 0; got nan"),
-    ("--epochs", "0", "epochs (--epochs) must be a number > 0"),
+    ("--epochs", "-1", "epochs (--epochs) must be a number >= 0"),
     ("--label-smoothing", "1", "label_smoothing (--label-smoothing) must be a number in [0, 1)"),
     ("--ema-decay", "1.5", "ema_decay (--ema-decay) must be a number in (0, 1)"),
     ("--clip-grad", "-1", "clip_grad (--clip-grad) must be a number > 0"),

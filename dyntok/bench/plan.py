@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import file_sha256
 from ..measure.speed import inference_context, synchronize
 from ..methods import AdaptiveViT, create_model
-from ..training.trainer import TrainConfig
+from ..pretrained import resolve_weights
+from ..training.trainer import PRETRAINED_INIT, TrainConfig
 from .cache import EntryCache, digest, training_key
 from .spec import BenchSpec, Entry
 
@@ -29,6 +31,8 @@ __all__ = ["EntryPlan", "Plan", "select_entries", "entry_caches", "train_config"
 def train_config(spec: BenchSpec, entry: Entry, output_dir: str | Path = "", init: str | Path | None = None,
                  device: str = "auto", progress: bool = True) -> TrainConfig:
     """The trainer's config for ``entry``: resumable, so an interrupted entry continues where it stopped."""
+    if entry.pretrained:
+        init = PRETRAINED_INIT  # zero epochs from the shipped reference: saved and evaluated as it is
     return TrainConfig(model=entry.model, model_kwargs=dict(entry.model_kwargs), data=spec.data,
                        output_dir=str(output_dir), init=None if init is None else str(init), device=device,
                        resume=True, progress=progress, **entry.train)
@@ -60,6 +64,8 @@ def entry_caches(spec: BenchSpec, entries: list[Entry], root: str | Path) -> dic
     caches: dict[str, EntryCache] = {}
     for entry in entries:
         init_key = caches[entry.init].key if entry.init else None
+        if entry.pretrained:  # new shipped weights are a new entry
+            init_key = file_sha256(resolve_weights(entry.model))
         caches[entry.name] = EntryCache.at(root, entry.name, training_key(train_config(spec, entry), init_key))
     return caches
 

@@ -28,6 +28,7 @@ from ..measure.evaluate import evaluate
 from ..measure.oracle import collect_exit_correctness, oracle_curve
 from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
 from ..methods import AdaptiveViT
+from ..pretrained import model_card
 from ..report import render_report
 from ..report.gallery import entry_gallery
 from ..report.leaderboard import derived_metrics
@@ -307,4 +308,12 @@ def _entry_record(spec: BenchSpec, entry: Entry, cache: EntryCache, model: Adapt
             "model_kwargs": entry.model_kwargs, "train": {key: config[key] for key in TRAIN_FIELDS},
             "key": cache.key, "cache": str(cache.folder),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "dense_gmacs": model.dense_macs() / 1e9,
-            "train_seconds": done.get("train_seconds"), "train_metrics": done.get("metrics"), "points": points}
+            "train_seconds": done.get("train_seconds"), "train_metrics": done.get("metrics"), "points": points,
+            "pretrained": _shipped_reference(entry) if entry.pretrained else None}
+
+
+def _shipped_reference(entry: Entry) -> dict[str, Any]:
+    """How the shipped weights an entry starts from were made (from their model card)."""
+    card = model_card(entry.model)
+    return {"test_top1": card.get("test_top1"), "epochs": card.get("epochs"), "command": card.get("command"),
+            "train_seconds": card.get("train_seconds"), "versions": card.get("versions")}

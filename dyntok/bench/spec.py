@@ -243,6 +243,8 @@ class Entry:
     when the model's own ``budget_sweep()`` decides the points, after a calibration on the held-out split
     (with the ``calibrate`` targets, if given).
     ``skipped`` says why the entry cannot run here (its method is not registered), else None.
+    ``pretrained`` entries are dyntok's shipped reference of their preset, evaluated without training
+    (``dyntok bench --from-scratch`` trains them with the recipe that made the shipped weights instead).
     """
 
     name: str
@@ -253,6 +255,7 @@ class Entry:
     budgets: tuple[BudgetPoint, ...] | None = None
     calibrate: dict[str, Any] | None = None
     skipped: str | None = None
+    pretrained: bool = False
 
     @property
     def method(self) -> str:
@@ -264,7 +267,7 @@ class Entry:
         return values
 
 
-_ENTRY_KEYS = ("name", "model", "model_kwargs", "init", "train", "budgets", "calibrate")
+_ENTRY_KEYS = ("name", "model", "model_kwargs", "init", "train", "budgets", "calibrate", "pretrained")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -399,15 +402,47 @@ def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], 
                             f"{', '.join(earlier) or 'none'}")
         if skipped is None and earlier[init].skipped:
             skipped = f"it starts from entry {init!r}, which is skipped"
+    pretrained = boolean(raw.get("pretrained", False), f"{where}.pretrained")
+    if pretrained:
+        _check_shipped_reference(model, model_kwargs, init, where)
     train = {**defaults, **_validated(mapping(raw.get("train"), f"{where}.train"), TRAIN_FIELDS, f"{where}.train")}
+    if pretrained:
+        train["epochs"] = 0  # the shipped weights are evaluated as they are
     if "epochs" not in train:
         raise SpecError(f"{where}.train.epochs: missing, and the spec's train section sets no default")
-    if train["epochs"] == 0 and init is None:
+    if train["epochs"] == 0 and init is None and not pretrained:
         raise SpecError(f"{where}.train.epochs: 0 trains nothing, so the entry needs init: (the entry whose "
                         f"weights it evaluates)")
     return Entry(name=name, model=model, model_kwargs=_json_value(model_kwargs, f"{where}.model_kwargs"),
                  train=train, init=init, budgets=_parse_budgets(raw.get("budgets"), f"{where}.budgets"),
-                 calibrate=_parse_targets(raw.get("calibrate"), f"{where}.calibrate"), skipped=skipped)
+                 calibrate=_parse_targets(raw.get("calibrate"), f"{where}.calibrate"), skipped=skipped,
+                 pretrained=pretrained)
+
+
+def _check_shipped_reference(model: str, model_kwargs: dict[str, Any], init: str | None, where: str) -> None:
+    """A ``pretrained`` entry is a bare preset with a recipe: exactly what ``dyntok pretrain`` ships."""
+    from ..pretrained import RECIPES
+
+    if model not in RECIPES or model_kwargs or init is not None:
+        raise SpecError(f"{where}.pretrained: only a bare preset with shipped weights and no model_kwargs or init "
+                        f"can be pretrained ({', '.join(RECIPES)}); got {model!r}")
+
+
+def with_references_from_scratch(spec: BenchSpec) -> BenchSpec:
+    """The same spec with every ``pretrained`` entry trained from scratch by the recipe of its shipped weights.
+
+    The recipe's data settings (augmentation, held-out split) are the spec's ``data`` section, so a spec meant
+    to reproduce the shipped references sets them as the recipe does (the built-in ``cpu`` spec does).
+    """
+    from ..pretrained import RECIPES
+
+    entries = []
+    for entry in spec.entries:
+        if entry.pretrained:
+            recipe = RECIPES[entry.model]
+            entry = dataclasses.replace(entry, pretrained=False, train={**entry.train, **recipe.train_fields()})
+        entries.append(entry)
+    return dataclasses.replace(spec, entries=tuple(entries))
 
 
 def _parse_budgets(values: Any, where: str) -> tuple[BudgetPoint, ...] | None:

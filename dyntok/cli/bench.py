@@ -29,6 +29,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the spec's)")
     parser.add_argument("--only", action="append", default=[], metavar="ENTRY",
                         help="run only this entry, plus what it needs (repeatable)")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train the references the spec takes from dyntok's shipped weights (pretrained: true) "
+                             "with the recipe that made them, instead of loading them")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimated time, run nothing")
     parser.add_argument("--speed-images", type=int, default=None, metavar="N",
                         help="test images per throughput measurement (default: the spec's)")
@@ -38,9 +41,11 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def _spec_from_args(args: argparse.Namespace):
-    from ..bench.spec import builtin_spec_path, load_spec
+    from ..bench.spec import builtin_spec_path, load_spec, with_references_from_scratch
 
     spec = load_spec(args.spec if args.spec is not None else builtin_spec_path(args.profile))
+    if args.from_scratch:
+        spec = with_references_from_scratch(spec)
     speed = {key: value for key, value in (("images", args.speed_images), ("repeats", args.repeats))
              if value is not None}
     for key, value in speed.items():

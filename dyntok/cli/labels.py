@@ -7,14 +7,13 @@ where the labels came from: the checkpoint (path and SHA-256), the model, the da
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import load_model, save_tensors
+from ..checkpoint import file_sha256, load_model, save_tensors
 from ..data import BatchLoader, DataConfig, EvalTransform, holdout_split, load_dataset
 from ..measure.oracle import collect_exit_correctness, first_correct_exit
 from ..training.distributed import select_device
@@ -64,7 +63,7 @@ def write_exit_labels(checkpoint: str | Path, data: DataConfig, split: str, outp
     meta: dict[str, Any] = {
         "kind": "exit_labels",
         "definition": "first exit of predict_all_exits that is right, the last if none (ReViT: shortest length)",
-        "checkpoint": {"path": str(checkpoint), "sha256": _sha256(checkpoint)},
+        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
         "model": model.config, "exit_macs": exit_macs,
         "split": {"name": split, "dataset": data.dataset, "source": images.source, "holdout_size": data.holdout_size,
                   "seed": data.seed, "transform": "eval", "images": len(images)},
@@ -82,10 +81,3 @@ def _training_split(data: DataConfig, split: str):
         raise ValueError(f"the {split!r} split is empty (holdout_size={data.holdout_size})")
     return chosen
 
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

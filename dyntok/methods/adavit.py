@@ -32,6 +32,7 @@ from ..measure.macs import (attention_macs, block_macs, head_macs, linear_macs, 
                             vit_macs)
 from ..models.vit import BackboneSpec, embed_tokens
 from .base import AdaptiveViT, Criterion, LossOutput, Prediction, dense_backbone_state
+from .budget import Interval, KnobSpace
 from .dynamicvit import keep_attention_mask
 from .registry import register_method
 
@@ -397,16 +398,13 @@ class AdaViT(AdaptiveViT):
     def get_budget(self) -> dict[str, Any]:
         return {f"{name}_threshold": self.thresholds[name] for name in self.policy_names}
 
+    def budget_space(self) -> dict[str, KnobSpace]:
+        # A threshold on each policy's decision sigmoid: 0 keeps everything, 1 drops everything it may drop.
+        return {f"{name}_threshold": Interval(0.0, 1.0) for name in self.policy_names}
+
     def set_budget(self, **knobs: Any) -> None:
-        known = {f"{name}_threshold" for name in self.policy_names}
-        unknown = sorted(set(knobs) - known)
-        if unknown:
-            raise ValueError(f"AdaViT's budget knobs are {sorted(known)}; got {unknown}")
-        for knob, value in knobs.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{knob} is a threshold on the decision sigmoid, in [0, 1]; got {value!r}")
-        for knob, value in knobs.items():
-            self.thresholds[knob.removesuffix("_threshold")] = float(value)
+        for knob, value in self.checked_budget(knobs).items():
+            self.thresholds[knob.removesuffix("_threshold")] = value
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         """Thresholds from generous (more compute) to aggressive, the published ones among them.

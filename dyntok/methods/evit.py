@@ -22,6 +22,7 @@ from torch import Tensor
 from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
 from ..models.vit import BackboneSpec, embed_tokens
 from .base import AdaptiveViT, Prediction
+from .budget import Interval, KnobSpace
 from .dynamicvit import _check_locations
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
@@ -184,16 +185,12 @@ class EViT(AdaptiveViT):
     def get_budget(self) -> dict[str, Any]:
         return {"keep_rate": self.keep_rate}
 
+    def budget_space(self) -> dict[str, KnobSpace]:
+        # The share of patch tokens each reorganising block keeps.
+        return {"keep_rate": Interval(0.0, 1.0, low_open=True)}
+
     def set_budget(self, **knobs: Any) -> None:
-        unknown = sorted(set(knobs) - {"keep_rate"})
-        if unknown:
-            raise ValueError(f"EViT has one budget knob, keep_rate; got {unknown}")
-        if "keep_rate" in knobs:
-            rate = knobs["keep_rate"]
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
-                raise ValueError(f"keep_rate is the share of patch tokens each reorganising block keeps, "
-                                 f"in (0, 1]; got {rate!r}")
-            self.keep_rate = float(rate)
+        self.keep_rate = self.checked_budget(knobs).get("keep_rate", self.keep_rate)
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         return [{"keep_rate": rate} for rate in _SWEEP_KEEP_RATES]

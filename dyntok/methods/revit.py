@@ -31,6 +31,7 @@ from ..measure.macs import linear_macs, patch_embed_macs, vit_macs
 from ..measure.oracle import exit_correctness, first_correct_exit
 from ..models.vit import BackboneSpec
 from .base import AdaptiveViT, Criterion, LossOutput, Prediction, TrainingPhase, split_weight_decay
+from .budget import Choice, Interval, KnobSpace
 from .dvt import default_grids
 from .registry import register_method
 
@@ -272,22 +273,17 @@ class ReViT(AdaptiveViT):
     def get_budget(self) -> dict[str, Any]:
         return {"bias": self.bias, "grid": self.grid}
 
+    def budget_space(self) -> dict[str, KnobSpace]:
+        # bias: added k times to the assigner's logit of the k-th length. Beyond the spread of those logits
+        # every image already sits at one end, so +-1e4 covers every distinct budget.
+        # grid: None lets the assigner decide, a grid side runs every image at that length.
+        return {"bias": Interval(-_BIAS_LIMIT, _BIAS_LIMIT), "grid": Choice((None, *self.grids))}
+
     def set_budget(self, **knobs: Any) -> None:
         """``bias=``: a finite float; ``grid=``: None or one of :attr:`grids`."""
-        unknown = sorted(set(knobs) - {"bias", "grid"})
-        if unknown:
-            raise ValueError(f"ReViT's budget knobs are bias= (float) and grid= (None or one of {self.grids}); "
-                             f"got {unknown}")
-        if "bias" in knobs:
-            bias = knobs["bias"]
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
-                raise ValueError(f"bias must be a finite number, got {bias!r}")
-            self.bias = float(bias)
-        if "grid" in knobs:
-            grid = knobs["grid"]
-            if grid is not None and grid not in self.grids:
-                raise ValueError(f"grid must be None (the assigner decides) or one of {self.grids}, got {grid!r}")
-            self.grid = None if grid is None else int(grid)
+        checked = self.checked_budget(knobs)
+        self.bias = checked.get("bias", self.bias)
+        self.grid = checked.get("grid", self.grid)
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         """The assigner at each of :data:`SWEEP_BIASES`, then every image at the longest length (the baseline
@@ -332,6 +328,10 @@ class ReViT(AdaptiveViT):
             else:
                 high = middle
         return low
+
+
+#: The largest bias magnitude accepted: far beyond the spread of any assigner's logits.
+_BIAS_LIMIT = 1e4
 
 
 def _square(size: Sequence[int], what: str) -> int:

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
 from ..models.vit import BackboneSpec, embed_tokens
 from .base import AdaptiveViT, Prediction
+from .budget import Choice, Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
                               mlp_half, patches_alone, pooled_head)
@@ -99,6 +100,14 @@ def largest_constant_r(num_patches: int, depth: int) -> int:
     while all(r + 1 <= n // 2 for n in patch_counts([r + 1] * depth, num_patches)):
         r += 1
     return r
+
+
+def _valid_r(r: Any, schedule: Any, depth: int, num_patches: int) -> bool:
+    try:
+        _check_r(r, schedule, depth, num_patches)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_r(r: Any, schedule: Any, depth: int, num_patches: int) -> list[int]:
@@ -230,12 +239,23 @@ class ToMe(AdaptiveViT):
     def get_budget(self) -> dict[str, Any]:
         return {"r": self.r, "schedule": self.schedule}
 
+    def budget_space(self) -> dict[str, KnobSpace]:
+        """A constant ``r`` valid under both schedules (per-block lists are accepted too, checked by
+        :meth:`set_budget`)."""
+        depth, largest = len(self.vit.blocks), largest_constant_r(self.num_patches, len(self.vit.blocks))
+        while largest > 0 and not _valid_r(largest, "decreasing", depth, self.num_patches):
+            largest -= 1
+        return {"r": Interval(0, largest, integer=True), "schedule": Choice(("constant", "decreasing"))}
+
     def set_budget(self, **knobs: Any) -> None:
         unknown = sorted(set(knobs) - {"r", "schedule"})
         if unknown:
             raise ValueError(f"ToMe's budget knobs are r and schedule; got {unknown}")
         r, schedule = knobs.get("r", self.r), knobs.get("schedule", self.schedule)
-        _check_r(r, schedule, len(self.vit.blocks), self.num_patches)
+        try:
+            _check_r(r, schedule, len(self.vit.blocks), self.num_patches)
+        except ValueError as error:
+            raise ValueError(f"{error} (with either schedule, r is {self.budget_space()['r'].describe()})") from None
         self.r, self.schedule = (list(r) if isinstance(r, (list, tuple)) else r), schedule
 
     def budget_sweep(self) -> list[dict[str, Any]]:

@@ -117,9 +117,19 @@ def _training_table(results: dict[str, Any]) -> str:
         seconds = entry.get("train_seconds")
         duration = "?" if seconds is None else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
         params = entry.get("params_m")
+        start = "shipped weights" if entry.get("pretrained") else entry.get("init") or "scratch"
         lines.append(f"| {entry['name']} | `{entry.get('model', '?')}` {_kwargs(entry.get('model_kwargs'))}| "
-                     f"{entry.get('init') or 'scratch'} | {train.get('epochs', '?')} | {train.get('lr', '?')} | "
+                     f"{start} | {train.get('epochs', '?')} | {train.get('lr', '?')} | "
                      f"{'?' if params is None else f'{params:.2f}'} | {duration} |")
+    shipped = [entry for entry in results["entries"] if entry.get("pretrained")]
+    if shipped:
+        lines += ["", "Entries on shipped weights were trained by `dyntok pretrain` (docs/pretrained.md) and are "
+                      "evaluated here without training:"]
+        for entry in shipped:
+            card = entry["pretrained"]
+            minutes = (card.get("train_seconds") or 0) / 60
+            lines.append(f"- **{entry['name']}**: `{card.get('command')}` ({card.get('epochs')} epochs, "
+                         f"{minutes:.0f} min, test top-1 {100 * (card.get('test_top1') or 0):.2f}% when made)")
     return "\n".join(lines)
 
 
