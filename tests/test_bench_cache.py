@@ -222,3 +222,22 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tiny_dataset, tmp_path, stub
     for entry in ("dense", "dynamicvit", "dvt"):
         assert f"\n{entry} " in plan
     assert "estimated total:" in plan
+
+
+def test_new_shipped_weights_make_a_new_entry(tmp_path, monkeypatch):
+    """A pretrained entry is keyed by its weights file's content: regenerated weights are never mixed up."""
+    from dyntok import pretrained
+
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path)
+    spec = parse_spec({"name": "p", "backbone": "vit_cifar_micro", "train": {"epochs": 1},
+                       "entries": [{"name": "dense", "model": "{backbone}", "pretrained": True}]})
+    torch_seed_models = []
+    for seed in (0, 1):
+        import torch
+        torch.manual_seed(seed)
+        torch_seed_models.append(dyntok.create_model("vit_cifar_micro"))
+    save_model(torch_seed_models[0], tmp_path / "vit_cifar_micro.safetensors")
+    first = entry_caches(spec, list(spec.entries), tmp_path / "cache")["dense"].key
+    assert entry_caches(spec, list(spec.entries), tmp_path / "cache")["dense"].key == first
+    save_model(torch_seed_models[1], tmp_path / "vit_cifar_micro.safetensors")
+    assert entry_caches(spec, list(spec.entries), tmp_path / "cache")["dense"].key != first

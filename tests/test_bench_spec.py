@@ -37,7 +37,7 @@ def error_for(values: dict) -> str:
 def test_builtin_specs_parse(profile):
     spec = load_spec(builtin_spec_path(profile))
     assert spec.runnable and spec.reference in {entry.name for entry in spec.runnable}
-    assert all(entry.train["epochs"] > 0 or entry.init for entry in spec.entries)
+    assert all(entry.train["epochs"] > 0 or entry.init or entry.pretrained for entry in spec.entries)
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -48,11 +48,48 @@ def test_every_registered_method_is_in_the_builtin_spec(profile):
     assert not missing, f"add an entry for {sorted(missing)} to {builtin_spec_path(profile).name}"
 
 
-def test_builtin_cpu_spec_has_static_baselines():
+def test_builtin_cpu_spec_starts_every_method_from_the_shipped_reference_beside_shipped_static_baselines():
+    from dyntok.models import PRESETS
+
     spec = load_spec(builtin_spec_path("cpu"))
+    reference = spec.entry(spec.reference)
+    assert reference.pretrained and reference.model == spec.backbone
+    adaptive = [entry for entry in spec.runnable if entry.method != "dense"]
+    assert adaptive and all(entry.init == spec.reference for entry in adaptive)
     static = [entry for entry in spec.runnable if entry.method == "dense" and entry.name != spec.reference]
-    assert any("patch_size" in entry.model_kwargs for entry in static), "the same ViT at fewer tokens"
-    assert any({"depth", "embed_dim"} & set(entry.model_kwargs) for entry in static), "a smaller ViT"
+    assert all(entry.pretrained for entry in static)
+    shapes = {key: PRESETS[spec.backbone][key] for key in ("patch_size", "embed_dim", "depth")}
+    assert any(PRESETS[entry.model]["patch_size"] > shapes["patch_size"] for entry in static), "fewer tokens"
+    assert any(PRESETS[entry.model]["depth"] < shapes["depth"] for entry in static), "a smaller ViT"
+
+
+def test_pretrained_entries_train_nothing_unless_from_scratch():
+    from dyntok.bench.plan import train_config
+    from dyntok.bench.spec import with_references_from_scratch
+    from dyntok.pretrained import RECIPES
+
+    values = minimal_spec()
+    values["entries"][0]["pretrained"] = True
+    spec = parse_spec(values)
+    dense = spec.entry("dense")
+    config = train_config(spec, dense)
+    assert dense.pretrained and config.epochs == 0 and config.init == "pretrained"
+    scratch = with_references_from_scratch(spec).entry("dense")
+    config = train_config(spec, scratch)
+    assert not scratch.pretrained and config.init is None
+    assert (config.epochs, config.lr) == (RECIPES["vit_cifar_micro"].epochs, RECIPES["vit_cifar_micro"].lr)
+    assert with_references_from_scratch(spec).entry("dynamicvit") == spec.entry("dynamicvit")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "x", "model": "vit_cifar_tiny", "pretrained": True}, "only a bare preset with shipped weights"),
+    ({"name": "x", "model": "{backbone}", "model_kwargs": {"depth": 2}, "pretrained": True}, "no model_kwargs"),
+    ({"name": "x", "model": "{backbone}", "pretrained": "yes"}, "entries[3].pretrained"),
+])
+def test_bad_pretrained_entries_are_refused(entry, message):
+    values = minimal_spec()
+    values["entries"].append(entry)
+    assert message in error_for(values)
 
 
 def test_valid_spec_fills_placeholders_defaults_and_budgets():
@@ -162,12 +199,15 @@ def test_spec_round_trips_through_its_dict():
     assert values["data"]["batch_size"] == 32
 
 
-def test_dvt_ablation_spec_shares_the_default_runs_cache_entries(tmp_path):
+def test_dvt_ablation_spec_shares_the_default_runs_cache_entries(tmp_path, monkeypatch):
+    from dyntok import pretrained
     from dyntok.bench.plan import entry_caches
     from dyntok.bench.spec import builtin_spec_path, load_spec
 
     from .conftest import REPO_ROOT
 
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path)  # stand-in shipped weights: keys hash the file
+    dyntok.save_model(dyntok.create_model("vit_cifar_micro"), tmp_path / "vit_cifar_micro.safetensors")
     default = load_spec(builtin_spec_path("cpu"))
     ablation = load_spec(REPO_ROOT / "benchmarks" / "dvt_ablation.yaml")
     shared = {"dense", "dvt"}

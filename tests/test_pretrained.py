@@ -162,3 +162,36 @@ def test_shipped_reference_reproduces_its_model_card(preset):
     loaders = build_loaders(DataConfig(dataset=str(SHARED_CIFAR10), batch_size=256, holdout_size=0))
     result = evaluate(model, loaders["test"], torch.device("cpu"), progress=False)
     assert abs(result.summary()["top1"] - card["test_top1"]) <= 0.001
+
+
+def test_dyntok_pretrain_resumes_and_reproduces_its_export(weights_dir, image_folder, tmp_path, monkeypatch):
+    """Re-running the pretrain command continues the finished run (nothing retrained) and writes the same file."""
+    from dyntok.cli import main
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
+    tiny = pretrained.Recipe(epochs=0.5, batch_size=8, holdout_size=4, dataset=str(image_folder))
+    monkeypatch.setitem(pretrained.RECIPES, PRESET, tiny)
+    original = pretrained.Recipe.train_config
+
+    def uncompiled_at_16px(self, *args, **kwargs):  # tiny images; compiling would only cost time here
+        config = original(self, *args, **kwargs)
+        config.model_kwargs, config.compile = {"img_size": 16}, False
+        return config
+
+    monkeypatch.setattr(pretrained.Recipe, "train_config", uncompiled_at_16px)
+    argv = ["pretrain", PRESET, "--output-dir", str(tmp_path / "runs"), "--export", str(tmp_path / "out"),
+            "--no-progress"]
+    assert main(argv) == 0
+    first = load_file(tmp_path / "out" / f"{PRESET}.safetensors")
+    log_lines = (tmp_path / "runs" / PRESET / "log.jsonl").read_text().splitlines()
+    assert main(argv) == 0
+    assert (tmp_path / "runs" / PRESET / "log.jsonl").read_text().splitlines() == log_lines  # resumed, not retrained
+    again = load_file(tmp_path / "out" / f"{PRESET}.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
+
+
+def test_dyntok_pretrain_names_the_presets_it_has_recipes_for():
+    from dyntok.cli import main
+
+    assert main(["pretrain", "vit_cifar_base", "--no-progress"]) == 2
