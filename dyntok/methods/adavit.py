@@ -408,6 +408,18 @@ class AdaViT(AdaptiveViT):
         for knob, value in knobs.items():
             self.thresholds[knob.removesuffix("_threshold")] = float(value)
 
+    def paper_budget(self) -> dict[str, Any]:
+        """The published thresholds (0.6 patches, 0.5 heads and blocks), trained towards usage 0.5."""
+        return {f"{name}_threshold": _DEFAULT_THRESHOLDS[name] for name in self.policy_names}
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """The paper's usage targets forced on ``images`` (thresholds fitted so each policy keeps 0.5 there:
+        untrained policies keep an arbitrary share at the published thresholds), and thresholds 0 (every
+        patch, head and block runs: what the decisions alone cost)."""
+        fitted = self.calibrate([(chunk, None) for chunk in images.split(64)], usage=0.5)
+        return {"usage 0.5 (paper targets)": fitted,
+                "thresholds 0 (nothing skipped)": {knob: 0.0 for knob in self.get_budget()}}
+
     def budget_sweep(self) -> list[dict[str, Any]]:
         """Thresholds from generous (more compute) to aggressive, the published ones among them.
 

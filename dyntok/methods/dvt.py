@@ -361,6 +361,13 @@ class DVT(AdaptiveViT):
                                                           geometric_exit_proportions(q, stages))}
                 for q in SWEEP_Q]
 
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """Every image leaving at the first stage (thresholds 0: DVT's best case), and exit shares fitted on
+        ``images`` to the published rule q^k with q = 0.5 (4/7, 2/7, 1/7 of the images for three stages)."""
+        first = {"thresholds": [0.0] * (len(self.stages) - 1)}
+        fitted = self.calibrate([(chunk, None) for chunk in images.split(64)], q=0.5)
+        return {"all exit at stage 1": first, "exit shares q^k, q=0.5": fitted}
+
     def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], gmacs: float | None = None,
                   q: float | None = None) -> dict[str, Any]:
         """Run every stage once over a held-out split, keep each exit's confidences, and fit the thresholds.

@@ -351,6 +351,14 @@ class DynamicViT(AdaptiveViT):
     def set_budget(self, **knobs: Any) -> None:
         self.keep_ratio = self.checked_budget(knobs).get("keep_ratio", self.keep_ratio)
 
+    def paper_budget(self) -> dict[str, Any]:
+        """The paper's headline keep ratio, 0.7 (196 -> 137 -> 96 -> 67 patch tokens on DeiT-S)."""
+        return {"keep_ratio": 0.7}
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """The paper's keep ratio, and keep ratio 1 (nothing pruned: what the predictors alone cost)."""
+        return {"keep 0.7 (paper)": self.paper_budget(), "keep 1.0 (nothing pruned)": {"keep_ratio": 1.0}}
+
     def budget_sweep(self) -> list[dict[str, Any]]:
         return [{"keep_ratio": ratio} for ratio in _SWEEP_KEEP_RATIOS]
 
