@@ -248,9 +248,9 @@ class AdaptiveViT(nn.Module):
         Each value is a ``set_budget`` setting whose cost does not depend on what training would teach: methods
         whose cost follows the content (exit, length or skip shares) force the shares here, fitting their knobs
         on ``images`` where needed (which may change the current budget: callers set each point). The paper's
-        budget comes first. Default: ``{"paper": paper_budget()}``.
+        budget comes first. Default: ``{"as built": paper_budget()}``.
         """
-        return {"paper": self.paper_budget()}
+        return {"as built": self.paper_budget()}
 
     def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], **target: Any) -> dict[str, Any]:
         """Fit knobs on a held-out split for a target (e.g. ``gmacs=``); returns the fitted knobs.
