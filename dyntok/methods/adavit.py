@@ -152,15 +152,19 @@ def attention_on_heads(attn: Attention, x: Tensor, heads: Tensor, key_valid: Ten
     padding keys.
     """
     batch, tokens, _ = x.shape
-    rows, columns = _head_rows(attn, heads)
-    bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
-    qkv = F.linear(x, attn.qkv.weight[rows], bias).reshape(batch, tokens, 3, len(heads), attn.head_dim)
+    if len(heads) == attn.num_heads:  # every head (``heads`` is sorted): the weights as they are, no copies
+        qkv_weight, bias, proj_weight = attn.qkv.weight, attn.qkv.bias, attn.proj.weight
+    else:
+        rows, columns = _head_rows(attn, heads)
+        qkv_weight, proj_weight = attn.qkv.weight[rows], attn.proj.weight[:, columns]
+        bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
+    qkv = F.linear(x, qkv_weight, bias).reshape(batch, tokens, 3, len(heads), attn.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     mask = None if key_valid is None else key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     out = out.transpose(1, 2).reshape(batch, tokens, len(heads) * attn.head_dim)
-    return F.linear(out, attn.proj.weight[:, columns], attn.proj.bias)
+    return F.linear(out, proj_weight, attn.proj.bias)
 
 
 # --------------------------------------------------------------------------------------------- the method
@@ -351,6 +355,16 @@ class AdaViT(AdaptiveViT):
         for images, head_index in self._attention_groups(keep, heads):
             counts = keep[images].sum(dim=1)
             length = int(counts.max())
+            if int(counts.min()) == keep.shape[1]:  # every token of every image in the group: no gather
+                whole = len(images) == len(tokens)
+                update = attention_on_heads(block.attn, normed if whole else normed[images], head_index, None)
+                update = block.ls1(update).to(tokens.dtype)
+                if whole:
+                    tokens += update
+                else:
+                    tokens[images] += update
+                macs[images.cpu()] += attention_macs(block.attn, length, len(head_index))
+                continue
             # Stable sort puts each image's kept tokens first, in their original order.
             order = keep[images].to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :length]
             valid = torch.arange(length, device=tokens.device) < counts[:, None]
@@ -380,9 +394,13 @@ class AdaViT(AdaptiveViT):
     @staticmethod
     def _skipping_mlp(block: Block, tokens: Tensor, keep: Tensor) -> Tensor:
         """Add the MLP update in place for the (image, token) pairs ``keep`` marks, all packed in one batch."""
-        packed = tokens[keep]
-        tokens[keep] = (packed + block.ls2(block.mlp(block.norm2(packed)))).to(tokens.dtype)
-        return keep.sum(dim=1).cpu().double() * mlp_macs(block.mlp, 1)
+        counts = keep.sum(dim=1).cpu()
+        if int(counts.min()) == keep.shape[1]:  # every token of every image: no packing
+            tokens += block.ls2(block.mlp(block.norm2(tokens))).to(tokens.dtype)
+        else:
+            packed = tokens[keep]
+            tokens[keep] = (packed + block.ls2(block.mlp(block.norm2(packed)))).to(tokens.dtype)
+        return counts.double() * mlp_macs(block.mlp, 1)
 
     def _fixed_macs(self) -> float:
         """What every image runs: patch embedding, the first block and the head."""
