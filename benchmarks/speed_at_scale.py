@@ -98,8 +98,9 @@ def measure_size(size: str, args: argparse.Namespace, device: torch.device,
 
 
 def _row_line(row: dict[str, Any]) -> str:
-    return (f"{row['size']:<16}{row['method']:<11}{row['budget']:<32}{row['gmacs']:>8.3f}{row['mac_reduction']:>8.2f}x"
-            f"{row['speedup']:>8.2f}x{row['realised']:>9.2f}{row['latency_ratio']:>8.2f}{row['latency_realised']:>9.2f}")
+    return (f"{row['size']:<16}{row['method']:<11}{row['budget']:<32}{row['gmacs']:>8.3f}"
+            f"{row['mac_reduction']:>8.2f}x{row['speedup']:>8.2f}x{row['realised']:>9.2f}"
+            f"{row['latency_ratio']:>8.2f}{row['latency_realised']:>9.2f}")
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -126,7 +127,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                   "| method | budget | GMACs | MAC red. | speed-up | realised | b=1 latency | b=1 realised |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {row['method']} | {row['budget']} | {row['gmacs']:.3f} | {row['mac_reduction']:.2f}x | "
-                  f"{row['speedup']:.2f}x | {row['realised']:.2f} | {row['latency_ratio']:.2f} | {row['latency_realised']:.2f} |"
+                  f"{row['speedup']:.2f}x | {row['realised']:.2f} | {row['latency_ratio']:.2f} | "
+                  f"{row['latency_realised']:.2f} |"
                   for row in rows]
         lines.append("")
     return "\n".join(lines)
