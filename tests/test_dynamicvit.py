@@ -250,3 +250,18 @@ def test_save_load_round_trip_keeps_keep_ratio_and_logits(images, tmp_path):
     assert loaded.get_budget() == {"keep_ratio": 0.55}
     assert loaded.prune_locations == model.prune_locations
     assert torch.equal(loaded.predict(images).logits, model.predict(images).logits)
+
+
+def test_keep_ratio_one_skips_the_predictors_and_is_the_dense_model(images):
+    dense, model = dense_and_pruned(keep_ratio=1.0)
+    calls = []
+    for predictor in model.predictors:
+        predictor.register_forward_hook(lambda *args: calls.append(1))
+    prediction = model.predict(images)
+    assert calls == []
+    torch.testing.assert_close(prediction.logits, dense.predict(images).logits)
+    assert (prediction.macs == dense.dense_macs()).all()
+    assert [kept.all() for kept in prediction.extras["kept_patches"]] == [True] * len(model.prune_locations)
+    model.set_budget(keep_ratio=0.5)  # fewer tokens at every stage: every predictor runs again
+    model.predict(images)
+    assert len(calls) == len(model.prune_locations)

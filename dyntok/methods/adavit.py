@@ -153,15 +153,19 @@ def attention_on_heads(attn: Attention, x: Tensor, heads: Tensor, key_valid: Ten
     padding keys.
     """
     batch, tokens, _ = x.shape
-    rows, columns = _head_rows(attn, heads)
-    bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
-    qkv = F.linear(x, attn.qkv.weight[rows], bias).reshape(batch, tokens, 3, len(heads), attn.head_dim)
+    if len(heads) == attn.num_heads:  # every head (``heads`` is sorted): the weights as they are, no copies
+        qkv_weight, bias, proj_weight = attn.qkv.weight, attn.qkv.bias, attn.proj.weight
+    else:
+        rows, columns = _head_rows(attn, heads)
+        qkv_weight, proj_weight = attn.qkv.weight[rows], attn.proj.weight[:, columns]
+        bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
+    qkv = F.linear(x, qkv_weight, bias).reshape(batch, tokens, 3, len(heads), attn.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     mask = None if key_valid is None else key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     out = out.transpose(1, 2).reshape(batch, tokens, len(heads) * attn.head_dim)
-    return F.linear(out, attn.proj.weight[:, columns], attn.proj.bias)
+    return F.linear(out, proj_weight, attn.proj.bias)
 
 
 # --------------------------------------------------------------------------------------------- the method
@@ -352,6 +356,16 @@ class AdaViT(AdaptiveViT):
         for images, head_index in self._attention_groups(keep, heads):
             counts = keep[images].sum(dim=1)
             length = int(counts.max())
+            if int(counts.min()) == keep.shape[1]:  # every token of every image in the group: no gather
+                whole = len(images) == len(tokens)
+                update = attention_on_heads(block.attn, normed if whole else normed[images], head_index, None)
+                update = block.ls1(update).to(tokens.dtype)
+                if whole:
+                    tokens += update
+                else:
+                    tokens[images] += update
+                macs[images.cpu()] += attention_macs(block.attn, length, len(head_index))
+                continue
             # Stable sort puts each image's kept tokens first, in their original order.
             order = keep[images].to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :length]
             valid = torch.arange(length, device=tokens.device) < counts[:, None]
@@ -381,9 +395,13 @@ class AdaViT(AdaptiveViT):
     @staticmethod
     def _skipping_mlp(block: Block, tokens: Tensor, keep: Tensor) -> Tensor:
         """Add the MLP update in place for the (image, token) pairs ``keep`` marks, all packed in one batch."""
-        packed = tokens[keep]
-        tokens[keep] = (packed + block.ls2(block.mlp(block.norm2(packed)))).to(tokens.dtype)
-        return keep.sum(dim=1).cpu().double() * mlp_macs(block.mlp, 1)
+        counts = keep.sum(dim=1).cpu()
+        if int(counts.min()) == keep.shape[1]:  # every token of every image: no packing
+            tokens += block.ls2(block.mlp(block.norm2(tokens))).to(tokens.dtype)
+        else:
+            packed = tokens[keep]
+            tokens[keep] = (packed + block.ls2(block.mlp(block.norm2(packed)))).to(tokens.dtype)
+        return counts.double() * mlp_macs(block.mlp, 1)
 
     def _fixed_macs(self) -> float:
         """What every image runs: patch embedding, the first block and the head."""
@@ -405,6 +423,18 @@ class AdaViT(AdaptiveViT):
     def set_budget(self, **knobs: Any) -> None:
         for knob, value in self.checked_budget(knobs).items():
             self.thresholds[knob.removesuffix("_threshold")] = value
+
+    def paper_budget(self) -> dict[str, Any]:
+        """The published thresholds (0.6 patches, 0.5 heads and blocks), trained towards usage 0.5."""
+        return {f"{name}_threshold": _DEFAULT_THRESHOLDS[name] for name in self.policy_names}
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """The paper's usage targets forced on ``images`` (thresholds fitted so each policy keeps 0.5 there:
+        untrained policies keep an arbitrary share at the published thresholds), and thresholds 0 (every
+        patch, head and block runs: what the decisions alone cost)."""
+        fitted = self.calibrate([(chunk, None) for chunk in images.split(64)], usage=0.5)
+        return {"usage 0.5 (paper targets)": fitted,
+                "thresholds 0 (nothing skipped)": {knob: 0.0 for knob in self.get_budget()}}
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         """Thresholds from generous (more compute) to aggressive, the published ones among them.

@@ -238,6 +238,20 @@ class AdaptiveViT(nn.Module):
         """
         return [self.get_budget()]
 
+    def paper_budget(self) -> dict[str, Any]:
+        """The knobs of the method's published headline setting (docs/methods/); default: the budget as built."""
+        return self.get_budget()
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """Labelled budgets at which to time this model with untrained weights (``benchmarks/speed_at_scale.py``).
+
+        Each value is a ``set_budget`` setting whose cost does not depend on what training would teach: methods
+        whose cost follows the content (exit, length or skip shares) force the shares here, fitting their knobs
+        on ``images`` where needed (which may change the current budget: callers set each point). The paper's
+        budget comes first. Default: ``{"as built": paper_budget()}``.
+        """
+        return {"as built": self.paper_budget()}
+
     def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], **target: Any) -> dict[str, Any]:
         """Fit knobs on a held-out split for a target (e.g. ``gmacs=``); returns the fitted knobs.
 

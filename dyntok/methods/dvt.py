@@ -173,10 +173,11 @@ class DVTStage(nn.Module):
         x = vit.patch_embed(self._resize(images))
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
         biases = self._relation_biases(memory)
+        reused_features = self._reused_features(memory)
         relations = []
         for index, block in enumerate(vit.blocks):
-            reused = None if self.feature_reuse is None else self.feature_reuse[index](memory.tokens)
-            x, logits = block_forward(block, x, biases[index], reused, return_logits=self.exports_relations)
+            x, logits = block_forward(block, x, biases[index], reused_features[index],
+                                      return_logits=self.exports_relations)
             if logits is not None:
                 relations.append(logits)
         memory = StageMemory(x, torch.cat(relations, dim=1) if relations else None)
@@ -187,6 +188,15 @@ class DVTStage(nn.Module):
             return images
         return F.interpolate(images, size=(self.side, self.side), mode="bilinear", align_corners=False,
                              antialias=True)
+
+    def _reused_features(self, memory: StageMemory | None) -> Sequence[Tensor | None]:
+        """Every block's reused features: each block's MLP on the coarse grid, then one resampling for all of
+        them (they depend on the previous stage only, and the resampling treats each channel on its own)."""
+        if self.feature_reuse is None:
+            return [None] * len(self.vit.blocks)
+        coarse = [module.coarse(memory.tokens) for module in self.feature_reuse]
+        return self.feature_reuse[0].to_grid(torch.cat(coarse, dim=-1)).split(
+            [features.shape[-1] for features in coarse], dim=-1)
 
     def _relation_biases(self, memory: StageMemory | None) -> Sequence[Tensor | None]:
         if self.relation_reuse is None:
@@ -360,6 +370,13 @@ class DVT(AdaptiveViT):
         return [{"thresholds": thresholds_for_proportions(self._held_out_confidences,
                                                           geometric_exit_proportions(q, stages))}
                 for q in SWEEP_Q]
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """Every image leaving at the first stage (thresholds 0: DVT's best case), and exit shares fitted on
+        ``images`` to the published rule q^k with q = 0.5 (4/7, 2/7, 1/7 of the images for three stages)."""
+        first = {"thresholds": [0.0] * (len(self.stages) - 1)}
+        fitted = self.calibrate([(chunk, None) for chunk in images.split(64)], q=0.5)
+        return {"all exit at stage 1": first, "exit shares q^k, q=0.5": fitted}
 
     def calibrate(self, loader: Iterable[tuple[Tensor, Tensor]], gmacs: float | None = None,
                   q: float | None = None) -> dict[str, Any]:

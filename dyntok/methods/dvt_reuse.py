@@ -126,8 +126,15 @@ class FeatureReuse(nn.Module):
         self.mlp = Mlp(dim, hidden_dim, out_dim)
 
     def forward(self, previous_tokens: Tensor) -> Tensor:
-        # The MLP runs on the previous (coarser) grid, before upsampling: fewer tokens, same result shape.
-        features = self.mlp(self.norm(previous_tokens[:, self.num_prefix:]))
+        return self.to_grid(self.coarse(previous_tokens))
+
+    def coarse(self, previous_tokens: Tensor) -> Tensor:
+        """The MLP on the previous (coarser) grid, before upsampling: fewer tokens, same result shape."""
+        return self.mlp(self.norm(previous_tokens[:, self.num_prefix:]))
+
+    def to_grid(self, features: Tensor) -> Tensor:
+        """(B, previous_grid², C) -> (B, prefix + grid², C), channel by channel: the outputs of several
+        modules concatenated on C go through at once (:meth:`DVTStage` does so for all its blocks)."""
         features = resample_token_axis(features, self.previous_grid, self.grid, 0)
         prefix = features.mean(dim=1, keepdim=True).expand(-1, self.num_prefix, -1)
         return torch.cat([prefix, features], dim=1)
@@ -154,10 +161,24 @@ class RelationReuse(nn.Module):
                                  nn.Conv2d(channels * expansion, channels, kernel_size=1))
 
     def forward(self, previous_logits: Tensor) -> Tensor:
-        bias = self.mlp(previous_logits)
+        bias = self._channel_mlp(previous_logits)
         bias = resample_token_axis(bias, self.previous_grid, self.grid, self.num_prefix)  # query axis
         bias = resample_token_axis(bias.transpose(-1, -2), self.previous_grid, self.grid, self.num_prefix)
         return bias.transpose(-1, -2)  # key axis done too
+
+    def _channel_mlp(self, logits: Tensor) -> Tensor:
+        """``self.mlp`` (1x1 convolutions, GELU) as two matmuls over the channel axis: the same result without
+        the convolution machinery, which is slow for a 1x1 kernel at small batches on CPU. A replaced ``mlp``
+        (anything but the built convolution pair) is called as it is."""
+        if not (isinstance(self.mlp, nn.Sequential) and len(self.mlp) == 3):
+            return self.mlp(logits)
+        first, gelu, second = self.mlp
+        batch, channels, height, width = logits.shape
+        # baddbmm, like the convolution, runs in the autocast dtype, bias included (bf16 stays bf16 on GPU).
+        hidden = gelu(torch.baddbmm(first.bias[:, None], first.weight.flatten(1).expand(batch, -1, -1),
+                                    logits.reshape(batch, channels, -1)))
+        out = torch.baddbmm(second.bias[:, None], second.weight.flatten(1).expand(batch, -1, -1), hidden)
+        return out.reshape(batch, -1, height, width)
 
     def macs(self) -> float:
         """MACs per image: the two 1x1 convolutions at every (query, key) position of the previous stage."""

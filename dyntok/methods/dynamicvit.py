@@ -311,10 +311,12 @@ class DynamicViT(AdaptiveViT):
         for index, block in enumerate(self.vit.blocks):
             stage = self._stage_before(index)
             if stage is not None:
-                scores = self.predictors[stage](tokens[:, prefix:])[..., 0]
-                chosen = scores.topk(counts[stage], dim=1).indices.sort(dim=1).values
-                tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], chosen)], dim=1)
-                positions = positions.gather(1, chosen)
+                # A stage that keeps every token has nothing to decide: its predictor is skipped, not run.
+                if counts[stage] < tokens.shape[1] - prefix:
+                    scores = self.predictors[stage](tokens[:, prefix:])[..., 0]
+                    chosen = scores.topk(counts[stage], dim=1).indices.sort(dim=1).values
+                    tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], chosen)], dim=1)
+                    positions = positions.gather(1, chosen)
                 kept_patches.append(torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)
                                     .scatter_(1, positions, True))
             tokens = block(tokens)
@@ -331,14 +333,15 @@ class DynamicViT(AdaptiveViT):
         counts = self.stage_keep_counts(num_patches)
         for index in range(len(self.vit.blocks)):
             stage = self._stage_before(index)
-            if stage is not None:
+            if stage is not None and counts[stage] < patches:
                 predictor_total += predictor_macs(self.predictors[stage], patches)
                 patches = counts[stage]
             patches_per_block.append(patches + prefix)
         return vit_macs(self.vit, patches_per_block) + predictor_total
 
     def dense_macs(self) -> float:
-        """The top of the budget range, keep_ratio 1: every block sees every token and the predictors still run."""
+        """The top of the budget range: every block sees every token and the predictors run (keep ratios just
+        under 1; at exactly 1 nothing is pruned, so :meth:`predict` skips the predictors and costs the dense ViT)."""
         return vit_macs(self.vit) + sum(predictor_macs(predictor, self.num_patches) for predictor in self.predictors)
 
     # ----------------------------------------------------------------- budget knobs
@@ -350,6 +353,14 @@ class DynamicViT(AdaptiveViT):
 
     def set_budget(self, **knobs: Any) -> None:
         self.keep_ratio = self.checked_budget(knobs).get("keep_ratio", self.keep_ratio)
+
+    def paper_budget(self) -> dict[str, Any]:
+        """The paper's headline keep ratio, 0.7 (196 -> 137 -> 96 -> 67 patch tokens on DeiT-S)."""
+        return {"keep_ratio": 0.7}
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """The paper's keep ratio, and keep ratio 1 (nothing pruned: what the predictors alone cost)."""
+        return {"keep 0.7 (paper)": self.paper_budget(), "keep 1.0 (nothing pruned)": {"keep_ratio": 1.0}}
 
     def budget_sweep(self) -> list[dict[str, Any]]:
         return [{"keep_ratio": ratio} for ratio in _SWEEP_KEEP_RATIOS]

@@ -192,5 +192,13 @@ class EViT(AdaptiveViT):
     def set_budget(self, **knobs: Any) -> None:
         self.keep_rate = self.checked_budget(knobs).get("keep_rate", self.keep_rate)
 
+    def paper_budget(self) -> dict[str, Any]:
+        """The paper's DeiT-S headline keep rate, 0.7."""
+        return {"keep_rate": 0.7}
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """The paper's keep rate, and keep rate 1 (nothing fused: what the reorganisation alone costs)."""
+        return {"keep 0.7 (paper)": self.paper_budget(), "keep 1.0 (nothing pruned)": {"keep_rate": 1.0}}
+
     def budget_sweep(self) -> list[dict[str, Any]]:
         return [{"keep_rate": rate} for rate in _SWEEP_KEEP_RATES]

@@ -285,6 +285,16 @@ class ReViT(AdaptiveViT):
         self.bias = checked.get("bias", self.bias)
         self.grid = checked.get("grid", self.grid)
 
+    def paper_budget(self) -> dict[str, Any]:
+        """No official budget exists (docs/methods/revit.md); as built, the assigner decides at bias 0."""
+        return {"bias": 0.0, "grid": None}
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """Every image at each length in turn (``grid=``): the assigner's choice is what training teaches,
+        so untrained weights are timed at forced length shares; the longest length is nothing pruned."""
+        return {f"all at {grid}x{grid}" + (" (nothing pruned)" if grid == self.grids[-1] else ""):
+                {"bias": 0.0, "grid": grid} for grid in self.grids}
+
     def budget_sweep(self) -> list[dict[str, Any]]:
         """The assigner at each of :data:`SWEEP_BIASES`, then every image at the longest length (the baseline
         the assigner saves against)."""

@@ -258,6 +258,15 @@ class ToMe(AdaptiveViT):
             raise ValueError(f"{error} (with either schedule, r is {self.budget_space()['r'].describe()})") from None
         self.r, self.schedule = (list(r) if isinstance(r, (list, tuple)) else r), schedule
 
+    def paper_budget(self) -> dict[str, Any]:
+        """The paper's off-the-shelf DeiT setting, r = 13 in every block (fewer where a block cannot merge 13)."""
+        return {"r": min(13, largest_constant_r(self.num_patches, len(self.vit.blocks))), "schedule": "constant"}
+
+    def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """The paper's r, and r = 0 (nothing merged: what the matching hooks alone cost)."""
+        paper = self.paper_budget()
+        return {f"r={paper['r']} (paper)": paper, "r=0 (nothing merged)": {"r": 0, "schedule": "constant"}}
+
     def budget_sweep(self) -> list[dict[str, Any]]:
         largest = largest_constant_r(self.num_patches, len(self.vit.blocks))
         values = sorted({max(1, round(share * largest)) for share in _SWEEP_SHARES}) if largest else [0]
