@@ -20,7 +20,7 @@ from dyntok.cli import main
 from dyntok.data import DataConfig
 from dyntok.methods import LossOutput
 from dyntok.methods.dense import DenseViT
-from dyntok.training import TrainConfig, train
+from dyntok.training import train
 from dyntok.training.lock import LOCK_NAME, RunLockedError, claim_output_dir
 from dyntok.training.trainer import MAX_NONFINITE_STEPS
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..measure.macs import (attention_macs, block_macs, head_macs, linear_macs, mlp_macs, patch_embed_macs,
                             vit_macs)
 from ..models.vit import BackboneSpec, embed_tokens
-from .base import AdaptiveViT, Criterion, LossOutput, Prediction, dense_backbone_state
+from .base import Criterion, LossOutput, Prediction, SingleViT, dense_backbone_state
 from .budget import Interval, KnobSpace
 from .dynamicvit import keep_attention_mask
 from .registry import register_method
@@ -170,7 +170,7 @@ def attention_on_heads(attn: Attention, x: Tensor, heads: Tensor, key_valid: Ten
 
 # --------------------------------------------------------------------------------------------- the method
 @register_method
-class AdaViT(AdaptiveViT):
+class AdaViT(SingleViT):
     """A timm ViT that decides, per image and per block, which patches, heads and sub-blocks to run.
 
     Args:
@@ -235,14 +235,6 @@ class AdaViT(AdaptiveViT):
                 trunc_normal_(layer.weight, std=0.02)
                 start = self.temperature * _logit(self.thresholds[name]) + _logit(self.targets[name])
                 nn.init.constant_(layer.bias, max(-10.0, min(10.0, start)))
-
-    @property
-    def num_classes(self) -> int:
-        return self.vit.num_classes
-
-    @property
-    def num_patches(self) -> int:
-        return self.vit.patch_embed.num_patches
 
     @property
     def num_heads(self) -> int:

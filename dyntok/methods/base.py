@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..models.vit import BackboneSpec
 from .budget import Choice, KnobSpace
 
-__all__ = ["Prediction", "LossOutput", "TrainingPhase", "AdaptiveViT", "Criterion"]
+__all__ = ["Prediction", "LossOutput", "TrainingPhase", "AdaptiveViT", "SingleViT", "Criterion"]
 
 #: The task loss the trainer hands to :meth:`AdaptiveViT.compute_loss`: ``criterion(logits, target)``.
 Criterion = Callable[[Tensor, Tensor], Tensor]
@@ -264,6 +264,21 @@ class AdaptiveViT(nn.Module):
     def kept_patches(self, prediction: Prediction) -> list[Tensor] | None:
         """Per stage, a (B, num_patches) bool mask of the patches each image used, if the method decides it."""
         return prediction.extras.get("kept_patches")
+
+
+class SingleViT(AdaptiveViT):
+    """A method that runs one timm ViT, ``self.vit`` (every method but DVT's cascade of several)."""
+
+    vit: nn.Module
+
+    @property
+    def num_classes(self) -> int:
+        return self.vit.num_classes
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of the full image (prefix tokens excluded)."""
+        return self.vit.patch_embed.num_patches
 
 
 def dense_backbone_state(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..measure.macs import linear_macs, vit_macs
 from ..models.vit import BackboneSpec, embed_tokens
-from .base import (AdaptiveViT, Criterion, LossOutput, Prediction, TrainingPhase, dense_backbone_state,
+from .base import (Criterion, LossOutput, Prediction, SingleViT, TrainingPhase, dense_backbone_state,
                    split_weight_decay)
 from .budget import Interval, KnobSpace
 from .registry import register_method
@@ -137,7 +137,7 @@ class DynamicViTOutput:
 
 # --------------------------------------------------------------------------------------------- the method
 @register_method
-class DynamicViT(AdaptiveViT):
+class DynamicViT(SingleViT):
     """A timm ViT whose patch tokens are pruned, per image, by learned prediction modules.
 
     Args:
@@ -179,14 +179,6 @@ class DynamicViT(AdaptiveViT):
         self.predictor_warmup = predictor_warmup
         self.keep_ratio = 1.0
         self.set_budget(keep_ratio=keep_ratio)
-
-    @property
-    def num_classes(self) -> int:
-        return self.vit.num_classes
-
-    @property
-    def num_patches(self) -> int:
-        return self.vit.patch_embed.num_patches
 
     def stage_keep_ratios(self) -> list[float]:
         """Target share of patch tokens kept after each pruning stage: ``rho, rho^2, ...``."""

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
 from ..models.vit import BackboneSpec, embed_tokens
-from .base import AdaptiveViT, Prediction
+from .base import Prediction, SingleViT
 from .budget import Interval, KnobSpace
 from .dynamicvit import _check_locations
 from .registry import register_method
@@ -59,7 +59,7 @@ def fuse_inattentive(patches: Tensor, scores: Tensor, keep: int) -> tuple[Tensor
 
 
 @register_method
-class EViT(AdaptiveViT):
+class EViT(SingleViT):
     """A timm ViT that keeps its attentive patch tokens and fuses the others at a few blocks.
 
     Args:
@@ -94,14 +94,6 @@ class EViT(AdaptiveViT):
         self._training_progress: float | None = None
         self.keep_rate = 1.0
         self.set_budget(keep_rate=keep_rate)
-
-    @property
-    def num_classes(self) -> int:
-        return self.vit.num_classes
-
-    @property
-    def num_patches(self) -> int:
-        return self.vit.patch_embed.num_patches
 
     # ----------------------------------------------------------------- training
     def set_training_progress(self, fraction: float) -> None:

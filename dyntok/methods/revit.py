@@ -19,7 +19,6 @@ parts follow the paper and which are this library's choices).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs, vit_macs
 from ..models.vit import BackboneSpec, embed_tokens
-from .base import AdaptiveViT, Prediction
+from .base import Prediction, SingleViT
 from .budget import Choice, Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
@@ -134,7 +134,7 @@ def _check_r(r: Any, schedule: Any, depth: int, num_patches: int) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- the method
 @register_method
-class ToMe(AdaptiveViT):
+class ToMe(SingleViT):
     """A timm ViT whose patch tokens are merged in every block, ``r`` at a time.
 
     Args:
@@ -164,14 +164,6 @@ class ToMe(AdaptiveViT):
         self.r: int | list[int] = 0
         self.schedule = "constant"
         self.set_budget(r=default_r if r is None else r, schedule=schedule)
-
-    @property
-    def num_classes(self) -> int:
-        return self.vit.num_classes
-
-    @property
-    def num_patches(self) -> int:
-        return self.vit.patch_embed.num_patches
 
     def r_per_block(self) -> list[int]:
         return r_schedule(self.r, self.schedule, len(self.vit.blocks))

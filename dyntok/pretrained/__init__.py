@@ -131,12 +131,14 @@ def _download(repo_id: str, filename: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        raise PretrainedError("loading weights from a hub needs huggingface_hub (pip install huggingface_hub)") from None
+        raise PretrainedError("loading weights from a hub needs huggingface_hub "
+                              "(pip install huggingface_hub)") from None
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as error:  # network, authentication and missing-file errors all end here
         raise PretrainedError(f"could not fetch {filename} from hub repository {repo_id!r} ({type(error).__name__}: "
-                              f"{error}); offline, use the packaged weights (pretrained=True) or a local file") from None
+                              f"{error}); offline, use the packaged weights (pretrained=True) or a local "
+                              f"file") from None
 
 
 def load_reference(preset: str, source: bool | str | os.PathLike = True):

@@ -32,7 +32,7 @@ from ..checkpoint import (check_dense_init, config_mismatch, load_model, load_te
 from ..data import DataConfig, build_loaders
 from ..measure.evaluate import evaluate
 from ..methods import AdaptiveViT, create_model
-from .distributed import DistributedContext, init_distributed, stop_cleanly_on_sigterm
+from .distributed import init_distributed, stop_cleanly_on_sigterm
 from .lock import claim_output_dir
 from .schedule import warmup_cosine
 from .validation import check_train_settings
