@@ -6,6 +6,7 @@ import argparse
 from ..measure.macs import vit_macs
 from ..methods import list_methods, list_models
 from ..models import PRESETS, create_backbone
+from ..pretrained import available, model_card
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -18,11 +19,13 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     print("methods:", ", ".join(list_methods()))
-    print(f"{'preset':<18}{'params (M)':>12}{'GMACs':>10}")
+    width = max(map(len, PRESETS)) + 2
+    print(f"{'preset':<{width}}{'params (M)':>12}{'GMACs':>10}  shipped weights (test top-1)")
     for preset in PRESETS:
         vit = create_backbone(preset)
         params = sum(p.numel() for p in vit.parameters()) / 1e6
-        print(f"{preset:<18}{params:>12.2f}{vit_macs(vit) / 1e9:>10.4f}")
+        shipped = f"{100 * model_card(preset)['test_top1']:.2f}%" if available(preset) else "-"
+        print(f"{preset:<{width}}{params:>12.2f}{vit_macs(vit) / 1e9:>10.4f}  {shipped}")
     print("\nmodels:")
     for model_name in list_models(args.pattern, include_timm=args.timm):
         print(" ", model_name)

@@ -205,7 +205,7 @@ def export_reference(run_dir: str | Path, preset: str, destination: str | Path |
     recipe = RECIPES.get(preset, Recipe())
     card = {
         "preset": preset, "command": recipe.command(preset), "recipe": config,
-        "test_top1": metrics["test"]["top1"], "test_images": metrics["test"].get("images"),
+        "test_top1": metrics["test"]["top1"], "test_images": metrics["test"].get("num_images"),
         "data": {"dataset": config["data"].get("dataset"), "holdout_size": config["data"].get("holdout_size"),
                  "note": "CIFAR-10 (JPEG copy) when trained on ../shared/data/cifar10"},
         "seed": config["seed"], "epochs": config["epochs"],
