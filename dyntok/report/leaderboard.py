@@ -154,6 +154,8 @@ def _anytime_table(results: dict[str, Any]) -> str | None:
     for entry in entries:
         for point in entry["points"]:
             shares = point.get("exit_shares") or []
+            if not shares:  # routed straight to one exit (ReViT's lengths): no cascade to leave
+                continue
             cells = [f"{100 * share:.1f}" for share in shares] + [""] * (width - len(shares))
             lines.append(f"| {entry['name']} | {point.get('label', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
