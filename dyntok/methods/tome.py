@@ -26,7 +26,7 @@ from .base import Prediction, SingleViT
 from .budget import Choice, Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              mlp_half, patches_alone, pooled_head)
+                              mlp_half, pooled_head)
 
 __all__ = ["ToMe", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
 
@@ -204,8 +204,9 @@ class ToMe(SingleViT):
         batch = x.shape[0]
         macs = torch.full((batch,), self._macs_per_image(), dtype=torch.float64)
         final_tokens = self.num_patches - sum(self.r_per_block())
-        # Per merging block: which token each patch is part of, and which patches are still a token alone.
-        extras = {"patch_groups": groups.history, "kept_patches": [patches_alone(index) for index in groups.history],
+        # Per merging block, which token each patch is part of. Merging drops no patch (each still lives on in some token), so there is no kept_patches mask:
+        # pictures tint the merged groups instead of greying anything.
+        extras = {"patch_groups": groups.history,
                   "token_length": torch.full((batch,), final_tokens, dtype=torch.long)}
         return Prediction(logits, macs, extras)
 
