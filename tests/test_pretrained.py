@@ -100,8 +100,14 @@ def test_weights_for_another_model_are_refused_by_name(weights_dir):
 
 def test_an_architecture_override_is_refused_naming_it(weights_dir):
     _fake_reference(weights_dir)
-    with pytest.raises(PretrainedError, match="built with depth=3"):
+    with pytest.raises(PretrainedError, match="trained with depth=2; .* built with depth=3"):
         dyntok.create_model(PRESET, pretrained=True, depth=3)
+
+
+def test_restating_the_presets_own_settings_is_no_clash(weights_dir):
+    reference = _fake_reference(weights_dir)
+    model = dyntok.create_model(PRESET, pretrained=True, img_size=32, depth=2, drop_path_rate=0.1)
+    assert torch.equal(model.vit.pos_embed, reference.vit.pos_embed)
 
 
 def test_another_class_count_keeps_the_body_and_renews_the_classifier(weights_dir):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError, load_model, load_tensors, save_model
+from ..models.vit import BackboneSpec
 
 __all__ = ["RECIPES", "PretrainedError", "WEIGHTS_DIR", "available", "export_reference", "load_reference",
            "model_card", "reference_state_dict", "resolve_weights", "shipped_presets"]
@@ -165,14 +166,17 @@ def reference_state_dict(preset: str, overrides: dict[str, Any], source: bool | 
     from ..methods import create_model
 
     reference = load_reference(preset, source)
-    stored = reference.config["backbone"]["overrides"]
-    clashing = {key: value for key, value in overrides.items()
-                if key not in _FREE_OVERRIDES | {"num_classes"} and stored.get(key, value) != value}
-    clashing.update({key: None for key in overrides.keys() - stored.keys() - _FREE_OVERRIDES - {"num_classes"}})
+    # Compare what each side builds (preset plus overrides), so restating a preset's own value is no clash.
+    _, asked = BackboneSpec(preset, overrides).resolved_kwargs()
+    _, trained = BackboneSpec(preset, reference.config["backbone"]["overrides"]).resolved_kwargs()
+    ignored = _FREE_OVERRIDES | {"num_classes"}
+    clashing = sorted(key for key in asked.keys() | trained.keys()
+                      if key not in ignored and asked.get(key) != trained.get(key))
     if clashing:
-        asked = ", ".join(f"{key}={value!r}" for key, value in overrides.items() if key in clashing)
-        raise PretrainedError(f"the {preset!r} reference was trained as {stored or 'the preset'}; it cannot be "
-                              f"loaded into a model built with {asked}. Drop those settings or train from scratch")
+        built = ", ".join(f"{key}={asked.get(key)!r}" for key in clashing)
+        made = ", ".join(f"{key}={trained.get(key)!r}" for key in clashing)
+        raise PretrainedError(f"the {preset!r} reference was trained with {made}; it cannot be loaded into a model "
+                              f"built with {built}. Drop those settings or train from scratch")
     weights = reference.state_dict()
     classes = overrides.get("num_classes")
     if classes is not None and classes != reference.num_classes:
