@@ -6,14 +6,14 @@ from torch import Tensor
 
 from ..measure.macs import vit_macs
 from ..models.vit import BackboneSpec
-from .base import AdaptiveViT, Prediction
+from .base import Prediction, SingleViT
 from .registry import register_method
 
 __all__ = ["DenseViT"]
 
 
 @register_method
-class DenseViT(AdaptiveViT):
+class DenseViT(SingleViT):
     """A timm ViT wrapped in the method contract; its MACs are the same for every image."""
 
     method_name = "dense"
@@ -22,10 +22,6 @@ class DenseViT(AdaptiveViT):
         super().__init__(backbone)
         self.vit = backbone.build()
         self._macs = vit_macs(self.vit)
-
-    @property
-    def num_classes(self) -> int:
-        return self.vit.num_classes
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_images(x)

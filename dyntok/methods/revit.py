@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..measure.macs import linear_macs, patch_embed_macs, vit_macs
 from ..measure.oracle import exit_correctness, first_correct_exit
 from ..models.vit import BackboneSpec
-from .base import AdaptiveViT, Criterion, LossOutput, Prediction, TrainingPhase, split_weight_decay
+from .base import Criterion, LossOutput, Prediction, SingleViT, TrainingPhase, split_weight_decay
 from .budget import Choice, Interval, KnobSpace
 from .dvt import default_grids
 from .registry import register_method
@@ -118,7 +118,7 @@ class ReViTOutput:
 
 # --------------------------------------------------------------------------------------------- the method
 @register_method
-class ReViT(AdaptiveViT):
+class ReViT(SingleViT):
     """One ViT at several token lengths, plus a Token-Length Assigner choosing each image's length.
 
     Args:
@@ -163,10 +163,6 @@ class ReViT(AdaptiveViT):
         # Held-out assigner logits from the last calibrate(): calibration data, not saved.
         self._held_out_logits: Tensor | None = None
         self.set_phase("revit")
-
-    @property
-    def num_classes(self) -> int:
-        return self.vit.num_classes
 
     def logits_at(self, images: Tensor, grid: int) -> Tensor:
         """The backbone's logits with ``images`` resized to a ``grid`` x ``grid`` token grid."""
