@@ -7,6 +7,7 @@ from torch import nn
 
 import dyntok
 from dyntok.measure.macs import count_macs_with_torch
+from dyntok.methods import adavit
 from dyntok.methods.adavit import ATTENTION_BATCHING, _heads_gated, attention_on_heads, gumbel_sigmoid
 
 from .conftest import TINY, tiny_model
@@ -90,6 +91,19 @@ def test_every_policy_forced_on_gives_the_dense_logits(images):
     torch.testing.assert_close(model(images).logits, expected)
     assert prediction.extras["kept_blocks"].all() and all(kept.all() for kept in prediction.extras["kept_patches"])
     assert prediction.macs.tolist() == [model.dense_macs()] * len(images)
+
+
+def test_blocks_that_keep_everything_take_the_plain_path_with_the_same_results(images, monkeypatch):
+    _, model = dense_and_adavit()
+    model.set_budget(**FULL)
+    plain = model.predict(images)
+    monkeypatch.setattr(adavit, "_keeps_everything", lambda decided: False)
+    grouped = model.predict(images)
+    torch.testing.assert_close(plain.logits, grouped.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain.macs, grouped.macs)
+    for key in ("kept_patches", "kept_heads"):
+        assert all(torch.equal(a, b) for a, b in zip(plain.extras[key], grouped.extras[key]))
+    assert torch.equal(plain.extras["kept_blocks"], grouped.extras["kept_blocks"])
 
 
 @pytest.mark.parametrize("batching", ATTENTION_BATCHING)

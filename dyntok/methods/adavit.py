@@ -36,7 +36,7 @@ from .budget import Interval, KnobSpace
 from .dynamicvit import keep_attention_mask
 from .registry import register_method
 
-__all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "attention_on_heads",
+__all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "hard_decisions", "attention_on_heads",
            "POLICIES", "ATTENTION_BATCHING"]
 
 #: The three kinds of decision, in the order of every per-policy setting.
@@ -70,14 +70,19 @@ def gumbel_sigmoid(logits: Tensor, threshold: float, temperature: float, trainin
     the soft sigmoid's gradient (straight-through); the forward value is exactly 0 or 1. Without training
     there is no noise: the decision is deterministic.
     """
-    boundary = _logit(threshold)
     logits = logits.float()  # the noise needs float32: in bfloat16, 1 - 1e-6 rounds to 1 and its log1p to -inf
     if not training:
-        return (logits / temperature > boundary).to(logits.dtype)
+        return hard_decisions(logits, threshold, temperature).to(logits.dtype)
+    boundary = _logit(threshold)
     uniform = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
     scaled = (logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature
     soft = torch.sigmoid(scaled)
     return (scaled > boundary).to(logits.dtype) + (soft - soft.detach())
+
+
+def hard_decisions(logits: Tensor, threshold: float, temperature: float) -> Tensor:
+    """Deterministic bool decisions ``sigmoid(logits / temperature) > threshold``, as inference takes them."""
+    return logits.float() / temperature > _logit(threshold)
 
 
 class BlockPolicy(nn.Module):
@@ -241,18 +246,28 @@ class AdaViT(SingleViT):
         return self.vit.blocks[0].attn.num_heads
 
     # ----------------------------------------------------------------- shared pieces of both forwards
-    def _decide(self, policy: BlockPolicy, tokens: Tensor, normed: Tensor) -> Decisions:
-        """The block's decisions: Gumbel-sigmoid samples in training, thresholded sigmoids otherwise."""
+    def _decide(self, policy: BlockPolicy, tokens: Tensor, normed: Tensor, skipping: bool = False) -> Decisions:
+        """The block's decisions: Gumbel-sigmoid samples in training, thresholded sigmoids otherwise.
+
+        ``skipping`` (:meth:`predict`): bool decisions rather than floats that gate updates, taken in as few
+        small kernels as possible, since at batch 1 they are most of what a block costs beyond timm's own.
+        """
         batch, prefix = tokens.shape[0], self.vit.num_prefix_tokens
-        shapes = {"patch": (batch, tokens.shape[1] - prefix), "head": (batch, self.num_heads),
-                  "block": (batch, 2)}
-        decided = {name: tokens.new_ones(shape) for name, shape in shapes.items()}
         class_token = tokens[:, 0]
+        decided = {}
         for name, layer in policy.modules_by_policy().items():
             logits = layer(normed[:, prefix:]).squeeze(-1) if name == "patch" else layer(class_token)
-            decided[name] = gumbel_sigmoid(logits, self.thresholds[name], self.temperature, self.training)
+            if skipping and not self.training:
+                decided[name] = hard_decisions(logits, self.thresholds[name], self.temperature)
+            else:
+                decided[name] = gumbel_sigmoid(logits, self.thresholds[name], self.temperature, self.training)
+                decided[name] = decided[name].bool() if skipping else decided[name]
             if self._score_log is not None:
                 self._score_log[name].append(torch.sigmoid(logits / self.temperature).flatten().float().cpu())
+        shapes = {"patch": (batch, tokens.shape[1] - prefix), "head": (batch, self.num_heads),
+                  "block": (batch, 2)}
+        for name in shapes.keys() - decided.keys():  # switched-off policies decide all ones
+            decided[name] = tokens.new_ones(shapes[name], dtype=torch.bool if skipping else tokens.dtype)
         return Decisions(decided["patch"], decided["head"], decided["block"])
 
     # ----------------------------------------------------------------- training
@@ -308,28 +323,39 @@ class AdaViT(SingleViT):
         self.check_images(x)
         tokens = self.vit.blocks[0](embed_tokens(self.vit, x))
         batch, num_patches = tokens.shape[0], self.num_patches
-        macs = torch.full((batch,), self._fixed_macs(), dtype=torch.float64)
+        shared_macs = self._fixed_macs()  # what every image of the batch runs, summed as a Python float
         full_patches = torch.ones(batch, num_patches, dtype=torch.bool, device=x.device)
         full_heads = torch.ones(batch, self.num_heads, dtype=torch.bool, device=x.device)
-        kept_patches, kept_heads, kept_blocks = [full_patches], [full_heads], [full_heads.new_ones(batch, 2)]
+        full_blocks = full_heads.new_ones(batch, 2)
+        macs = torch.zeros(batch, dtype=torch.float64)  # what each image ran beyond ``shared_macs``
+        kept_patches, kept_heads, kept_blocks = [full_patches], [full_heads], [full_blocks]
         for policy, block in zip(self.policies, self.vit.blocks[1:]):
             normed = block.norm1(tokens)
-            decided = self._decide(policy, tokens, normed)
-            keep = torch.cat([full_patches.new_ones(batch, self.vit.num_prefix_tokens),
-                              decided.patches.bool()], dim=1)
-            heads = decided.heads.bool()
-            runs_attention, runs_mlp = decided.blocks.bool().unbind(dim=1)
-            macs += policy.macs(num_patches)
+            decided = self._decide(policy, tokens, normed, skipping=True)
+            shared_macs += policy.macs(num_patches)
+            if _keeps_everything(decided):
+                # The whole batch runs the whole block: timm's sub-blocks as they are, without the grouping,
+                # gathers and per-image bookkeeping below (at batch 1 those cost ~10% of a DeiT-S block).
+                tokens = tokens + block.ls1(block.attn(normed))
+                tokens = tokens + block.ls2(block.mlp(block.norm2(tokens)))
+                shared_macs += block_macs(block, num_patches + self.vit.num_prefix_tokens)
+                kept_patches.append(full_patches)
+                kept_heads.append(full_heads)
+                kept_blocks.append(full_blocks)
+                continue
+            keep = torch.cat([full_patches.new_ones(batch, self.vit.num_prefix_tokens), decided.patches], dim=1)
+            heads = decided.heads
+            runs_attention, runs_mlp = decided.blocks.unbind(dim=1)
             macs += self._skipping_attention(block, tokens, normed, keep & runs_attention[:, None], heads)
             macs += self._skipping_mlp(block, tokens, keep & runs_mlp[:, None])
             runs_attention = runs_attention & heads.any(dim=1)  # an attention without heads computed nothing
-            kept_patches.append(decided.patches.bool() & (runs_attention | runs_mlp)[:, None])
+            kept_patches.append(decided.patches & (runs_attention | runs_mlp)[:, None])
             kept_heads.append(heads & runs_attention[:, None])
             kept_blocks.append(torch.stack([runs_attention, runs_mlp], dim=1))
         logits = self.vit.forward_head(self.vit.norm(tokens))
         extras = {"kept_patches": kept_patches, "kept_heads": kept_heads,
                   "kept_blocks": torch.stack(kept_blocks, dim=1)}
-        return Prediction(logits, macs, extras)
+        return Prediction(logits, macs + shared_macs, extras)
 
     def _skipping_attention(self, block: Block, tokens: Tensor, normed: Tensor, keep: Tensor,
                             heads: Tensor) -> Tensor:
@@ -480,6 +506,11 @@ class AdaViT(SingleViT):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _keeps_everything(decided: Decisions) -> bool:
+    """Whether every image of the batch runs every patch, head and sub-block of this block."""
+    return all(bool(decisions.all()) for decisions in (decided.blocks, decided.heads, decided.patches))
+
+
 def _decisions_of(decided: Decisions, name: str) -> Tensor:
     return {"patch": decided.patches, "head": decided.heads, "block": decided.blocks}[name]
 
