@@ -9,8 +9,13 @@ force their exit, length or skip shares there) is timed against the dense model,
     python benchmarks/speed_at_scale.py                                  # CPU, DeiT-Ti/S/B, about an hour on 2 cores
     python benchmarks/speed_at_scale.py --sizes deit_small --repeats 3   # the issue's targets only
     python benchmarks/speed_at_scale.py --device cuda                    # GPU: bf16, batch 256
+    python benchmarks/speed_at_scale.py --compile --output reports/speed_compile   # does torch.compile pay?
 
-Writes ``results.json`` and ``README.md`` (the report) into ``--output``.
+``--compile`` also times ``torch.compile(predict)`` of the dense model and of each method, all four
+interleaved, and reports what compiling gains each one and the compiled ratios to the compiled dense model.
+
+Writes ``results.json`` and ``README.md`` (the report) into ``--output``; ``--append`` replaces only the
+sizes and methods measured now (each row names its run, each run its command, machine and settings).
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ def measure_size(size: str, args: argparse.Namespace, device: torch.device,
         measure_throughput({"dense": dense.predict}, images, args.batch, repeats=2, device=device, progress=False)
         measure_latency({"dense": dense.predict}, images[:args.latency_images], repeats=2, device=device,
                         progress=False)
+    compiled_dense = torch.compile(dense.predict) if args.compile else None
     rows = []
     for method in dyntok.list_methods():
         if args.methods and method not in args.methods:
@@ -77,12 +83,15 @@ def measure_size(size: str, args: argparse.Namespace, device: torch.device,
         model = dyntok.create_model(f"{method}_{backbone}", **overrides).to(device).eval()
         with torch.inference_mode(), inference_context(device):
             budgets = model.speed_budgets(images.to(device))
+        compiled_model = torch.compile(model.predict) if args.compile else None
         for label, knobs in budgets.items():
             model.set_budget(**knobs)
             with torch.inference_mode(), inference_context(device):
                 macs = float(model.predict(images.to(device)).macs.double().mean())
                 latency_macs = float(model.predict(latency_images.to(device)).macs.double().mean())
             predictors = {"dense": dense.predict, "model": model.predict}
+            if args.compile:  # the warm-up pass of each measurement compiles (untimed)
+                predictors.update(dense_compiled=compiled_dense, model_compiled=compiled_model)
             throughput = measure_throughput(predictors, images, args.batch, args.repeats, device=device,
                                             progress=False)
             latency = measure_latency(predictors, latency_images, args.repeats, device=device, progress=False)
@@ -98,9 +107,22 @@ def measure_size(size: str, args: argparse.Namespace, device: torch.device,
                          "dense_images_per_s": throughput["dense"].value,
                          "images_per_s": throughput["model"].value,
                          "dense_latency_ms": latency["dense"].value, "latency_ms": latency["model"].value})
+            if args.compile:
+                rows[-1].update(compile_columns(throughput, latency))
             print(_row_line(rows[-1]), flush=True)
         del model
     return rows
+
+
+def compile_columns(throughput: dict[str, Any], latency: dict[str, Any]) -> dict[str, float]:
+    """What ``torch.compile`` gains the method and the dense model (compiled / eager, > 1 is faster), and the
+    method's ratios to the dense model when both are compiled."""
+    return {"compile_gain": throughput["model_compiled"].value / throughput["model"].value,
+            "dense_compile_gain": throughput["dense_compiled"].value / throughput["dense"].value,
+            "compiled_speedup": throughput["model_compiled"].value / throughput["dense_compiled"].value,
+            "compile_latency_gain": latency["model"].value / latency["model_compiled"].value,
+            "dense_compile_latency_gain": latency["dense"].value / latency["dense_compiled"].value,
+            "compiled_latency_ratio": latency["model_compiled"].value / latency["dense_compiled"].value}
 
 
 def _row_line(row: dict[str, Any]) -> str:
@@ -111,33 +133,81 @@ def _row_line(row: dict[str, Any]) -> str:
 
 def render_markdown(results: dict[str, Any]) -> str:
     """The report: how it was measured, then one table per model size."""
-    env, settings = results["environment"], results["settings"]
-    machine = env.get("gpu") or env["cpu"]
+    runs = results["runs"]
     lines = ["# Speed at real model sizes", "",
              "Every registered method on DeiT shapes at 224 px with random weights, each budget timed against the "
-             "dense model of the same shape, interleaved in one process (docs/measurement.md). Produced by "
-             f"`python benchmarks/speed_at_scale.py {' '.join(results['argv'])}`.".rstrip() + "", "",
-             f"- machine: {machine} ({env['device']}, {env['cpu_count']} CPUs, {env['threads']} torch threads), "
-             f"torch {env['torch']}, {env['precision']}, {env['date']}",
-             f"- throughput at batch {settings['batch']} over {settings['images']} images, batch-1 latency over "
-             f"{settings['latency_images']} images; median of {settings['repeats']} repetitions",
-             "- **MAC red.** = dense MACs / MACs the method reported executing (`Prediction.macs`); **speed-up** = "
-             "throughput / dense throughput; **realised** = speed-up / MAC reduction (1.0: every saved MAC became "
-             "saved time); **b=1 latency** = latency / dense latency (< 1 is faster); **b=1 realised** = the latency "
-             "speed-up over the MAC reduction of the latency images themselves (few images: their exit or length "
-             "shares differ from the throughput images')", ""]
+             "dense model of the same shape, interleaved in one process (docs/measurement.md).", ""]
+    lines += [f"- {_run_label(index, runs)}{_describe_run(run)}" for index, run in enumerate(runs)]
+    lines += ["- **MAC red.** = dense MACs / MACs the method reported executing (`Prediction.macs`); **speed-up** = "
+              "throughput / dense throughput; **realised** = speed-up / MAC reduction (1.0: every saved MAC became "
+              "saved time); **b=1 latency** = latency / dense latency (< 1 is faster); **b=1 realised** = the "
+              "latency speed-up over the MAC reduction of the latency images themselves (few images: their exit or "
+              "length shares differ from the throughput images')", ""]
+    run_column = len(runs) > 1
     for size in dict.fromkeys(row["size"] for row in results["rows"]):
         rows = [row for row in results["rows"] if row["size"] == size]
         lines += [f"## {rows[0]['backbone']} (dense {rows[0]['dense_gmacs']:.2f} GMACs, "
                   f"{rows[0]['dense_images_per_s']:.1f} img/s)", "",
-                  "| method | budget | GMACs | MAC red. | speed-up | realised | b=1 latency | b=1 realised |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| method | budget | GMACs | MAC red. | speed-up | realised | b=1 latency | b=1 realised |"
+                  + (" run |" if run_column else ""),
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if run_column else "")]
         lines += [f"| {row['method']} | {row['budget']} | {row['gmacs']:.3f} | {row['mac_reduction']:.2f}x | "
                   f"{row['speedup']:.2f}x | {row['realised']:.2f} | {row['latency_ratio']:.2f} | "
-                  f"{row['latency_realised']:.2f} |"
+                  f"{row['latency_realised']:.2f} |" + (f" {row['run'] + 1} |" if run_column else "")
                   for row in rows]
         lines.append("")
+        compiled = [row for row in rows if "compile_gain" in row]
+        if compiled:
+            lines += _compile_table(compiled)
     return "\n".join(lines)
+
+
+def _run_label(index: int, runs: list[dict[str, Any]]) -> str:
+    return f"run {index + 1}: " if len(runs) > 1 else ""
+
+
+def _describe_run(run: dict[str, Any]) -> str:
+    """The command, machine and settings of one run of this script."""
+    env, settings = run["environment"], run["settings"]
+    machine = env.get("gpu") or env["cpu"]
+    compiled = ", eager and `torch.compile`" if settings.get("compile") else ""
+    command = " ".join(["python benchmarks/speed_at_scale.py", *run["argv"]])
+    return (f"`{command}` on {machine} ({env['device']}, {env['cpu_count']} CPUs, {env['threads']} torch threads), torch "
+            f"{env['torch']}, {env['precision']}{compiled}, {env['date']}: throughput at batch {settings['batch']} "
+            f"over {settings['images']} images, batch-1 latency over {settings['latency_images']} images, median "
+            f"of {settings['repeats']} repetitions")
+
+
+def merge_results(previous: dict[str, Any], run: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``previous`` results with this run's rows in place of the (size, method) pairs it measured again.
+
+    Runs that no longer own a row are dropped; a report written before runs were recorded is one run.
+    """
+    if "runs" not in previous:
+        previous = {"runs": [{key: previous[key] for key in ("argv", "environment", "settings")}],
+                    "rows": [dict(row, run=0) for row in previous["rows"]]}
+    measured = {(row["size"], row["method"]) for row in rows}
+    kept = [row for row in previous["rows"] if (row["size"], row["method"]) not in measured]
+    used = sorted({row["run"] for row in kept})
+    renumber = {old: new for new, old in enumerate(used)}
+    runs = [previous["runs"][old] for old in used] + [run]
+    merged = [dict(row, run=renumber[row["run"]]) for row in kept] + [dict(row, run=len(used)) for row in rows]
+    sizes = list(dict.fromkeys(row["size"] for row in merged))  # sections keep their first order
+    return {"runs": runs, "rows": sorted(merged, key=lambda row: sizes.index(row["size"]))}
+
+
+def _compile_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``--compile`` columns of one size: gains of compiling, and ratios between compiled models."""
+    lines = ["`torch.compile(predict)` against eager, all four timed interleaved: **gain** = compiled / eager "
+             "throughput (b=1: eager / compiled latency) of the method and of dense; **compiled speed-up** and "
+             "**compiled b=1 latency** = the compiled method against the compiled dense model.", "",
+             "| method | budget | gain | dense gain | compiled speed-up | b=1 gain | dense b=1 gain | "
+             "compiled b=1 latency |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {row['method']} | {row['budget']} | {row['compile_gain']:.2f}x | {row['dense_compile_gain']:.2f}x | "
+              f"{row['compiled_speedup']:.2f}x | {row['compile_latency_gain']:.2f}x | "
+              f"{row['dense_compile_latency_gain']:.2f}x | {row['compiled_latency_ratio']:.2f} |" for row in rows]
+    return lines + [""]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -152,7 +222,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-images", type=int, default=8, help="images timed one by one for latency")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(predict) of dense and of each method (compiling takes minutes)")
     parser.add_argument("--output", default="reports/speed_at_scale")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in OUTPUT/results.json except the (size, method) pairs "
+                             "measured now: one size or method re-measured without redoing the report")
     args = parser.parse_args(argv)
     args.methods = [name for name in args.methods.split(",") if name]
     unknown = sorted(set(args.methods) - set(dyntok.list_methods()))
@@ -171,10 +246,14 @@ def main(argv: Sequence[str] | None = None, backbone_overrides: dict[str, Any] |
           f"{'b=1':>8}{'b=1 real':>9}", flush=True)
     rows = [row for size in args.sizes.split(",") if size
             for row in measure_size(size, args, device, dict(backbone_overrides or {}))]
-    results = {"argv": list(sys.argv[1:] if argv is None else argv), "environment": environment(device),
-               "settings": {"batch": args.batch, "images": args.images or args.batch,
-                            "latency_images": args.latency_images, "repeats": args.repeats},
-               "rows": rows}
+    run = {"argv": list(sys.argv[1:] if argv is None else argv), "environment": environment(device),
+           "settings": {"batch": args.batch, "images": args.images or args.batch,
+                        "latency_images": args.latency_images, "repeats": args.repeats, "compile": args.compile}}
+    previous = Path(args.output) / "results.json"
+    if args.append and previous.is_file():
+        results = merge_results(json.loads(previous.read_text()), run, rows)
+    else:
+        results = {"runs": [run], "rows": [dict(row, run=0) for row in rows]}
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))

@@ -18,11 +18,15 @@ def load_script():
     return module
 
 
+def run_every_method(output) -> tuple[dict, dict]:
+    """The script on the tiny model, every method: what it returned and what it wrote."""
+    results = load_script().main(["--sizes", "vit_cifar_tiny", "--batch", "2", "--repeats", "1",
+                                  "--latency-images", "1", "--output", str(output)], backbone_overrides=TINY)
+    return results, json.loads((output / "results.json").read_text())
+
+
 def test_every_method_is_timed_at_its_speed_budgets_with_finite_ratios(tmp_path):
-    script = load_script()
-    results = script.main(["--sizes", "vit_cifar_tiny", "--batch", "2", "--repeats", "1", "--latency-images", "1",
-                           "--output", str(tmp_path)], backbone_overrides=TINY)
-    written = json.loads((tmp_path / "results.json").read_text())
+    results, written = run_every_method(tmp_path)
     assert written["rows"] == json.loads(json.dumps(results["rows"]))
     assert {row["method"] for row in written["rows"]} == set(dyntok.list_methods())
     for row in written["rows"]:
@@ -30,8 +34,33 @@ def test_every_method_is_timed_at_its_speed_budgets_with_finite_ratios(tmp_path)
             assert math.isfinite(row[key]) and row[key] > 0, (row["method"], row["budget"], key)
         assert row["realised"] == pytest.approx(row["speedup"] / row["mac_reduction"])
     report = (tmp_path / "README.md").read_text()
-    assert "## vit_cifar_tiny" in report and written["environment"]["torch"] in report
+    assert "## vit_cifar_tiny" in report and written["runs"][0]["environment"]["torch"] in report
     assert report.count("\n| ") == len(written["rows"]) + 2  # header, rule, one line per row
+
+
+def test_append_replaces_only_the_sizes_and_methods_measured_again(tmp_path):
+    _, first = run_every_method(tmp_path)
+    load_script().main(["--sizes", "vit_cifar_tiny", "--methods", "evit", "--batch", "2", "--repeats", "1",
+                 "--latency-images", "1", "--append", "--output", str(tmp_path)], backbone_overrides=TINY)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert len(written["runs"]) == 2 and "--append" in written["runs"][1]["argv"]
+    assert [(row["method"], row["budget"]) for row in written["rows"] if row["run"] == 1] == \
+        [(row["method"], row["budget"]) for row in first["rows"] if row["method"] == "evit"]
+    assert [row for row in written["rows"] if row["run"] == 0] == [row for row in first["rows"] if row["method"] != "evit"]
+    report = (tmp_path / "README.md").read_text()
+    assert "run 1: `python benchmarks/speed_at_scale.py --sizes vit_cifar_tiny --batch 2" in report
+    assert report.count("| evit |") == 2 and "| 2 |" in report
+
+
+def test_a_report_written_before_runs_were_recorded_is_merged_as_one_run():
+    script = load_script()
+    old = {"argv": ["--sizes", "deit_small"], "environment": {"torch": "2.14.1"}, "settings": {"batch": 64},
+           "rows": [{"size": "deit_small", "method": method, "budget": "b"} for method in ("dvt", "evit")]}
+    run = {"argv": ["--append"], "environment": {}, "settings": {}}
+    merged = script.merge_results(old, run, [{"size": "deit_small", "method": "evit", "budget": "b2"}])
+    assert merged["runs"] == [{key: old[key] for key in ("argv", "environment", "settings")}, run]
+    assert [(row["method"], row["budget"], row["run"]) for row in merged["rows"]] == [("dvt", "b", 0),
+                                                                                     ("evit", "b2", 1)]
 
 
 def test_forced_budgets_pin_the_cost_the_label_promises(images):
@@ -50,3 +79,17 @@ def test_forced_budgets_pin_the_cost_the_label_promises(images):
         if "nothing" in label:  # nothing pruned: every image at the model's full token count
             assert prediction.macs.max() <= model.dense_macs() * (1 + 1e-9), method
             assert prediction.macs.min() >= dyntok.create_model("vit_cifar_tiny", **TINY).dense_macs(), method
+
+
+def test_compile_mode_times_compiled_predictors_and_reports_their_gains(tmp_path):
+    script = load_script()
+    results = script.main(["--sizes", "vit_cifar_tiny", "--methods", "evit", "--batch", "2", "--repeats", "1",
+                           "--latency-images", "1", "--compile", "--output", str(tmp_path)],
+                          backbone_overrides=TINY)
+    assert results["settings"]["compile"] is True
+    for row in results["rows"]:
+        for key in ("compile_gain", "dense_compile_gain", "compiled_speedup", "compile_latency_gain",
+                    "dense_compile_latency_gain", "compiled_latency_ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+    report = (tmp_path / "README.md").read_text()
+    assert "torch.compile(predict)" in report and report.count("| evit |") == 2 * len(results["rows"])
