@@ -32,6 +32,25 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, no permission); any previous file is left as it was."""
 
 
+def temporary_sibling(path: Path) -> str:
+    """A new empty file beside ``path`` to write, then :func:`publish` onto it: an atomic write."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def publish(tmp: str, path: Path) -> None:
+    """Move the written ``tmp`` onto ``path`` with the mode ``open`` gives a new file (0o666 less the umask).
+
+    ``mkstemp`` and safetensors create files readable by their owner only; a checkpoint should be as
+    readable as any other file the user writes.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     """Atomically write ``tensors`` and JSON-serialisable ``meta`` to a safetensors file."""
     path = Path(path)
@@ -41,10 +60,9 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, A
     had_previous = path.exists()
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = temporary_sibling(path)
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as error:
         kept = f"the previous {path.name} is intact" if had_previous else f"no {path.name} was written"
         raise CheckpointWriteError(error.errno, f"could not write {path} ({error.strerror or error}); {kept}. "

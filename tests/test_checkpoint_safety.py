@@ -152,6 +152,27 @@ def test_eval_on_a_dataset_with_other_classes_is_refused(image_folder, tmp_path,
     assert code == 2 and "predicts 5 classes but" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------ file modes
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_a_plain_open_would_give_them(tmp_path, umask):
+    from types import SimpleNamespace
+
+    from dyntok.bench.cache import _write_json
+    from dyntok.data.folder import _write_cache
+
+    previous = os.umask(umask)
+    try:
+        weights = save_model(tiny_model("dense"), tmp_path / "model.safetensors")
+        _write_json(tmp_path / "record.json", {"a": 1})
+        _write_cache(tmp_path / "decoded.safetensors", torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
+                     SimpleNamespace(directory=tmp_path))
+    finally:
+        os.umask(previous)
+    for path in (weights, tmp_path / "record.json", tmp_path / "decoded.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    assert json.loads((tmp_path / "record.json").read_text()) == {"a": 1}
+
+
 # ------------------------------------------------------------------------------------------ failed writes
 def test_a_failed_write_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
     path = save_model(tiny_model("dense"), tmp_path / "last.safetensors")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import publish, temporary_sibling
 from ..training.trainer import TrainConfig
 
 __all__ = ["EntryCache", "training_key", "digest", "CACHE_VERSION"]
@@ -51,10 +50,10 @@ def training_key(config: TrainConfig, init_key: str | None = None) -> str:
 def _write_json(path: Path, values: Any) -> None:
     """Write atomically: an interrupted run never leaves a half-written record behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
+    tmp = temporary_sibling(path)
+    with open(tmp, "w") as handle:
         json.dump(values, handle, indent=2)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _read_json(path: Path) -> Any | None:
