@@ -249,12 +249,11 @@ def main(argv: Sequence[str] | None = None, backbone_overrides: dict[str, Any] |
     run = {"argv": list(sys.argv[1:] if argv is None else argv), "environment": environment(device),
            "settings": {"batch": args.batch, "images": args.images or args.batch,
                         "latency_images": args.latency_images, "repeats": args.repeats, "compile": args.compile}}
-    previous = Path(args.output) / "results.json"
-    if args.append and previous.is_file():
-        results = merge_results(json.loads(previous.read_text()), run, rows)
+    output = Path(args.output)
+    if args.append and (output / "results.json").is_file():
+        results = merge_results(json.loads((output / "results.json").read_text()), run, rows)
     else:
         results = {"runs": [run], "rows": [dict(row, run=0) for row in rows]}
-    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     (output / "README.md").write_text(render_markdown(results))
