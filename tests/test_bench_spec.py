@@ -82,7 +82,7 @@ def test_pretrained_entries_train_nothing_unless_from_scratch():
 
 
 @pytest.mark.parametrize("entry, message", [
-    ({"name": "x", "model": "vit_cifar_tiny", "pretrained": True}, "only a bare preset with shipped weights"),
+    ({"name": "x", "model": "vit_cifar_small", "pretrained": True}, "only a bare preset with shipped weights"),
     ({"name": "x", "model": "{backbone}", "model_kwargs": {"depth": 2}, "pretrained": True}, "no model_kwargs"),
     ({"name": "x", "model": "{backbone}", "pretrained": "yes"}, "entries[3].pretrained"),
 ])
