@@ -86,7 +86,7 @@ def test_compile_mode_times_compiled_predictors_and_reports_their_gains(tmp_path
     results = script.main(["--sizes", "vit_cifar_tiny", "--methods", "evit", "--batch", "2", "--repeats", "1",
                            "--latency-images", "1", "--compile", "--output", str(tmp_path)],
                           backbone_overrides=TINY)
-    assert results["settings"]["compile"] is True
+    assert results["runs"][0]["settings"]["compile"] is True
     for row in results["rows"]:
         for key in ("compile_gain", "dense_compile_gain", "compiled_speedup", "compile_latency_gain",
                     "dense_compile_latency_gain", "compiled_latency_ratio"):
