@@ -70,10 +70,8 @@ def measure_size(size: str, args: argparse.Namespace, device: torch.device,
     dense_macs = dense.dense_macs()
     # The first timed passes of a process pay one-off costs (allocator growth, oneDNN kernel selection) that a
     # per-measurement warm-up does not cover: the first row of an unwarmed run timed dense 1.5x against itself.
-    with torch.inference_mode(), inference_context(device):
-        measure_throughput({"dense": dense.predict}, images, args.batch, repeats=2, device=device, progress=False)
-        measure_latency({"dense": dense.predict}, images[:args.latency_images], repeats=2, device=device,
-                        progress=False)
+    measure_throughput({"dense": dense.predict}, images, args.batch, repeats=2, device=device, progress=False)
+    measure_latency({"dense": dense.predict}, latency_images, repeats=2, device=device, progress=False)
     compiled_dense = torch.compile(dense.predict) if args.compile else None
     rows = []
     for method in dyntok.list_methods():
@@ -172,8 +170,8 @@ def _describe_run(run: dict[str, Any]) -> str:
     machine = env.get("gpu") or env["cpu"]
     compiled = ", eager and `torch.compile`" if settings.get("compile") else ""
     command = " ".join(["python benchmarks/speed_at_scale.py", *run["argv"]])
-    return (f"`{command}` on {machine} ({env['device']}, {env['cpu_count']} CPUs, {env['threads']} torch threads), torch "
-            f"{env['torch']}, {env['precision']}{compiled}, {env['date']}: throughput at batch {settings['batch']} "
+    return (f"`{command}` on {machine} ({env['device']}, {env['cpu_count']} CPUs, {env['threads']} torch "
+            f"threads), torch {env['torch']}, {env['precision']}{compiled}, {env['date']}: throughput at batch {settings['batch']} "
             f"over {settings['images']} images, batch-1 latency over {settings['latency_images']} images, median "
             f"of {settings['repeats']} repetitions")
 

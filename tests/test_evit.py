@@ -9,7 +9,6 @@ import torch
 import dyntok
 from dyntok.measure.macs import count_macs_with_torch
 from dyntok.methods.evit import EViT, fuse_inattentive, kept_count
-from dyntok.methods.token_reduction import patches_alone
 from dyntok.models import BackboneSpec
 
 from . import vit_reference as ref
@@ -89,6 +88,12 @@ def test_reported_macs_match_torch_flop_counter(variant, keep_rate, images):
         torch.testing.assert_close(model.predict(images[:1]).logits, dense)
     else:
         assert reported < model.dense_macs()
+
+
+def patches_alone(index):
+    """(B, num_patches) bool from a ``patch_groups`` index: patches whose token holds no other patch."""
+    counts = torch.zeros_like(index).scatter_add_(1, index, torch.ones_like(index))
+    return counts.gather(1, index) == 1
 
 
 def test_kept_patches_and_groups_follow_the_fusion(images):

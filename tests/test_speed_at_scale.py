@@ -41,12 +41,13 @@ def test_every_method_is_timed_at_its_speed_budgets_with_finite_ratios(tmp_path)
 def test_append_replaces_only_the_sizes_and_methods_measured_again(tmp_path):
     _, first = run_every_method(tmp_path)
     load_script().main(["--sizes", "vit_cifar_tiny", "--methods", "evit", "--batch", "2", "--repeats", "1",
-                 "--latency-images", "1", "--append", "--output", str(tmp_path)], backbone_overrides=TINY)
+                        "--latency-images", "1", "--append", "--output", str(tmp_path)], backbone_overrides=TINY)
     written = json.loads((tmp_path / "results.json").read_text())
     assert len(written["runs"]) == 2 and "--append" in written["runs"][1]["argv"]
     assert [(row["method"], row["budget"]) for row in written["rows"] if row["run"] == 1] == \
         [(row["method"], row["budget"]) for row in first["rows"] if row["method"] == "evit"]
-    assert [row for row in written["rows"] if row["run"] == 0] == [row for row in first["rows"] if row["method"] != "evit"]
+    assert [row for row in written["rows"] if row["run"] == 0] == \
+        [row for row in first["rows"] if row["method"] != "evit"]
     report = (tmp_path / "README.md").read_text()
     assert "run 1: `python benchmarks/speed_at_scale.py --sizes vit_cifar_tiny --batch 2" in report
     assert report.count("| evit |") == 2 and "| 2 |" in report

@@ -36,8 +36,8 @@ from .budget import Interval, KnobSpace
 from .dynamicvit import keep_attention_mask
 from .registry import register_method
 
-__all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "hard_decisions", "attention_on_heads",
-           "POLICIES", "ATTENTION_BATCHING"]
+__all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "hard_decisions",
+           "attention_on_heads", "POLICIES", "ATTENTION_BATCHING"]
 
 #: The three kinds of decision, in the order of every per-policy setting.
 POLICIES = ("patch", "head", "block")
@@ -258,10 +258,10 @@ class AdaViT(SingleViT):
         for name, layer in policy.modules_by_policy().items():
             logits = layer(normed[:, prefix:]).squeeze(-1) if name == "patch" else layer(class_token)
             if skipping and not self.training:
-                decided[name] = hard_decisions(logits, self.thresholds[name], self.temperature)
+                decision = hard_decisions(logits, self.thresholds[name], self.temperature)
             else:
-                decided[name] = gumbel_sigmoid(logits, self.thresholds[name], self.temperature, self.training)
-                decided[name] = decided[name].bool() if skipping else decided[name]
+                decision = gumbel_sigmoid(logits, self.thresholds[name], self.temperature, self.training)
+            decided[name] = decision.bool() if skipping else decision
             if self._score_log is not None:
                 self._score_log[name].append(torch.sigmoid(logits / self.temperature).flatten().float().cpu())
         shapes = {"patch": (batch, tokens.shape[1] - prefix), "head": (batch, self.num_heads),

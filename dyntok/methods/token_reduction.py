@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import Block
 
 __all__ = ["attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "pooled_head",
-           "gather_tokens", "AttentionTap", "class_attention", "PatchGroups", "patches_alone"]
+           "gather_tokens", "AttentionTap", "class_attention", "PatchGroups"]
 
 
 def attention_half(block: Block, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
@@ -125,9 +125,3 @@ class PatchGroups:
         """Apply a reduction: ``destination`` (B, n) is the new position of each of the n current tokens."""
         self.index = destination.gather(1, self.index)
         self.history.append(self.index)
-
-
-def patches_alone(index: Tensor) -> Tensor:
-    """(B, num_patches) bool from a :class:`PatchGroups` index: patches whose token holds no other patch."""
-    counts = torch.zeros_like(index).scatter_add_(1, index, torch.ones_like(index))
-    return counts.gather(1, index) == 1

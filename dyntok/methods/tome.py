@@ -204,8 +204,8 @@ class ToMe(SingleViT):
         batch = x.shape[0]
         macs = torch.full((batch,), self._macs_per_image(), dtype=torch.float64)
         final_tokens = self.num_patches - sum(self.r_per_block())
-        # Per merging block, which token each patch is part of. Merging drops no patch (each still lives on in some token), so there is no kept_patches mask:
-        # pictures tint the merged groups instead of greying anything.
+        # Per merging block, which token each patch is part of. Merging drops no patch (each still lives on in
+        # some token), so there is no kept_patches mask: pictures tint the merged groups instead of greying any.
         extras = {"patch_groups": groups.history,
                   "token_length": torch.full((batch,), final_tokens, dtype=torch.long)}
         return Prediction(logits, macs, extras)
