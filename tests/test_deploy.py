@@ -21,6 +21,8 @@ from .conftest import TINY, tiny_model
 pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
 
 METHODS = dyntok.list_methods()
+#: Two blocks instead of four: exporting is the slow part of these tests, and it grows with the graph.
+SHALLOW = dict(depth=2)
 #: Methods whose predict takes a per-image path and that have no export_plan of their own yet: refused.
 NOT_EXPORTABLE = {"adavit"}
 
@@ -34,7 +36,7 @@ def test_images() -> torch.Tensor:
 def model_with_mixed_decisions(method: str, images: torch.Tensor):
     """A tiny model at a budget where the images take different paths, none of them on a knife edge (a 1e-7
     difference between onnxruntime and torch must not flip an exit or a length)."""
-    model = tiny_model(method).eval()
+    model = tiny_model(method, **SHALLOW).eval()
     if method == "dvt":
         confidences = torch.stack([logits.softmax(-1).amax(-1) for logits in model.predict_all_exits(images)], 1)
         model.set_budget(thresholds=[_threshold_between(confidences[:, k]) for k in range(confidences.shape[1] - 1)])
@@ -88,6 +90,7 @@ def assert_same_prediction(eager, exported):
                 assert torch.equal(mine, theirs), key
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 @pytest.mark.parametrize("method", sorted(set(METHODS) - NOT_EXPORTABLE))
 def test_onnxruntime_predicts_like_eager(method, exports, test_images):
     model, directory = exports(method)
@@ -97,6 +100,7 @@ def test_onnxruntime_predicts_like_eager(method, exports, test_images):
     assert runtime.get_budget() == model.get_budget() and runtime.dense_macs() == model.dense_macs()
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_the_parity_budgets_take_different_paths(exports, test_images):
     """The exits and lengths compared above really differ between images."""
     dvt, revit = (load(exports(method)[1]).predict(test_images) for method in ("dvt", "revit"))
@@ -104,12 +108,14 @@ def test_the_parity_budgets_take_different_paths(exports, test_images):
     assert revit.extras["token_length"].unique().numel() > 1
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 @pytest.mark.parametrize("method", sorted(NOT_EXPORTABLE & set(METHODS)))
 def test_a_predict_with_per_image_paths_is_refused_not_exported_wrong(method, tmp_path):
     with pytest.raises(ExportError, match=f"{method} at budget .* depends on the images"):
-        dyntok.export(tiny_model(method), tmp_path)
+        dyntok.export(tiny_model(method, **SHALLOW), tmp_path)
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_a_batch_made_a_python_number_is_refused(tmp_path):
     class BatchAsInt(DenseViT):
         def predict(self, x):
@@ -118,12 +124,13 @@ def test_a_batch_made_a_python_number_is_refused(tmp_path):
             return prediction
 
     torch.manual_seed(0)
-    model = BatchAsInt(dyntok.create_model("vit_cifar_tiny", **TINY).backbone_spec)
+    model = BatchAsInt(dyntok.create_model("vit_cifar_tiny", **{**TINY, **SHALLOW}).backbone_spec)
     with pytest.raises(ExportError, match="fixed batch size"):
         dyntok.export(model, tmp_path)
     assert not list(tmp_path.glob("*.onnx"))
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_runtime_knobs_change_at_load_like_the_eager_budget(exports, test_images):
     model, directory = exports("dvt")
     everyone_first = {"thresholds": [0.0] * (len(model.stages) - 1)}
@@ -136,6 +143,7 @@ def test_runtime_knobs_change_at_load_like_the_eager_budget(exports, test_images
         model.set_budget(**load(directory).get_budget())
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_loading_for_another_baked_budget_says_so(exports):
     _, directory = exports("dynamicvit")
     with pytest.raises(ValueError, match="made at keep_ratio=0.7.*export again"):
@@ -145,6 +153,7 @@ def test_loading_for_another_baked_budget_says_so(exports):
     assert load(directory, budget={"keep_ratio": 0.7}).get_budget() == {"keep_ratio": 0.7}
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_another_format_is_refused_and_another_version_warned(exports, tmp_path):
     _, directory = exports("dense")
     copy = shutil.copytree(directory, tmp_path / "copy")
@@ -157,6 +166,7 @@ def test_another_format_is_refused_and_another_version_warned(exports, tmp_path)
         load(copy)
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_onnx_files_carry_method_budget_and_version(exports):
     import onnx
 
@@ -166,8 +176,9 @@ def test_onnx_files_carry_method_budget_and_version(exports):
     assert props["dyntok.version"] == dyntok.__version__
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_export_leaves_the_models_budget_alone(tmp_path):
-    model = tiny_model("dynamicvit", keep_ratio=0.6)
+    model = tiny_model("dynamicvit", keep_ratio=0.6, **SHALLOW)
     dyntok.export(model, tmp_path, budget={"keep_ratio": 0.9})
     assert model.get_budget() == {"keep_ratio": 0.6} and load(tmp_path).get_budget() == {"keep_ratio": 0.9}
 
@@ -179,8 +190,9 @@ def test_unknown_format_and_non_exports_are_clear_errors(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_cli_export_at_a_budget_then_load(tmp_path, capsys, test_images):
-    model = tiny_model("dynamicvit")
+    model = tiny_model("dynamicvit", **SHALLOW)
     dyntok.save_model(model, tmp_path / "model.safetensors")
     code = main(["export", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "onnx"),
                  "--budget", "keep_ratio=0.5"])
@@ -189,8 +201,10 @@ def test_cli_export_at_a_budget_then_load(tmp_path, capsys, test_images):
     assert_same_prediction(model.eval().predict(test_images), load(tmp_path / "onnx").predict(test_images))
 
 
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_cli_eval_on_onnxruntime(image_folder, tmp_path):
-    model = dyntok.create_model("dynamicvit_vit_cifar_tiny", **{**TINY, "num_classes": 3}, keep_ratio=0.5)
+    model = dyntok.create_model("dynamicvit_vit_cifar_tiny", **{**TINY, **SHALLOW, "num_classes": 3},
+                                keep_ratio=0.5)
     dyntok.save_model(model, tmp_path / "model.safetensors")
     reports = {}
     for backend in ("torch", "onnxruntime"):
