@@ -256,3 +256,26 @@ def test_calibrated_dynamicvit_keep_ratio_is_between_sweep_points(test_images):
     assert assume_gap
     fitted = model.calibrate_latency([(test_images, None)], (low + high) / 2, timer=macs_clock)
     assert 0.6 <= fitted["keep_ratio"] < 0.7 and not math.isclose(fitted["keep_ratio"], 0.6)
+
+
+# --------------------------------------------------------------------------------------------- per-call overhead
+def test_without_explanations_predict_gives_the_same_logits_and_macs(images):
+    model = tiny_model("dynamicvit").eval()
+    explained = model.predict(images)
+    model.explain = False
+    plain = model.predict(images)
+    assert torch.equal(plain.logits, explained.logits) and torch.equal(plain.macs, explained.macs)
+    assert plain.extras == {} and explained.extras["kept_patches"]
+
+
+def test_dynamicvit_counts_its_macs_once_per_budget(images, monkeypatch):
+    from dyntok.methods import dynamicvit
+
+    model = tiny_model("dynamicvit").eval()
+    calls = []
+    monkeypatch.setattr(dynamicvit, "vit_macs", lambda *args: calls.append(args) or 1.0)
+    for _ in range(3):
+        model.predict(images)
+    model.set_budget(keep_ratio=0.5)
+    model.predict(images)
+    assert len(calls) == 2

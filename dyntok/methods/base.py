@@ -94,6 +94,10 @@ class AdaptiveViT(nn.Module):
     method_name: ClassVar[str] = ""
     #: Whether :meth:`compute_loss` needs a frozen teacher (set with :meth:`attach_teacher`).
     wants_teacher: ClassVar[bool] = False
+    #: Whether :meth:`predict` fills ``Prediction.extras`` (kept patches, patch groups...: explanations).
+    #: Set ``model.explain = False`` where nobody reads them (serving, timing): methods then skip the work of
+    #: recording them. Logits and MACs are the same either way.
+    explain: bool = True
 
     def __init__(self, backbone: BackboneSpec, **method_kwargs: Any) -> None:
         super().__init__()
