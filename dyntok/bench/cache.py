@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import publish, temporary_sibling
+from ..fileio import atomic_write
 from ..training.trainer import TrainConfig
 
 __all__ = ["EntryCache", "training_key", "digest", "CACHE_VERSION"]
@@ -49,11 +49,8 @@ def training_key(config: TrainConfig, init_key: str | None = None) -> str:
 
 def _write_json(path: Path, values: Any) -> None:
     """Write atomically: an interrupted run never leaves a half-written record behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    with open(tmp, "w") as handle:
+    with atomic_write(path) as tmp, open(tmp, "w") as handle:
         json.dump(values, handle, indent=2)
-    publish(tmp, path)
 
 
 def _read_json(path: Path) -> Any | None:

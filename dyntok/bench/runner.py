@@ -21,13 +21,13 @@ import timm
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..checkpoint import load_model
+from .._versions import __version__
 from ..data import build_loaders
-from ..measure.evaluate import evaluate
+from ..evaluation import evaluate
 from ..measure.oracle import collect_exit_correctness, oracle_curve
 from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
-from ..methods import AdaptiveViT
+from ..methods import AdaptiveViT, load_model
+from ..methods.budget import format_knobs
 from ..pretrained import model_card
 from ..report import render_report
 from ..report.gallery import entry_gallery
@@ -36,7 +36,7 @@ from ..training import distributed
 from ..training.trainer import train
 from .cache import EntryCache
 from .plan import EntryPlan, Plan, entry_caches, make_plan, select_entries, sweep_key, train_config
-from .spec import TRAIN_FIELDS, BenchSpec, Entry, format_knobs
+from .spec import TRAIN_FIELDS, BenchSpec, Entry
 
 __all__ = ["run_benchmark", "prepare", "RESULTS_FORMAT"]
 

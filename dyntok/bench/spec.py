@@ -37,8 +37,12 @@ import timm
 import yaml
 
 from ..data import DataConfig
+from ..methods.budget import format_knobs
 from ..methods.registry import get_method, list_methods, split_model_name
 from ..models.vit import BACKBONE_OVERRIDES, PRESETS
+from ..ranges import Interval
+from ..training.recipes import RECIPES
+from ..training.validation import OPTIONAL_SETTINGS, TRAIN_RANGES
 
 __all__ = ["SpecError", "BudgetPoint", "Entry", "SpeedSettings", "BenchSpec", "PROFILES", "load_spec",
            "parse_spec", "builtin_spec_path", "TRAIN_FIELDS"]
@@ -76,18 +80,20 @@ def _as_number(value: Any, where: str, what: str) -> float:
     return value
 
 
-def positive(value: Any, where: str) -> float:
-    number = _as_number(value, where, "a positive number")
-    if not number > 0:
-        raise SpecError(f"{where}: expected a positive number, got {_describe(value)}")
-    return number
+def ranged(accepted: Interval) -> Callable[[Any, str], Any]:
+    """The check of a setting declared once as ``accepted`` (:mod:`dyntok.ranges`), in the spec's words.
 
-
-def non_negative(value: Any, where: str) -> float:
-    number = _as_number(value, where, "a number >= 0")
-    if not number >= 0:
-        raise SpecError(f"{where}: expected a number >= 0, got {_describe(value)}")
-    return number
+    The value is returned as written (``3`` stays an int), so cache keys do not depend on how it was checked.
+    """
+    def check(value: Any, where: str) -> Any:
+        if isinstance(value, str) and not accepted.integer:
+            value = _as_number(value, where, accepted.describe())
+        try:
+            accepted.check(where, value)
+        except ValueError:
+            raise SpecError(f"{where}: expected {accepted.describe()}, got {_describe(value)}") from None
+        return value
+    return check
 
 
 def fraction(value: Any, where: str) -> float:
@@ -166,16 +172,12 @@ def _json_value(value: Any, where: str) -> Any:
 # ------------------------------------------------------------------------------------------ sections
 #: Training settings a spec may set (globally under ``train:`` or per entry), with their checks.
 #: Everything else in ``TrainConfig`` is the benchmark's business (model, data, output folder, init, device).
+#: The ranges are ``TrainConfig``'s own (:data:`~dyntok.training.validation.TRAIN_RANGES`), so a spec accepts
+#: exactly the values training does. Epochs 0 evaluate the entry's init as is (training-free methods: ToMe).
 TRAIN_FIELDS: dict[str, Callable[[Any, str], Any]] = {
-    "epochs": non_negative,  # 0: evaluate the entry's init as is (training-free methods such as ToMe)
-    "lr": positive,
-    "min_lr": non_negative,
-    "weight_decay": non_negative,
-    "warmup_epochs": non_negative,
-    "label_smoothing": fraction,
-    "clip_grad": optional(positive),
-    "ema_decay": optional(fraction),
-    "seed": integer,
+    **{name: optional(ranged(TRAIN_RANGES[name])) if name in OPTIONAL_SETTINGS else ranged(TRAIN_RANGES[name])
+       for name in ("epochs", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
+                    "ema_decay", "seed")},
     "amp": optional(boolean),
     "compile": boolean,
 }
@@ -222,17 +224,6 @@ class BudgetPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return {"calibrate": self.calibrate} if self.calibrate is not None else dict(self.knobs or {})
-
-
-def format_knobs(knobs: Mapping[str, Any]) -> str:
-    """``{'keep_ratio': 0.7}`` -> ``keep_ratio=0.7``; floats shortened, lists bracketed."""
-    def short(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        if isinstance(value, (list, tuple)):
-            return "[" + ",".join(short(item) for item in value) + "]"
-        return str(value)
-    return " ".join(f"{key}={short(value)}" for key, value in knobs.items()) or "default"
 
 
 @dataclass(frozen=True)
@@ -421,8 +412,6 @@ def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], 
 
 def _check_shipped_reference(model: str, model_kwargs: dict[str, Any], init: str | None, where: str) -> None:
     """A ``pretrained`` entry is a bare preset with a recipe: exactly what ``dyntok pretrain`` ships."""
-    from ..pretrained import RECIPES
-
     if model not in RECIPES or model_kwargs or init is not None:
         raise SpecError(f"{where}.pretrained: only a bare preset with shipped weights and no model_kwargs or init "
                         f"can be pretrained ({', '.join(RECIPES)}); got {model!r}")
@@ -434,8 +423,6 @@ def with_references_from_scratch(spec: BenchSpec) -> BenchSpec:
     The recipe's data settings (augmentation, held-out split) are the spec's ``data`` section, so a spec meant
     to reproduce the shipped references sets them as the recipe does (the built-in ``cpu`` spec does).
     """
-    from ..pretrained import RECIPES
-
     entries = []
     for entry in spec.entries:
         if entry.pretrained:

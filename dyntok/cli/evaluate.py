@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_meta, load_model
+from ..fileio import load_meta
 from ..data import DataConfig, build_loaders
-from ..measure.evaluate import evaluate
+from ..evaluation import evaluate
 from ..measure.speed import inference_context, measure_latency, measure_throughput
-from ..methods import create_model_from_config
+from ..methods import create_model_from_config, load_model
 from ..training.distributed import select_device
 from ._common import DEFAULT_HOLDOUT, add_data_arguments, data_config, parse_knobs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..methods.registry import model_name
 from ..training import TrainConfig, train
 from ._common import add_data_arguments, data_config, parse_knobs
 
@@ -48,10 +49,6 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the model (~1.45x faster steps on CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
-
-
-def model_name(method: str, backbone: str) -> str:
-    return backbone if method == "dense" else f"{method}_{backbone}"
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..methods.budget import Interval
+from ..ranges import Interval, check_ranges
 from .datasets import ImageTensorDataset, holdout_split, load_dataset
 from .loader import BatchLoader
 from .transforms import EvalTransform, TrainTransform, default_normalization
@@ -88,10 +88,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
-        for name, accepted in _RANGES.items():
-            value = getattr(self, name)
-            if value is not None or name not in _OPTIONAL:
-                accepted.check(f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})", value)
+        check_ranges(self, _RANGES, _OPTIONAL, lambda name: f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})")
 
     @property
     def mixup(self) -> bool:

@@ -9,25 +9,25 @@ ships trained references for its CIFAR presets::
 
 A weights file is an ordinary dyntok model checkpoint (safetensors, never pickle) of the dense preset whose
 metadata carries a model card: the recipe and the command that made it, its training log, test top-1, data,
-seed and library versions. ``dyntok pretrain PRESET`` re-runs the recipe (resumable) and writes a new file;
-see docs/pretrained.md.
+seed and library versions. This module finds and reads those files on the floors below the methods (file I/O
+and the backbones) and never builds a model, so ``create_model`` can use it; how a reference is trained and
+exported (``dyntok pretrain PRESET``) is :mod:`dyntok.training.recipes`. See docs/pretrained.md.
 """
 from __future__ import annotations
 
 import logging
 import os
-import platform
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import trunc_normal_
 
-from ..checkpoint import CheckpointError, load_model, load_tensors, save_model
+from ..fileio import CheckpointError, load_tensors
 from ..models.vit import BackboneSpec
 
-__all__ = ["RECIPES", "PretrainedError", "WEIGHTS_DIR", "available", "export_reference", "load_reference",
-           "model_card", "reference_state_dict", "resolve_weights", "shipped_presets"]
+__all__ = ["PretrainedError", "WEIGHTS_DIR", "available", "model_card", "packaged_file", "reference_state_dict", "resolve_weights",
+           "shipped_presets"]
 
 log = logging.getLogger(__name__)
 
@@ -39,67 +39,12 @@ HUB_PREFIX = "hf-hub:"
 #: Backbone settings that do not change the weights' shapes, so they may differ from the file's.
 _FREE_OVERRIDES = frozenset({"drop_path_rate", "drop_rate"})
 
+#: The dense model's classifier, renewed for another class count.
+_CLASSIFIER = "vit.head"
+
 
 class PretrainedError(ValueError):
     """Reference weights that are missing, unreadable, or made for another model."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a reference was trained: ``dyntok train`` options (the same names), one per preset.
-
-    The schedule is sized for 2 CPU cores: a recipe known to work for small ViTs on CIFAR (AdamW, warm-up
-    plus cosine, crop/flip, light RandAugment, label smoothing) at the longest schedule the budget allowed.
-    """
-
-    epochs: float = 20
-    lr: float = 2e-3
-    warmup_epochs: float = 2
-    randaugment: tuple[int, int] = (1, 5)
-    label_smoothing: float = 0.1
-    batch_size: int = 128
-    holdout_size: int = 5000
-    seed: int = 0
-    dataset: str = "cifar10"
-
-    def train_config(self, preset: str, output_dir: str | Path, data_root: str | None = None, device: str = "auto",
-                     progress: bool = True):
-        """The ``TrainConfig`` of this recipe; ``--resume`` is on, so a re-run continues an interrupted one."""
-        from ..data import DataConfig
-        from ..training import TrainConfig
-
-        data = DataConfig(dataset=self.dataset, data_root=data_root, batch_size=self.batch_size,
-                          holdout_size=self.holdout_size, seed=self.seed, randaugment=self.randaugment,
-                          label_smoothing=self.label_smoothing)
-        return TrainConfig(model=preset, data=data, output_dir=str(output_dir), epochs=self.epochs, lr=self.lr,
-                           warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, seed=self.seed,
-                           device=device, compile=True, resume=True, progress=progress)
-
-    def train_fields(self) -> dict[str, Any]:
-        """The optimisation settings of the recipe, as a benchmark entry's ``train`` section."""
-        return {"epochs": self.epochs, "lr": self.lr, "warmup_epochs": self.warmup_epochs,
-                "label_smoothing": self.label_smoothing, "seed": self.seed, "compile": True}
-
-    def command(self, preset: str) -> str:
-        """The equivalent ``dyntok train`` command line (the model card records it)."""
-        ops, magnitude = self.randaugment
-        return (f"dyntok train --model {preset} --dataset {self.dataset} --epochs {self.epochs:g} --lr {self.lr:g} "
-                f"--warmup-epochs {self.warmup_epochs:g} --randaugment {ops} {magnitude} "
-                f"--label-smoothing {self.label_smoothing:g} --batch-size {self.batch_size} "
-                f"--holdout-size {self.holdout_size} --seed {self.seed} --compile")
-
-
-#: The recipe of every preset dyntok ships weights for: the two references (micro, and the wider and deeper
-#: tiny) and micro's two static baselines trained with the same budget (the same ViT on 16 tokens, and a
-#: smaller ViT).
-RECIPES: dict[str, Recipe] = {
-    "vit_cifar_micro": Recipe(),
-    # Tiny trains at ~2.6x micro's cost per epoch but is not in the default benchmark, so it gets twice the
-    # schedule: it is the stronger reference for users who adapt a model of their own.
-    "vit_cifar_tiny": Recipe(epochs=40, warmup_epochs=4),
-    "vit_cifar_micro_patch8": Recipe(),
-    "vit_cifar_nano": Recipe(),
-}
 
 
 def shipped_presets() -> list[str]:
@@ -108,7 +53,12 @@ def shipped_presets() -> list[str]:
 
 
 def available(preset: str) -> bool:
-    return (WEIGHTS_DIR / f"{preset}.safetensors").is_file()
+    return packaged_file(preset).is_file()
+
+
+def packaged_file(preset: str) -> Path:
+    """Where the package keeps (or would keep) ``preset``'s reference."""
+    return WEIGHTS_DIR / f"{preset}.safetensors"
 
 
 def resolve_weights(preset: str, source: bool | str | os.PathLike = True) -> Path:
@@ -124,7 +74,7 @@ def resolve_weights(preset: str, source: bool | str | os.PathLike = True) -> Pat
         return path
     if isinstance(source, str):
         return _download(source[len(HUB_PREFIX):], f"{preset}.safetensors")
-    path = WEIGHTS_DIR / f"{preset}.safetensors"
+    path = packaged_file(preset)
     if not path.is_file():
         shipped = ", ".join(shipped_presets()) or "none"
         raise PretrainedError(f"dyntok ships no weights for {preset!r} (shipped: {shipped}); train them with "
@@ -146,18 +96,18 @@ def _download(repo_id: str, filename: str) -> Path:
                               f"file") from None
 
 
-def load_reference(preset: str, source: bool | str | os.PathLike = True):
-    """The shipped reference of ``preset`` as a dense dyntok model (eval mode, on the CPU)."""
+def _read_reference(preset: str, source: bool | str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The dense ``state_dict`` in ``preset``'s reference file and the file's header, checked to be that preset."""
     path = resolve_weights(preset, source)
     try:
-        model = load_model(path)
+        weights, meta = load_tensors(path)
     except CheckpointError as error:
         raise PretrainedError(f"reference weights for {preset!r} are unusable: {error}") from None
-    backbone = model.config["backbone"]
-    if model.config["method"] != "dense" or backbone["name"] != preset:
-        raise PretrainedError(f"{path} holds {model.config['method']} weights for {backbone['name']!r}, "
-                              f"not the dense {preset!r}")
-    return model.eval()
+    config = meta.get("config", {})
+    method, name = config.get("method"), config.get("backbone", {}).get("name")
+    if meta.get("kind") != "model" or method != "dense" or name != preset:
+        raise PretrainedError(f"{path} holds {method} weights for {name!r}, not the dense {preset!r}")
+    return weights, meta
 
 
 def reference_state_dict(preset: str, overrides: dict[str, Any], source: bool | str | os.PathLike = True
@@ -165,14 +115,13 @@ def reference_state_dict(preset: str, overrides: dict[str, Any], source: bool | 
     """The reference's dense ``state_dict`` for a model built with ``overrides``.
 
     Overrides that change the architecture are refused, naming the setting; a different ``num_classes``
-    keeps every weight but the classifier, which starts afresh (fine-tuning on another dataset), as in timm.
+    keeps every weight but the classifier, which starts afresh (fine-tuning on another dataset), as timm's
+    builder does.
     """
-    from ..methods import create_model
-
-    reference = load_reference(preset, source)
+    weights, meta = _read_reference(preset, source)
     # Compare what each side builds (preset plus overrides), so restating a preset's own value is no clash.
     _, asked = BackboneSpec(preset, overrides).resolved_kwargs()
-    _, trained = BackboneSpec(preset, reference.config["backbone"]["overrides"]).resolved_kwargs()
+    _, trained = BackboneSpec(preset, meta["config"]["backbone"].get("overrides", {})).resolved_kwargs()
     ignored = _FREE_OVERRIDES | {"num_classes"}
     clashing = sorted(key for key in asked.keys() | trained.keys()
                       if key not in ignored and asked.get(key) != trained.get(key))
@@ -181,14 +130,19 @@ def reference_state_dict(preset: str, overrides: dict[str, Any], source: bool | 
         made = ", ".join(f"{key}={trained.get(key)!r}" for key in clashing)
         raise PretrainedError(f"the {preset!r} reference was trained with {made}; it cannot be loaded into a model "
                               f"built with {built}. Drop those settings or train from scratch")
-    weights = reference.state_dict()
-    classes = overrides.get("num_classes")
-    if classes is not None and classes != reference.num_classes:
+    classes, trained_classes = overrides.get("num_classes"), len(weights[f"{_CLASSIFIER}.weight"])
+    if classes is not None and classes != trained_classes:
         log.warning("the %s reference has %d classes; its classifier is replaced by a new one for %d classes",
-                    preset, reference.num_classes, classes)
-        fresh = create_model(preset, **overrides).state_dict()
-        weights = {key: fresh[key] if key.startswith("vit.head.") else value for key, value in weights.items()}
+                    preset, trained_classes, classes)
+        weights = {**weights, **_fresh_classifier(weights, classes)}
     return weights
+
+
+def _fresh_classifier(weights: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+    """A new classifier for ``num_classes``, initialised as timm initialises a ViT's (no model is built)."""
+    old = weights[f"{_CLASSIFIER}.weight"]
+    weight = trunc_normal_(torch.empty(num_classes, old.shape[1], dtype=old.dtype), std=0.02)
+    return {f"{_CLASSIFIER}.weight": weight, f"{_CLASSIFIER}.bias": torch.zeros(num_classes, dtype=old.dtype)}
 
 
 def model_card(preset: str, source: bool | str | os.PathLike = True) -> dict[str, Any]:
@@ -197,34 +151,3 @@ def model_card(preset: str, source: bool | str | os.PathLike = True) -> dict[str
     return meta.get("card", {})
 
 
-def export_reference(run_dir: str | Path, preset: str, destination: str | Path | None = None) -> Path:
-    """Write a finished ``dyntok train`` run of ``preset`` as a shipped reference, with its model card."""
-    import json
-
-    import timm
-
-    from .. import __version__
-
-    run_dir = Path(run_dir)
-    model = load_model(run_dir / "model.safetensors")
-    config = json.loads((run_dir / "train_config.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    log_lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    recipe = RECIPES.get(preset, Recipe())
-    card = {
-        "preset": preset, "command": recipe.command(preset), "recipe": config,
-        "test_top1": metrics["test"]["top1"], "test_images": metrics["test"].get("num_images"),
-        "data": {"dataset": config["data"].get("dataset"), "holdout_size": config["data"].get("holdout_size"),
-                 "note": "CIFAR-10 (JPEG copy) when trained on ../shared/data/cifar10"},
-        "seed": config["seed"], "epochs": config["epochs"],
-        "train_seconds": sum(record.get("seconds", 0.0) for record in log_lines),
-        "log": log_lines,
-        "versions": {"dyntok": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                     "python": platform.python_version()},
-    }
-    # The reference is saved under the preset's name, so it loads by name whatever overrides built it.
-    model.backbone_spec = type(model.backbone_spec)(preset, {})
-    destination = Path(destination) if destination is not None else WEIGHTS_DIR / f"{preset}.safetensors"
-    _, run_meta = load_tensors(run_dir / "model.safetensors")
-    extra = {key: value for key, value in run_meta.items() if key not in ("kind", "config", "budget")}
-    return save_model(model, destination, extra={**extra, "card": card})

@@ -1,0 +1,40 @@
+"""The house's floors (docs/architecture.md): imports only run downwards, no method imports another, no circle,
+and ``import dyntok`` stays a thin face."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from importlinter import cli as importlinter_cli
+
+from .conftest import REPO_ROOT
+
+
+def test_the_import_contracts_hold(capsys):
+    """pyproject.toml's ``[tool.importlinter]`` contracts; a broken one prints the offending import chain."""
+    code = importlinter_cli.lint_imports(config_filename=str(REPO_ROOT / "pyproject.toml"), no_cache=True,
+                                         no_logo=True)
+    report = capsys.readouterr().out
+    assert code == importlinter_cli.EXIT_STATUS_SUCCESS, report
+    assert "0 broken" in report
+
+
+def test_importing_dyntok_loads_neither_matplotlib_nor_the_data_layer():
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import json, sys, dyntok; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT).stdout
+    modules = json.loads(loaded.splitlines()[-1])
+    heavy = [name for name in modules if name.split(".")[0] == "matplotlib" or name.startswith("dyntok.data")
+             or name.startswith(("dyntok.report", "dyntok.training", "dyntok.bench", "dyntok.cli"))]
+    assert heavy == []
+
+
+def test_show_is_still_reachable_from_the_package():
+    import dyntok
+    from dyntok.report.gallery import show
+
+    assert dyntok.show is show and "show" in dyntok.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        dyntok.nothing_here  # noqa: B018
