@@ -42,6 +42,9 @@ def training_key(config: TrainConfig, init_key: str | None = None) -> str:
     """Hash of the training-relevant settings of ``config`` plus the key of the model it starts from."""
     values = {key: value for key, value in config.to_dict().items() if key not in _RUN_FIELDS}
     values["data"] = {key: value for key, value in values["data"].items() if key not in _LOCATION_FIELDS}
+    # Keys made while DataConfig held the smoothing folded into mixup's targets had it here; keeping that
+    # entry (the same value) keeps every earlier cache valid.
+    values["data"]["label_smoothing"] = config.label_smoothing if config.data.mixup else 0.0
     values["init"] = init_key
     values["cache_version"] = CACHE_VERSION
     return digest(values)

@@ -37,6 +37,7 @@ import timm
 import yaml
 
 from ..data import DataConfig
+from ..data.config import DATA_RANGES, OPTIONAL_DATA
 from ..methods.budget import format_knobs
 from ..methods.registry import get_method, list_methods, split_model_name
 from ..models.vit import BACKBONE_OVERRIDES, PRESETS
@@ -83,16 +84,17 @@ def _as_number(value: Any, where: str, what: str) -> float:
 def ranged(accepted: Interval) -> Callable[[Any, str], Any]:
     """The check of a setting declared once as ``accepted`` (:mod:`dyntok.ranges`), in the spec's words.
 
-    The value is returned as written (``3`` stays an int), so cache keys do not depend on how it was checked.
+    A number is returned as written (``3`` stays an int, ``3.0`` a float), so cache keys do not depend on how
+    it was checked; a whole number as an int.
     """
     def check(value: Any, where: str) -> Any:
         if isinstance(value, str) and not accepted.integer:
             value = _as_number(value, where, accepted.describe())
         try:
-            accepted.check(where, value)
+            checked = accepted.check(where, value)
         except ValueError:
             raise SpecError(f"{where}: expected {accepted.describe()}, got {_describe(value)}") from None
-        return value
+        return checked if accepted.integer else value
     return check
 
 
@@ -101,16 +103,6 @@ def fraction(value: Any, where: str) -> float:
     if not 0 <= number < 1:
         raise SpecError(f"{where}: expected a number in [0, 1), got {_describe(value)}")
     return number
-
-
-def integer(value: Any, where: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpecError(f"{where}: expected an integer >= {minimum}, got {_describe(value)}")
-    return value
-
-
-def positive_integer(value: Any, where: str) -> int:
-    return integer(value, where, minimum=1)
 
 
 def count_or_fraction(value: Any, where: str) -> int | float:
@@ -185,11 +177,9 @@ TRAIN_FIELDS: dict[str, Callable[[Any, str], Any]] = {
 #: Checks for the ``DataConfig`` fields whose type matters before loading; the others are passed through.
 _DATA_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "dataset": text,
-    "batch_size": positive_integer,
-    "eval_batch_size": optional(positive_integer),
-    "image_size": optional(positive_integer),
+    **{name: optional(ranged(DATA_RANGES[name])) if name in OPTIONAL_DATA else ranged(DATA_RANGES[name])
+       for name in ("batch_size", "eval_batch_size", "image_size", "seed")},
     "holdout_size": count_or_fraction,
-    "seed": integer,
 }
 
 
@@ -204,8 +194,9 @@ class SpeedSettings:
     warmup: int = 1
 
 
-_SPEED_CHECKS = {"batch_size": positive_integer, "images": positive_integer, "latency_images": positive_integer,
-                 "repeats": positive_integer, "warmup": integer}
+_SPEED_CHECKS = {**{name: ranged(Interval(1, integer=True))
+                    for name in ("batch_size", "images", "latency_images", "repeats")},
+                 "warmup": ranged(Interval(0, integer=True))}
 
 
 @dataclass(frozen=True)

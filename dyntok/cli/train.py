@@ -54,7 +54,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     name = model_name(args.method, args.model)
     data = data_config(args, seed=args.seed, randaugment=args.randaugment, mixup_alpha=args.mixup,
-                       cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing)
+                       cutmix_alpha=args.cutmix)
     return TrainConfig(
         model=name, model_kwargs=parse_knobs(args.model_arg), data=data,
         output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,

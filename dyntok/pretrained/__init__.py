@@ -26,8 +26,8 @@ from timm.layers import trunc_normal_
 from ..fileio import CheckpointError, load_tensors
 from ..models.vit import BackboneSpec
 
-__all__ = ["PretrainedError", "WEIGHTS_DIR", "available", "model_card", "packaged_file", "reference_state_dict", "resolve_weights",
-           "shipped_presets"]
+__all__ = ["PretrainedError", "WEIGHTS_DIR", "available", "model_card", "packaged_file", "reference_state_dict",
+           "resolve_weights", "shipped_presets"]
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,7 @@ class Recipe:
                      progress: bool = True) -> TrainConfig:
         """The ``TrainConfig`` of this recipe; ``--resume`` is on, so a re-run continues an interrupted one."""
         data = DataConfig(dataset=self.dataset, data_root=data_root, batch_size=self.batch_size,
-                          holdout_size=self.holdout_size, seed=self.seed, randaugment=self.randaugment,
-                          label_smoothing=self.label_smoothing)
+                          holdout_size=self.holdout_size, seed=self.seed, randaugment=self.randaugment)
         return TrainConfig(model=preset, data=data, output_dir=str(output_dir), epochs=self.epochs, lr=self.lr,
                            warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, seed=self.seed,
                            device=device, compile=True, resume=True, progress=progress)

@@ -62,7 +62,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # the loss's; folded into mixup's soft targets when mixup is on
     clip_grad: float | None = 1.0
     ema_decay: float | None = None
     init: str | None = None
@@ -83,7 +83,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         values = dict(values)
-        values["data"] = DataConfig(**values.get("data", {}))
+        values["data"] = DataConfig.from_dict(values.get("data", {}))
         return cls(**values)
 
 
@@ -120,7 +120,7 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.ctx, self.device = init_distributed(config.device)
         self.loaders = build_loaders(_per_rank(config.data, self.ctx.world_size), rank=self.ctx.rank,
-                                     world_size=self.ctx.world_size)
+                                     world_size=self.ctx.world_size, label_smoothing=config.label_smoothing)
         _require_a_full_batch(self.loaders["train"], self.ctx.world_size)
         torch.manual_seed(config.seed)
         model_kwargs = {"num_classes": self.loaders["num_classes"], **config.model_kwargs}
