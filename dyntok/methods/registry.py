@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..fileio import CheckpointError, load_tensors, save_tensors, tensors_under
 from ..models.vit import BACKBONE_OVERRIDES, PRESETS, BackboneSpec, list_backbones
-from ..pretrained import reference_state_dict
+from ..pretrained import REFERENCE, PretrainedError, reference_state_dict, refuse_architecture_changes, resolve_weights
 
 __all__ = ["register_method", "create_model", "list_models", "list_methods", "get_method", "split_model_name",
            "model_name", "create_model_from_config", "save_model", "load_model", "config_mismatch"]
@@ -65,20 +65,75 @@ def create_model(name: str, pretrained: bool | str = False, pretrained_file: str
     Backbone overrides (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``num_classes``,
     ``drop_path_rate``...) shape the backbone; every other keyword goes to the method (``keep_ratio=0.7``).
 
-    ``pretrained`` on a dyntok preset starts the model from dyntok's trained reference of that preset
-    (``True``: the file shipped in the package; ``"hf-hub:owner/repo"`` or a path: that file) through the
-    method's ``init_from_dense``, so every method starts from the same weights. On a timm name it loads
-    timm's weights for the backbone (from the hub, or ``pretrained_file``).
+    ``pretrained`` on a dyntok preset loads the weights dyntok ships for ``name``: the dense reference of a
+    preset, or a method's own weights trained from it by its recipe (``True``: the file in the package;
+    ``"hf-hub:owner/repo"`` or a path: that file). ``pretrained="reference"`` starts a method from the
+    preset's dense reference instead, through its ``init_from_dense``. On a timm name it loads timm's
+    weights for the backbone (from the hub, or ``pretrained_file``) and the method starts from them.
     """
     method, backbone_name = split_model_name(name)
     overrides = {key: kwargs.pop(key) for key in BACKBONE_OVERRIDES if key in kwargs}
     if pretrained and backbone_name in PRESETS:
-        source = pretrained_file or pretrained
-        model = get_method(method)(BackboneSpec(backbone_name, overrides), **kwargs)
-        model.init_from_dense(reference_state_dict(backbone_name, overrides, source))
-        return model
+        return _create_pretrained(method, backbone_name, overrides, kwargs, pretrained_file or pretrained)
     spec = BackboneSpec(backbone_name, overrides, pretrained=bool(pretrained), pretrained_file=pretrained_file)
     return get_method(method)(spec, **kwargs)
+
+
+def _create_pretrained(method: str, preset: str, overrides: dict[str, Any], method_kwargs: dict[str, Any],
+                       source: bool | str | Path):
+    """``create_model`` with ``pretrained=source`` on a dyntok preset.
+
+    A dense preset is its reference. For a method, the file found for its name holds either the method's own
+    trained weights, loaded as they are (budget knobs and training-only settings may be changed), or a dense
+    reference (a file given for a method), from which the method starts through ``init_from_dense``;
+    ``source="reference"`` starts it from the backbone's packaged reference.
+    """
+    reference_source = True if source == REFERENCE else source
+    if method != "dense" and source != REFERENCE:
+        path = resolve_weights(model_name(method, preset), source)
+        trained = _load_shipped(path, preset)
+        if trained.config["method"] == method:
+            return _with_settings(trained, path, overrides, method_kwargs)
+        if trained.config["method"] != "dense":
+            raise PretrainedError(f"{path} holds {trained.config['method']} weights, not {method} weights or a "
+                                  f"dense reference")
+        reference_source = path
+    model = get_method(method)(BackboneSpec(preset, overrides), **method_kwargs)
+    model.init_from_dense(reference_state_dict(preset, overrides, reference_source))
+    return model
+
+
+def _load_shipped(path: Path, preset: str):
+    """The model in ``path``, which must be built on ``preset``."""
+    try:
+        model = load_model(path)
+    except CheckpointError as error:
+        raise PretrainedError(f"weights for {preset!r} are unusable: {error}") from None
+    if model.config["backbone"]["name"] != preset:
+        raise PretrainedError(f"{path} holds {model.config['method']} weights for "
+                              f"{model.config['backbone']['name']!r}, not for {preset!r}")
+    return model
+
+
+def _with_settings(trained, path: Path, overrides: dict[str, Any], method_kwargs: dict[str, Any]):
+    """``trained`` rebuilt with the asked settings: budget knobs and training-only settings may change,
+    anything that would change the weights' shapes is refused by name."""
+    if not overrides and not method_kwargs:
+        return trained
+    config = trained.config
+    refuse_architecture_changes(config["backbone"], overrides, str(path))
+    budget = trained.get_budget()
+    spec = BackboneSpec(config["backbone"]["name"], {**config["backbone"]["overrides"], **overrides})
+    model = type(trained)(spec, **{**config["method_kwargs"], **method_kwargs})
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError:
+        changed = ", ".join(f"{key}={value!r}" for key, value in config["method_kwargs"].items()
+                            if key in method_kwargs and method_kwargs[key] != value)
+        raise PretrainedError(f"{path} was trained with {changed}; these settings shape its weights, so they "
+                              f"cannot differ from the file's") from None
+    model.set_budget(**{key: value for key, value in budget.items() if key not in method_kwargs})
+    return model
 
 
 def create_model_from_config(config: dict[str, Any]):
