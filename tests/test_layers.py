@@ -38,3 +38,17 @@ def test_show_is_still_reachable_from_the_package():
     assert dyntok.show is show and "show" in dyntok.__all__
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         dyntok.nothing_here  # noqa: B018
+
+
+def test_every_registered_method_is_in_the_independence_contract():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: import-linter brings tomli
+        import tomli as tomllib
+
+    import dyntok
+
+    contracts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    independent = next(contract for contract in contracts if contract["type"] == "independence")["modules"]
+    modules = {type(dyntok.create_model(f"{method}_vit_cifar_nano")).__module__ for method in dyntok.list_methods()}
+    assert modules == set(independent)
