@@ -1,12 +1,12 @@
 """Pieces several methods share, so that no method imports another.
 
-Token grids (DVT, ReViT), where to prune and the training-time keep mask (DynamicViT, EViT, AdaViT), and the
-two residual halves of a block with what its attention computed (ToMe, EViT).
+Token grids (DVT, ReViT); where to prune and the training-time keep mask (DynamicViT, EViT, AdaViT); and, for
+the methods that shrink the token sequence inside a block (ToMe, EViT), the block's two residual halves and
+what its attention computed.
 
-ToMe and EViT shrink the token sequence inside a block.
-Both act between the attention and the MLP of a timm ``Block``, so a block is run as its two residual halves
-(:func:`attention_half`, :func:`mlp_half`), built from the block's own sub-modules (``norm1``, ``attn``,
-``ls1``, ``drop_path1``...). LayerScale, qk-norm, fused attention and stochastic depth therefore come from
+ToMe and EViT both act between the attention and the MLP of a timm ``Block``, so a block is run as its two
+residual halves (:func:`attention_half`, :func:`mlp_half`), built from the block's own sub-modules (``norm1``,
+``attn``, ``ls1``, ``drop_path1``...). LayerScale, qk-norm, fused attention and stochastic depth therefore come from
 timm itself; ``tests/test_tome.py`` holds the two halves to timm's ``Block.forward``.
 
 Both also need what the attention computed: ToMe matches tokens by their keys, EViT ranks them by the class
@@ -34,6 +34,7 @@ __all__ = ["default_grids", "default_prune_locations", "check_prune_locations", 
 #: dropped tokens stay normal floats in float32/bfloat16, so the gradient that tells the predictor what
 #: keeping a dropped token would have changed survives (see :func:`keep_attention_mask`).
 _DROPPED_WEIGHT = 1e-20
+
 
 def default_grids(full_grid: int) -> list[int]:
     """Half-, three-quarter- and full-resolution grids of a backbone whose grid is ``full_grid``.
