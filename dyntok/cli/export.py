@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import load_meta, load_model
+from ..fileio import load_meta
+from ..methods import load_model
 from ..deploy.export import export
 from ._common import parse_knobs
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .plan import ExportPlan, Graph
+from .._versions import __version__
+from ..methods.export_plan import ExportPlan, Graph
 
 __all__ = ["export", "ExportError", "EXPORT_FILE", "FORMAT_VERSION", "OPSET"]
 
@@ -115,8 +116,6 @@ def _translations() -> dict:
 
 
 def _metadata(model: nn.Module, plan: ExportPlan, card: dict[str, Any] | None) -> dict[str, Any]:
-    from .. import __version__
-
     return {
         "format_version": FORMAT_VERSION, "dyntok_version": __version__, "torch_version": torch.__version__,
         "opset": OPSET, "method": model.method_name, "config": model.config, "budget": model.get_budget(),

@@ -2,8 +2,9 @@
 ``predict`` gives the same :class:`~dyntok.methods.Prediction` as the model it came from, so the evaluator
 and the benchmark measure it like any model.
 
-The graphs are run by the runner the method named at export time, the very function its eager ``predict``
-goes through (:mod:`.plan`), with the onnxruntime sessions in place of the modules.
+The graphs are run by the runner the method named at export time (:mod:`dyntok.methods.export_plan`): for
+DVT and ReViT the very function their eager ``predict`` goes through, with the onnxruntime sessions in place
+of the modules; for a one-graph export, :func:`run_single_graph`.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from .._versions import __version__
+from ..methods.base import Prediction
+from ..methods.export_plan import GraphFn
 from .export import EXPORT_FILE, FORMAT_VERSION
 
-__all__ = ["load", "ExportedModel", "OnnxGraph"]
+__all__ = ["load", "ExportedModel", "OnnxGraph", "run_single_graph", "unflatten_prediction"]
 
 
 def load(directory: str | Path, budget: dict[str, Any] | None = None, threads: int | None = None) -> ExportedModel:
@@ -43,8 +47,6 @@ def load(directory: str | Path, budget: dict[str, Any] | None = None, threads: i
 
 
 def _check_versions(directory: Path, metadata: dict[str, Any]) -> None:
-    from .. import __version__
-
     made_with = metadata.get("format_version")
     if made_with != FORMAT_VERSION:
         raise ValueError(f"{directory} is a dyntok export of format {made_with} (dyntok "
@@ -130,7 +132,7 @@ class ExportedModel:
                                  f"graphs carry; for {name}={value!r} export again with --budget {name}=...")
 
     # ----------------------------------------------------------------- inference
-    def predict(self, x: Tensor):
+    def predict(self, x: Tensor) -> Prediction:
         """Logits, per-image MACs and extras, as the eager model's ``predict`` gives them (on CPU)."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_size:
             raise ValueError(f"this export takes images of shape (batch, {', '.join(map(str, self.input_size))}), "
@@ -152,3 +154,23 @@ def _resolve_runner(reference: str) -> Callable[..., Any]:
     if not module_name.startswith("dyntok.") or not function:
         raise ValueError(f"an export's runner must be a dyntok function 'dyntok.module:function', got {reference!r}")
     return getattr(importlib.import_module(module_name), function)
+
+
+def unflatten_prediction(outputs: Mapping[str, Tensor]) -> Prediction:
+    """The prediction that :func:`~dyntok.methods.export_plan.flatten_prediction` flattened into graph outputs."""
+    extras: dict[str, Any] = {}
+    for name, value in outputs.items():
+        if not name.startswith("extras."):
+            continue
+        key, _, index = name[len("extras."):].partition(".")
+        if index:
+            extras.setdefault(key, []).append(value)  # outputs keep their flattened order
+        else:
+            extras[key] = value
+    return Prediction(outputs["logits"], outputs["macs"].double(), extras)
+
+
+def run_single_graph(graphs: Mapping[str, GraphFn], settings: dict[str, Any], images: Tensor) -> Prediction:
+    """The runner of a one-graph export (:func:`~dyntok.methods.export_plan.single_graph_plan`): the method's
+    ``predict`` was the graph, so one call and the prediction rebuilt from its outputs."""
+    return unflatten_prediction(graphs["predict"](images=images))

@@ -31,7 +31,7 @@ from ..models.vit import BackboneSpec
 from .budget import Choice, KnobSpace
 
 if TYPE_CHECKING:
-    from ..deploy.plan import ExportPlan
+    from .export_plan import ExportPlan
     from ..measure.latency_budget import Timer
 
 __all__ = ["Prediction", "LossOutput", "TrainingPhase", "AdaptiveViT", "SingleViT", "Criterion"]
@@ -209,7 +209,7 @@ class AdaptiveViT(nn.Module):
         method that needs one is told, never exported wrong). Methods whose images take different paths
         override this with a few graphs and a runner (DVT, ReViT).
         """
-        from ..deploy.plan import single_graph_plan
+        from .export_plan import single_graph_plan
 
         return single_graph_plan(self, example_images)
 

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from ..measure.macs import linear_macs, patch_embed_macs, vit_macs
 from ..measure.oracle import exit_correctness, first_correct_exit
 from ..models.vit import BackboneSpec
-from ..deploy.plan import ExportPlan, Graph, GraphFn
 from .base import Criterion, LossOutput, Prediction, SingleViT, TrainingPhase, split_weight_decay
 from .budget import Choice, Interval, KnobSpace
-from .dvt import default_grids
+from .export_plan import ExportPlan, Graph, GraphFn
 from .registry import register_method
+from .token_reduction import default_grids
 
 __all__ = ["ReViT", "ReViTOutput", "TokenLengthAssigner", "resize_images", "vit_macs_at_grid", "SWEEP_BIASES"]
 

@@ -15,8 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Graph", "ExportPlan", "GraphFn", "PredictGraph", "flatten_prediction", "unflatten_prediction",
-           "single_graph_plan", "run_single_graph"]
+__all__ = ["Graph", "ExportPlan", "GraphFn", "PredictGraph", "flatten_prediction", "single_graph_plan"]
 
 #: A graph as a runner sees it: called with tensors by input name (it takes those it declares), returns its
 #: outputs by name.
@@ -48,7 +47,7 @@ class ExportPlan:
     """
 
     graphs: dict[str, Graph]
-    runner: str = "dyntok.deploy.plan:run_single_graph"
+    runner: str = "dyntok.deploy.runtime:run_single_graph"
     settings: dict[str, Any] = field(default_factory=dict)
     runtime_knobs: tuple[str, ...] = ()
 
@@ -65,7 +64,8 @@ class PredictGraph(nn.Module):
 
 
 def flatten_prediction(prediction) -> dict[str, Tensor]:
-    """``logits``, ``macs`` and every tensor extra by name: ``extras.KEY``, or ``extras.KEY.I`` for list items."""
+    """``logits``, ``macs`` and every tensor extra by name: ``extras.KEY``, or ``extras.KEY.I`` for list items
+    (:func:`dyntok.deploy.runtime.unflatten_prediction` rebuilds the prediction)."""
     flat = {"logits": prediction.logits, "macs": prediction.macs}
     for key, value in prediction.extras.items():
         if isinstance(value, Tensor):
@@ -77,29 +77,8 @@ def flatten_prediction(prediction) -> dict[str, Tensor]:
     return flat
 
 
-def unflatten_prediction(outputs: Mapping[str, Tensor]):
-    """The :class:`~dyntok.methods.Prediction` that :func:`flatten_prediction` flattened."""
-    from ..methods.base import Prediction
-
-    extras: dict[str, Any] = {}
-    for name, value in outputs.items():
-        if not name.startswith("extras."):
-            continue
-        key, _, index = name[len("extras."):].partition(".")
-        if index:
-            extras.setdefault(key, []).append(value)  # outputs keep their flattened order
-        else:
-            extras[key] = value
-    return Prediction(outputs["logits"], outputs["macs"].double(), extras)
-
-
 def single_graph_plan(model: nn.Module, example_images: Tensor) -> ExportPlan:
     """The whole ``predict`` as one graph named ``predict``."""
     with torch.no_grad():
         names = tuple(flatten_prediction(model.predict(example_images)))
     return ExportPlan({"predict": Graph(PredictGraph(model), (example_images,), ("images",), names)})
-
-
-def run_single_graph(graphs: Mapping[str, GraphFn], settings: dict[str, Any], images: Tensor):
-    """The runner of :func:`single_graph_plan`: one call, the prediction rebuilt from the outputs."""
-    return unflatten_prediction(graphs["predict"](images=images))
