@@ -24,8 +24,8 @@ def __getattr__(name: str):
         from .deploy.export import export
 
         return export
-    if name == "runtime":
-        from . import runtime
+    if name == "runtime":  # a submodule: importing it by name (a `from . import` here would recurse)
+        import importlib
 
-        return runtime
+        return importlib.import_module(".runtime", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

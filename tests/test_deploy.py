@@ -183,6 +183,12 @@ def test_export_leaves_the_models_budget_alone(tmp_path):
     assert model.get_budget() == {"keep_ratio": 0.6} and load(tmp_path).get_budget() == {"keep_ratio": 0.9}
 
 
+def test_the_thin_face_loads_export_and_runtime_on_first_use():
+    from dyntok.deploy.export import export
+
+    assert dyntok.export is export and dyntok.runtime.load is load
+
+
 def test_unknown_format_and_non_exports_are_clear_errors(tmp_path):
     with pytest.raises(ExportError, match="unknown export format 'tflite'"):
         dyntok.export(tiny_model(), tmp_path, format="tflite")
