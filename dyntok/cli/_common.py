@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from ..data import DataConfig
@@ -29,8 +30,16 @@ def add_data_arguments(parser: argparse.ArgumentParser, holdout_help: str | None
 
 def holdout_size(text: str) -> int | float:
     """``--holdout-size``: a count (``5000``) or a fraction below 1 (``0.1``)."""
-    value = float(text)
-    return value if 0 < value < 1 else int(value)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0 < value < 1:
+        return value
+    if not (value >= 0 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a count of images (a whole number >= 0) or a share in (0, 1), "
+                                         f"got {text!r}")
+    return int(value)
 
 
 def data_config(args: argparse.Namespace, **extra: Any) -> DataConfig:

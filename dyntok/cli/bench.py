@@ -68,6 +68,4 @@ def run(args: argparse.Namespace) -> int:
     results = run_benchmark(spec, output, args.only, cache_dir=args.cache_dir)
     print(f"{len(results['entries'])} entries measured in {results['seconds'] / 60:.1f} min; "
           f"report: {output / 'leaderboard.md'}")
-    for skipped in results["skipped"]:
-        print(f"skipped {skipped['name']}: {skipped['reason']}")
     return 0

@@ -29,6 +29,8 @@ _RANGES = {
 }
 _OPTIONAL = {"eval_batch_size", "image_size"}
 _CLI_NAMES = {"mixup_alpha": "--mixup", "cutmix_alpha": "--cutmix"}
+#: ``randaugment = (num_ops, magnitude)``: torchvision's RandAugment has 31 magnitude bins (0 to 30).
+_RANDAUGMENT = (Interval(0, 16, integer=True), Interval(0, 30, integer=True))
 
 
 @dataclass
@@ -91,7 +93,14 @@ class DataConfig:
         for name, accepted in _RANGES.items():
             value = getattr(self, name)
             if value is not None or name not in _OPTIONAL:
-                accepted.check(f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})", value)
+                accepted.check(_option(name), value)
+        _check_holdout_size(self.holdout_size)
+        if self.randaugment is not None:
+            if len(self.randaugment) != 2:
+                raise ValueError(f"randaugment (--randaugment) must be two whole numbers, OPS and MAGNITUDE; "
+                                 f"got {list(self.randaugment)}")
+            for part, accepted, value in zip(("OPS", "MAGNITUDE"), _RANDAUGMENT, self.randaugment):
+                accepted.check(f"randaugment (--randaugment) {part}", value)
 
     @property
     def mixup(self) -> bool:
@@ -121,6 +130,18 @@ class DataConfig:
         images the model was trained on.
         """
         return {"dataset": self.dataset, "holdout_size": self.holdout_size, "seed": self.seed}
+
+
+def _option(name: str) -> str:
+    return f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})"
+
+
+def _check_holdout_size(value: Any) -> None:
+    """An image count (a whole number >= 0) or a share of the training set in (0, 1)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return
+    Interval(0.0, 1.0, high_open=True).check(f"{_option('holdout_size')} as a share (a count is a whole number)",
+                                             value)
 
 
 def build_loaders(

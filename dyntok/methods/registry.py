@@ -6,11 +6,18 @@ bare backbone name for the dense model (``vit_cifar_tiny``, ``vit_small_patch16_
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Any, TypeVar
+
+import torch
 
 from ..models.vit import BACKBONE_OVERRIDES, PRESETS, BackboneSpec, list_backbones
 
-__all__ = ["register_method", "create_model", "list_models", "list_methods", "get_method", "split_model_name"]
+__all__ = ["register_method", "create_model", "list_models", "list_methods", "get_method", "split_model_name",
+           "check_model", "check_model_options"]
+
+#: Keyword arguments ``create_model`` itself takes besides backbone overrides and method options.
+CREATE_MODEL_ARGUMENTS = ("pretrained", "pretrained_file")
 
 _METHODS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
@@ -71,11 +78,60 @@ def create_model(name: str, pretrained: bool | str = False, pretrained_file: str
     return get_method(method)(spec, **kwargs)
 
 
+def check_model_options(name: str, kwargs: dict[str, Any]) -> None:
+    """A ``ValueError`` listing what the method takes when ``kwargs`` holds a name it does not."""
+    _check_options(get_method(split_model_name(name)[0]), kwargs)
+
+
+def _check_options(cls: type, kwargs: dict[str, Any]) -> None:
+    options = {key: value for key, value in kwargs.items()
+               if key not in BACKBONE_OVERRIDES and key not in CREATE_MODEL_ARGUMENTS}
+    accepted = [option for option in inspect.signature(cls).parameters if option != "backbone"]
+    unknown = sorted(set(options) - set(accepted), key=str)
+    if unknown:
+        raise ValueError(f"{cls.__name__} does not take {', '.join(map(repr, unknown))}; it takes "
+                         f"{', '.join(accepted) or 'no options'}, plus backbone overrides "
+                         f"({', '.join(BACKBONE_OVERRIDES)})")
+
+
+def check_model(name: str, kwargs: dict[str, Any]):
+    """Build ``create_model(name, **kwargs)`` on the meta device, without pretrained weights: every option is
+    checked (names, values, size bound) and nothing is allocated. Returns the shapes-only model, whose
+    ``budget_space()`` checks budget knobs; ``ValueError`` names what cannot be built."""
+    check_model_options(name, kwargs)
+    buildable = {key: value for key, value in kwargs.items() if key not in CREATE_MODEL_ARGUMENTS}
+    try:
+        with torch.device("meta"):
+            return create_model(name, **buildable)
+    except (TypeError, AssertionError, RuntimeError) as error:  # a method given an option of the wrong type
+        raise ValueError(f"{name} cannot be built with {buildable} ({type(error).__name__}: {error})") from None
+
+
 def create_model_from_config(config: dict[str, Any]):
-    """Rebuild a model from ``model.config`` (as saved in checkpoints), without pretrained downloads."""
-    backbone = config["backbone"]
-    spec = BackboneSpec(backbone["name"], dict(backbone.get("overrides", {})))
-    return get_method(config["method"])(spec, **config.get("method_kwargs", {}))
+    """Rebuild a model from ``model.config`` (as saved in checkpoints), without pretrained downloads.
+
+    The config may come from an untrusted file: its layout is checked here, its values by the method and
+    the backbone (:mod:`dyntok.models.limits`), before anything is allocated.
+    """
+    backbone = _field(config, "backbone", dict)
+    overrides = dict(_field(backbone, "overrides", dict, {}))
+    unknown = sorted(set(overrides) - set(BACKBONE_OVERRIDES), key=str)
+    if unknown:
+        raise ValueError(f"backbone overrides {unknown} are not backbone settings ({', '.join(BACKBONE_OVERRIDES)})")
+    method_kwargs = dict(_field(config, "method_kwargs", dict, {}))
+    spec = BackboneSpec(_field(backbone, "name", str), overrides)
+    cls = get_method(_field(config, "method", str))
+    _check_options(cls, method_kwargs)
+    return cls(spec, **method_kwargs)
+
+
+def _field(values: Any, key: str, kind: type, default: Any = None) -> Any:
+    if not isinstance(values, dict) or (key not in values and default is None):
+        raise ValueError(f"the config has no {key!r}")
+    value = values.get(key, default)
+    if not isinstance(value, kind):
+        raise ValueError(f"the config's {key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:

@@ -16,6 +16,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from .limits import check_backbone
+
 __all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "embed_tokens", "list_backbones"]
 
 #: Keyword arguments of ``create_model`` that shape the backbone rather than the method.
@@ -100,7 +102,8 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
     """Build a timm plain ViT by preset or timm name.
 
     Raises ``ValueError`` for names that are neither, or that timm builds as something other than a plain
-    ``VisionTransformer`` (the methods rewrite its token flow and need its block structure).
+    ``VisionTransformer`` (the methods rewrite its token flow and need its block structure), and for
+    settings out of range or too large to build (:mod:`dyntok.models.limits`), before allocating anything.
     """
     spec = BackboneSpec(name, overrides)
     arch, kwargs = spec.resolved_kwargs()
@@ -113,6 +116,7 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     if pretrained and name in PRESETS and pretrained_file is None:
         raise ValueError(f"preset {name!r} has no published weights; train it, or pass pretrained_file=")
+    check_backbone(arch, kwargs, label=name)
     model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "

@@ -35,7 +35,7 @@ from ..methods import AdaptiveViT, create_model
 from .distributed import init_distributed, stop_cleanly_on_sigterm
 from .lock import claim_output_dir
 from .schedule import warmup_cosine
-from .validation import check_train_settings
+from .validation import check_model_settings, check_train_settings
 
 __all__ = ["TrainConfig", "TrainResult", "train", "PRETRAINED_INIT"]
 
@@ -75,6 +75,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_train_settings(self)
+        check_model_settings(self.model, self.model_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
