@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "load_meta", "file_sha256", "CheckpointError",
-           "CheckpointWriteError", "config_mismatch", "check_dense_init", "optimizer_state_to_tensors",
+           "CheckpointWriteError", "WRITE_ERRORS", "FolderNotWritableError", "check_writable_folder", "config_mismatch", "weight_mismatch", "check_dense_init", "optimizer_state_to_tensors",
            "optimizer_state_from_tensors"]
 
 _FORMAT = "dyntok/1"
@@ -30,6 +30,33 @@ class CheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, no permission); any previous file is left as it was."""
+
+
+#: What a failed write raises: the OS's errors, and safetensors' own class for the I/O errors it meets.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+class FolderNotWritableError(OSError):
+    """An output folder that cannot be created or written; the message names the option that chose it."""
+
+
+def check_writable_folder(folder: str | Path, option: str) -> Path:
+    """Create ``folder`` if needed and make sure a file can be written in it, before any work is done.
+
+    ``option`` names where the folder came from (``--output-dir``) for the message. The probe file is
+    removed at once; root passes permission checks, so this also catches a read-only file system.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dyntok-write-test.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except WRITE_ERRORS as error:
+        cause = getattr(error, "strerror", None) or error
+        raise FolderNotWritableError(getattr(error, "errno", None), f"{option} {folder} cannot be written ({cause}); "
+                                     f"choose a writable folder with {option}") from None
+    return folder
 
 
 def temporary_sibling(path: Path) -> str:
@@ -63,9 +90,10 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, A
         tmp = temporary_sibling(path)
         save_file(tensors, tmp, metadata=metadata)
         publish(tmp, path)
-    except OSError as error:
+    except WRITE_ERRORS as error:
         kept = f"the previous {path.name} is intact" if had_previous else f"no {path.name} was written"
-        raise CheckpointWriteError(error.errno, f"could not write {path} ({error.strerror or error}); {kept}. "
+        cause = getattr(error, "strerror", None) or error
+        raise CheckpointWriteError(getattr(error, "errno", None), f"could not write {path} ({cause}); {kept}. "
                                    f"Free some space or fix the folder's permissions, then run again") from error
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -100,7 +128,7 @@ def load_meta(path: str | Path) -> dict[str, Any]:
                               f"{metadata.get('format')!r}); load raw timm weights with pretrained_file=")
     try:
         meta = json.loads(metadata["meta"])
-    except (KeyError, json.JSONDecodeError) as error:
+    except (KeyError, json.JSONDecodeError, RecursionError) as error:  # deep nesting exhausts json's recursion
         raise CheckpointError(f"{path} has a damaged dyntok header ({type(error).__name__}: {error}); "
                               f"use another copy of the checkpoint") from None
     if not isinstance(meta, dict):
@@ -134,10 +162,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a model")
     try:
         model = create_model_from_config(meta["config"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as error:
         raise CheckpointError(f"{path} describes a model dyntok cannot build ({type(error).__name__}: {error}); "
                               f"it was written by another dyntok version or edited") from None
-    problems = _weight_mismatch(model.state_dict(), tensors)
+    problems = weight_mismatch(model.state_dict(), tensors)
     if problems:
         raise CheckpointError(f"{path}: the weights do not fit the model its header describes "
                               f"({meta['config'].get('method')} on {meta['config'].get('backbone', {}).get('name')}): "
@@ -148,14 +176,22 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     return model.to(map_location)
 
 
-def _weight_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str:
-    """Missing, unexpected and misshapen weights in a few words ('' when they fit)."""
+def weight_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str:
+    """Missing, unexpected, misshapen and mistyped weights in a few words ('' when they fit).
+
+    A weight stored in another dtype is refused rather than cast: ``load_state_dict`` would silently round
+    float64 or reinterpret integer tensors, and dyntok never writes one (the file was converted or edited).
+    """
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshapen = [f"{name} {tuple(found[name].shape)} instead of {tuple(tensor.shape)}"
-                 for name, tensor in expected.items() if name in found and found[name].shape != tensor.shape]
+    common = [name for name in expected if name in found]
+    misshapen = [f"{name} {tuple(found[name].shape)} instead of {tuple(expected[name].shape)}"
+                 for name in common if found[name].shape != expected[name].shape]
+    mistyped = [f"{name} {found[name].dtype} instead of {expected[name].dtype}"
+                for name in common if found[name].dtype != expected[name].dtype]
     parts = [f"{label}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
-             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen),
+                                  ("wrong dtype", mistyped))
              if items]
     return "; ".join(parts)
 

@@ -228,7 +228,7 @@ def _write_cache(path: Path, images: torch.Tensor, split: FolderSplit) -> None:
     """Save atomically (tmp file + rename) so a crash never leaves a half-written entry."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import publish
+    from ..checkpoint import WRITE_ERRORS, publish
 
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
@@ -236,7 +236,7 @@ def _write_cache(path: Path, images: torch.Tensor, split: FolderSplit) -> None:
         metadata = {"format": CACHE_FORMAT, "source": str(split.directory)}
         save_file({"images": images.contiguous()}, str(tmp), metadata=metadata)
         publish(str(tmp), path)
-    except OSError as error:  # the cache only saves time; a read-only home must not stop a run
+    except WRITE_ERRORS as error:  # the cache only saves time; a read-only home must not stop a run
         warnings.warn(f"Could not write the decode cache {path} ({error}); continuing without it.", stacklevel=3)
         tmp.unlink(missing_ok=True)
         return

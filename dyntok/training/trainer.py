@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import (check_dense_init, config_mismatch, load_model, load_tensors, optimizer_state_from_tensors,
-                          optimizer_state_to_tensors, save_model, save_tensors)
+from ..checkpoint import (check_dense_init, check_writable_folder, config_mismatch, load_model, load_tensors, optimizer_state_from_tensors,
+                          optimizer_state_to_tensors, save_model, save_tensors, weight_mismatch)
 from ..data import DataConfig, build_loaders
 from ..measure.evaluate import evaluate
 from ..methods import AdaptiveViT, create_model
-from .distributed import init_distributed, stop_cleanly_on_sigterm
+from .distributed import init_distributed, stop_cleanly
 from .lock import claim_output_dir
 from .schedule import warmup_cosine
 from .validation import check_model_settings, check_train_settings
@@ -215,7 +216,12 @@ class Trainer:
             raise ValueError(f"{self.out}/last.safetensors stopped in a later training phase of a run whose "
                              f"learning-rate schedule restarted at each phase (older dyntok); it cannot be "
                              f"continued exactly: drop --resume to train again")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        problems = weight_mismatch(self.model.state_dict(), weights)
+        if problems:
+            raise ValueError(f"{self.out}/last.safetensors: the weights do not fit the model ({problems}); the file "
+                             f"is damaged or was edited: use another --output-dir or drop --resume")
+        self.model.load_state_dict(weights)
         torch.set_rng_state(tensors["rng.torch"])
         self.progress = _Progress(**meta["progress"])
         self._optimizer_meta = meta["optimizer"]
@@ -346,13 +352,7 @@ class Trainer:
         return optimizer
 
     def fit(self) -> TrainResult:
-        """Train (or resume) to the end; the output folder is locked against a second run meanwhile."""
-        with claim_output_dir(self.out, enabled=self.ctx.is_main), \
-                stop_cleanly_on_sigterm(self.out / "last.safetensors", self.ctx.rank):
-            return self._fit()
-
-    def _fit(self) -> TrainResult:
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Train (or resume) to the end. Use :func:`train`, which locks the output folder first."""
         resume_tensors = None
         if self.config.resume and (self.out / "last.safetensors").exists():
             resume_tensors = self._restore_state()
@@ -400,5 +400,14 @@ def _require_a_full_batch(loader, world_size: int) -> None:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` and return where its weights and metrics were written."""
-    return Trainer(config).fit()
+    """Train ``config.model`` and return where its weights and metrics were written.
+
+    The output folder is checked and locked against a second run before any data is read, so a read-only
+    or busy folder fails at once; SIGTERM and Ctrl-C stop the run naming the intact checkpoint.
+    """
+    out, rank = Path(config.output_dir), int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        check_writable_folder(out, "--output-dir")
+    with claim_output_dir(out, enabled=rank == 0), \
+            stop_cleanly(out / "last.safetensors", rank, resumes=config.resume):
+        return Trainer(config).fit()
