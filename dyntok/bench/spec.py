@@ -314,6 +314,8 @@ def load_spec(path: str | Path) -> BenchSpec:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise SpecError(f"{path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise SpecError(f"{path} is nested too deeply to be a benchmark spec") from None
     try:
         return parse_spec(values, source=str(path))
     except SpecError as error:

@@ -40,8 +40,15 @@ def _available_subcommands() -> dict[str, object]:
     return modules
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option answered in one line (and where to read more) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dyntok",
         description="Input-adaptive Vision Transformers: train, evaluate and benchmark DVT, DynamicViT and "
                     "friends against dense and static baselines, with compute and speed measured for real.",
@@ -70,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. Every failure a user can cause ends in one line naming the cause and the fix and a
     non-zero exit code; ``--debug`` (or ``DYNTOK_DEBUG=1``) shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    from ..models.limits import ALLOW_LARGE_ENV
     from ..training.distributed import RunStopped
     from ._errors import explain
 
-    if args.allow_large_model:
-        from ..models.limits import ALLOW_LARGE_ENV
-        os.environ[ALLOW_LARGE_ENV] = "1"
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    allowed = os.environ.get(ALLOW_LARGE_ENV)
+    if args.allow_large_model:  # through the environment, which every model build reads (bench entries too)
+        os.environ[ALLOW_LARGE_ENV] = "1"
     try:
         return args.run(args) or 0
     except RunStopped as stopped:  # its message was printed when it happened
@@ -92,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         message, code = explain(error)
         print(f"dyntok {args.command}: error: {message}", file=sys.stderr)
         return code
+    finally:  # main() also runs in-process (tests, notebooks): leave the environment as it was
+        if allowed is None:
+            os.environ.pop(ALLOW_LARGE_ENV, None)
+        else:
+            os.environ[ALLOW_LARGE_ENV] = allowed
 
 
 if __name__ == "__main__":  # pragma: no cover

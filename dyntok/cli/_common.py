@@ -7,10 +7,12 @@ import math
 from typing import Any
 
 from ..data import DataConfig
+from ..data.recorded_split import DEFAULT_HOLDOUT
 
-
-#: Training images the CLI holds out for calibration unless told otherwise.
-DEFAULT_HOLDOUT = 5000
+#: ``--holdout-size`` of the commands that fit knobs on a saved model's held-out split.
+RECORDED_HOLDOUT_HELP = (f"training images held out for calibration. Default: the split the model was trained "
+                         f"beside, as its checkpoint records it (another one is refused, and so is another "
+                         f"training set); {DEFAULT_HOLDOUT} for a checkpoint that does not say")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, holdout_help: str | None = None) -> None:
@@ -59,4 +61,6 @@ def parse_knobs(pairs: list[str]) -> dict[str, Any]:
             knobs[key] = json.loads(value)
         except json.JSONDecodeError:
             knobs[key] = value
+        except RecursionError:
+            raise ValueError(f"the value of {key} is nested too deeply to be a setting: {pair[:40]}...") from None
     return knobs

@@ -43,7 +43,7 @@ def explain(error: Exception) -> tuple[str, int]:
     if isinstance(error, SafetensorError):
         return (f"a safetensors file could not be read or written ({error}); check that the disk has free space "
                 f"and the folder is writable"), USER_ERROR
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or _is_cpu_out_of_memory(error):
         return (f"out of memory ({_first_line(error) or 'no details'}): lower --batch-size, use a smaller model, "
                 f"or run on a device with more memory"), USER_ERROR
     return (f"{type(error).__name__}: {_first_line(error)}. This looks like a bug in dyntok: run again with --debug "
@@ -57,6 +57,11 @@ def _os_error(error: OSError) -> str:
     where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
     fix = _FIXES.get(error.errno, "check that path")
     return f"{where}: {error.strerror or error}; {fix}"
+
+
+def _is_cpu_out_of_memory(error: Exception) -> bool:
+    """PyTorch's CPU allocator reports a failed allocation as a plain ``RuntimeError``."""
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def _first_line(error: BaseException) -> str:

@@ -158,7 +158,8 @@ def build_loaders(
         ``"holdout"``: the held-out part of the training set, eval transform (None if
         ``holdout_size`` is 0);
         ``"test"``: the test (or val) split, eval transform;
-        ``"num_classes"``, ``"class_names"``, ``"source"`` (where the pixels came from).
+        ``"num_classes"``, ``"class_names"``, ``"source"`` (where the pixels came from), ``"fingerprint"``
+        (of the training set, :meth:`ImageTensorDataset.fingerprint`).
 
     Evaluation loaders are not sharded unless ``shard_eval`` (then every image is seen exactly
     once across ranks, and per-rank results must be gathered): by default each rank scores the
@@ -187,6 +188,7 @@ def build_loaders(
         "num_classes": train_set.num_classes,
         "class_names": list(train_set.classes),
         "source": train_set.source,
+        "fingerprint": train_set.fingerprint(),
     }
 
 

@@ -178,8 +178,8 @@ def _size_mismatch(path, pixels: np.ndarray, first, out: np.ndarray) -> str:
     (h, w), (h0, w0) = pixels.shape[:2], out.shape[2:]
     return (
         f"{path} is {w}x{h} pixels but {first} is {w0}x{h0}. Images are stored as one tensor, "
-        "so they must share a size: pass image_size=N (--image-size N) to resize all of them "
-        "to NxN when decoding."
+        "so they must share a size: pass image_size=N (dyntok train --image-size N, or image_size: N in a "
+        "benchmark spec's data section) to resize all of them to NxN when decoding."
     )
 
 

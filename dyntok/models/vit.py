@@ -16,6 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from .hub import hub_access
 from .limits import check_backbone
 
 __all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "embed_tokens", "list_backbones"]
@@ -117,7 +118,11 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
     if pretrained and name in PRESETS and pretrained_file is None:
         raise ValueError(f"preset {name!r} has no published weights; train it, or pass pretrained_file=")
     check_backbone(arch, kwargs, label=name)
-    model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    if pretrained and pretrained_file is None:
+        with hub_access(f"timm's weights for {name}", "pretrained_file=PATH (--model-arg pretrained_file=PATH)"):
+            model = timm.create_model(arch, pretrained=True, **kwargs)
+    else:
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "
                          f"VisionTransformer (vit_*, deit_*)")

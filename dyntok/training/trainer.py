@@ -202,8 +202,12 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"kind": "training", "config": self.model.config, "budget": self.model.get_budget(),
                 "train_config": self.config.to_dict(), "progress": self.progress.as_dict(),
-                "schedule": _SCHEDULE, "optimizer": optim_meta, "holdout_split": self.config.data.holdout_split()}
+                "schedule": _SCHEDULE, "optimizer": optim_meta, "holdout_split": self._holdout_record()}
         save_tensors(self.out / "last.safetensors", tensors, meta)
+
+    def _holdout_record(self) -> dict[str, Any]:
+        """What rebuilds the held-out split, and the training set's fingerprint that tells it is the same set."""
+        return {**self.config.data.holdout_split(), "fingerprint": self.loaders["fingerprint"]}
 
     def _restore_state(self) -> dict[str, torch.Tensor]:
         """Load weights, RNG and position from ``last.safetensors``; returns its tensors for the optimiser."""
@@ -374,7 +378,7 @@ class Trainer:
         model_path = self.out / "model.safetensors"
         metrics: dict[str, Any] = {}
         if self.ctx.is_main:
-            save_model(final, model_path, extra={"holdout_split": self.config.data.holdout_split()})
+            save_model(final, model_path, extra={"holdout_split": self._holdout_record()})
             result = evaluate(final, self.loaders["test"], self.device, progress=self.config.progress,
                               desc="test")
             metrics = {"test": result.summary(), "steps": self.progress.step}
