@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -178,15 +178,21 @@ HOSTILE_METAS = st.one_of(
     st.sampled_from([model_meta(method="nosuch"), model_meta(method=["dense"]), model_meta(backbone="vit"),
                      model_meta(method_kwargs=[1]), model_meta(method_kwargs={"keep_ratio": 0.5}),
                      model_meta(overrides={"dynamic_img_size": True}), {"kind": "model", "config": None}]),
+    st.one_of(st.integers(), st.text(max_size=4), st.fixed_dictionaries({"holdout_size": st.floats(1.5, 1e9)}),
+              st.fixed_dictionaries({"holdout_size": st.integers(1, 9), "seed": st.text(max_size=3)}))
+    .map(lambda split: {**model_meta(), "holdout_split": split}),
 )
 
 
 @CASES
 @given(meta=HOSTILE_METAS, command=st.sampled_from(["eval", "show", "labels"]))
 def test_hostile_checkpoint_headers_are_refused_naming_the_file(meta, command, tmp_path, capsys):
+    assume(command != "labels" or "holdout_split" not in meta)  # labels does not calibrate
     path = hostile_checkpoint(tmp_path / f"model-{time.monotonic_ns()}.safetensors", meta)
     out = tmp_path / f"out-{time.monotonic_ns()}"
-    output = {"eval": ["--output", str(out)], "show": ["--out", str(out)], "labels": ["--output", str(out)]}[command]
+    calibrate = ["--calibrate-gmacs", "1"]
+    output = {"eval": ["--output", str(out), *calibrate], "show": ["--out", str(out), *calibrate],
+              "labels": ["--output", str(out)]}[command]
     refused([command, str(path), "--dataset", str(tmp_path / "no-such-data"), *output], capsys, str(path))
     assert not out.exists()
 

@@ -24,10 +24,11 @@ def recorded_holdout_split(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The held-out split a checkpoint's model was trained beside, if the checkpoint says."""
     from .config import DataConfig
 
-    if isinstance(meta.get("holdout_split"), dict):
+    if "holdout_split" in meta:
         return meta["holdout_split"]
-    data = meta.get("train_config", {}).get("data")  # training checkpoints of older dyntok
-    return None if data is None else DataConfig(**data).holdout_split()
+    train_config = meta.get("train_config")  # training checkpoints of older dyntok
+    data = train_config.get("data") if isinstance(train_config, dict) else None
+    return DataConfig(**data).holdout_split() if isinstance(data, dict) else None
 
 
 def calibration_split(checkpoint: str | Path, requested: int | float | None) -> dict[str, Any]:
@@ -38,9 +39,16 @@ def calibration_split(checkpoint: str | Path, requested: int | float | None) -> 
     ``--holdout-size``) is an error; a checkpoint that records no split gets ``requested`` (default
     :data:`DEFAULT_HOLDOUT`) with a warning.
     """
-    from ..checkpoint import load_meta
+    from ..checkpoint import CheckpointError, load_meta
+    from .config import DataConfig
 
-    recorded = recorded_holdout_split(load_meta(checkpoint))
+    try:
+        recorded = recorded_holdout_split(load_meta(checkpoint))
+        if recorded is not None:
+            DataConfig(holdout_size=recorded["holdout_size"], seed=recorded["seed"])  # the checks of a training run
+    except (TypeError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint} records a damaged held-out split ({type(error).__name__}: {error}); "
+                              f"use another copy of the checkpoint") from None
     if recorded is None:
         size = DEFAULT_HOLDOUT if requested is None else requested
         log.warning("%s does not record the held-out split it was trained beside; calibrating on %s images held "

@@ -133,9 +133,8 @@ def show(model: AdaptiveViT | str | os.PathLike, images: str | os.PathLike | Ima
     if not isinstance(model, AdaptiveViT):
         from ..checkpoint import load_model
         if calibrate is not None or str(images) == "holdout":
-            recorded = calibration_split(model, holdout_size)
-            split, trained_on = {"holdout_size": recorded["holdout_size"], "seed": recorded["seed"]}, \
-                (str(model), recorded["fingerprint"])
+            split = calibration_split(model, holdout_size)
+            trained_on = (str(model), split.pop("fingerprint"))
         model = load_model(model)
     model = model.to(device).eval()
     if budget:
