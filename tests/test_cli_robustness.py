@@ -371,6 +371,16 @@ def test_an_unwritable_output_folder_is_refused_before_any_data_is_read(failure,
             f"--output-dir {out} cannot be written")
 
 
+def test_an_unwritable_benchmark_folder_is_refused_by_its_option(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(minimal_spec()))
+    for option in ("--output", "--cache-dir"):
+        folders = {"--output": tmp_path / "report", "--cache-dir": tmp_path / "cache", option: tmp_path / "file" / "x"}
+        refused(["bench", "--spec", str(spec), *[part for pair in folders.items() for part in map(str, pair)]],
+                capsys, f"{option} {tmp_path / 'file' / 'x'} cannot be written")
+
+
 def test_an_unwritable_cache_folder_only_costs_the_cache(folder, tmp_path, monkeypatch):
     def read_only(*args, **kwargs):  # what safetensors raises on a read-only file system
         raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")

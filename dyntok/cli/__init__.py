@@ -63,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_general_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..models.limits import ALLOW_LARGE_ENV, ALLOW_LARGE_OPTION
+    from ..models.limits import ALLOW_LARGE_ENV, ALLOW_LARGE_OPTION, MAX_PARAMETERS
 
     group = parser.add_argument_group("general")
     group.add_argument("--debug", action="store_true",
                        help=f"show the full traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
     group.add_argument(ALLOW_LARGE_OPTION, action="store_true",
-                       help=f"build models beyond dyntok's size bound (2 billion parameters; or set "
-                            f"{ALLOW_LARGE_ENV}=1): the bound guards against sizes from files and typos")
+                       help=f"build models beyond dyntok's size bound ({MAX_PARAMETERS / 1e9:g} billion parameters; "
+                            f"or set {ALLOW_LARGE_ENV}=1): the bound guards against sizes from files and typos")
 
 
 def main(argv: list[str] | None = None) -> int:
