@@ -118,7 +118,7 @@ def test_calibration_uses_the_held_out_split_the_model_was_trained_beside(dvt_ru
 
 def test_show_calibrates_on_the_recorded_split_and_another_training_set_is_refused(dvt_run, image_folder, tmp_path,
                                                                                     capsys, monkeypatch):
-    from dyntok.checkpoint import load_meta
+    from dyntok.fileio import load_meta
     from dyntok.report import gallery
 
     from .conftest import make_image_folder

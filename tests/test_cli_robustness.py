@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from dyntok import checkpoint
-from dyntok.checkpoint import load_tensors, save_model
+from dyntok import fileio
 from dyntok.cli import main
+from dyntok.fileio import load_tensors
+from dyntok.methods import save_model
 from dyntok.models import hub, limits
 
 from .conftest import REPO_ROOT, make_image_folder, tiny_model
@@ -301,7 +302,7 @@ def test_a_weight_in_another_dtype_is_refused_by_name(tmp_path, capsys):
     path = save_model(tiny_model("dense"), tmp_path / "model.safetensors")
     tensors, meta = load_tensors(path)
     tensors["vit.cls_token"] = tensors["vit.cls_token"].double()
-    checkpoint.save_tensors(path, tensors, meta)
+    fileio.save_tensors(path, tensors, meta)
     refused(["eval", str(path), "--no-speed"], capsys, str(path), "vit.cls_token torch.float64 instead of torch.float32")
 
 
@@ -319,7 +320,7 @@ def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_a_full_disk_seen_by_safetensors_is_one_line_and_keeps_the_checkpoint(folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    original, writes = checkpoint.save_file, {"n": 0}
+    original, writes = fileio.save_file, {"n": 0}
 
     def full_on_second_write(*args, **kwargs):
         writes["n"] += 1
@@ -327,7 +328,7 @@ def test_a_full_disk_seen_by_safetensors_is_one_line_and_keeps_the_checkpoint(fo
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", full_on_second_write)
+    monkeypatch.setattr(fileio, "save_file", full_on_second_write)
     err = refused(train_argv(folder, out), capsys, "No space left on device", "the previous last.safetensors is intact")
     assert "[Errno" not in err
     assert load_tensors(out / "last.safetensors")[1]["progress"]["epoch"] == 1
@@ -366,7 +367,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_data_is_read(failure,
         def read_only(*args, dir=None, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system", str(dir))
 
-        monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+        monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
     refused(["train", "--dataset", str(tmp_path / "no-such-data"), "--output-dir", str(out)], capsys,
             f"--output-dir {out} cannot be written")
 

@@ -58,7 +58,7 @@ def _spec_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.runner import prepare, run_benchmark
-    from ..checkpoint import check_writable_folder
+    from ..fileio import check_writable_folder
 
     spec = _spec_from_args(args)
     output = args.output or Path("reports") / (spec.name if args.spec is not None else args.profile)

@@ -39,7 +39,7 @@ def calibration_split(checkpoint: str | Path, requested: int | float | None) -> 
     ``--holdout-size``) is an error; a checkpoint that records no split gets ``requested`` (default
     :data:`DEFAULT_HOLDOUT`) with a warning.
     """
-    from ..checkpoint import CheckpointError, load_meta
+    from ..fileio import CheckpointError, load_meta
     from .config import DataConfig
 
     try:

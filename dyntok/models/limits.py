@@ -15,9 +15,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..methods.budget import Choice, Interval
+from ..ranges import Choice, Interval
 
 __all__ = ["ALLOW_LARGE_ENV", "ALLOW_LARGE_OPTION", "MAX_PARAMETERS", "MAX_BLOCK_ACTIVATIONS", "check_backbone"]
 
@@ -109,6 +110,9 @@ def _measure_on_meta(arch: str, kwargs: dict[str, Any], described: str) -> tuple
             vit = timm.create_model(arch, pretrained=False, **probe)
     except (AssertionError, TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"timm cannot build {described} ({type(error).__name__}: {error})") from None
+    if not isinstance(vit, VisionTransformer):  # the methods rewrite its token flow and need its block structure
+        raise ValueError(f"{described!r} builds a {type(vit).__name__}; dyntok methods need a plain timm "
+                         f"VisionTransformer (vit_*, deit_*)")
     block = vit.blocks[0] if len(vit.blocks) else nn.Identity()
     block_params = _count(block)
     params = _count(vit) + (depth - 1) * block_params if depth is not None else _count(vit)

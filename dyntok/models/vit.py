@@ -116,16 +116,15 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     if pretrained and name in PRESETS and pretrained_file is None:
-        raise ValueError(f"preset {name!r} has no published weights; train it, or pass pretrained_file=")
+        # dyntok's own references are dyntok checkpoints of a whole model, loaded one floor up (dyntok.pretrained).
+        raise ValueError(f"preset {name!r} has no timm weights: load dyntok's reference with "
+                         f"dyntok.create_model({name!r}, pretrained=True), or pass pretrained_file=")
     check_backbone(arch, kwargs, label=name)
     if pretrained and pretrained_file is None:
         with hub_access(f"timm's weights for {name}", "pretrained_file=PATH (--model-arg pretrained_file=PATH)"):
             model = timm.create_model(arch, pretrained=True, **kwargs)
     else:
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "
-                         f"VisionTransformer (vit_*, deit_*)")
     return model
 
 
