@@ -38,6 +38,7 @@ import yaml
 
 from ..data import DataConfig
 from ..data.config import DATA_RANGES, OPTIONAL_DATA
+from ..methods import AdaptiveViT
 from ..methods.budget import format_knobs
 from ..methods.registry import check_model, list_methods, split_model_name
 from ..models.vit import PRESETS
@@ -423,7 +424,7 @@ def _reference_entry(earlier: list[Entry], entry: Entry) -> str:
                     f"trains it; add one before it (model: {backbone}, pretrained: true)")
 
 
-def _parse_budgets(values: Any, where: str, model) -> tuple[BudgetPoint, ...] | None:
+def _parse_budgets(values: Any, where: str, model: AdaptiveViT) -> tuple[BudgetPoint, ...] | None:
     """The budget points, each checked against ``model.budget_space()`` (or its calibration targets)."""
     if values is None:
         return None
@@ -451,7 +452,7 @@ def _parse_budgets(values: Any, where: str, model) -> tuple[BudgetPoint, ...] | 
     return tuple(points)
 
 
-def _parse_targets(value: Any, where: str, model) -> dict[str, Any] | None:
+def _parse_targets(value: Any, where: str, model: AdaptiveViT) -> dict[str, Any] | None:
     """Calibration targets: positive numbers, named as ``model.calibrate`` takes them."""
     if value is None:
         return None
@@ -484,7 +485,7 @@ def _check_model_name(model: str, where: str) -> None:
                     f"methods {', '.join(list_methods())} and backbones {', '.join(PRESETS)} or a timm ViT name")
 
 
-def _shapes_only(model: str, kwargs: dict[str, Any], where: str):
+def _shapes_only(model: str, kwargs: dict[str, Any], where: str) -> AdaptiveViT:
     """The entry's model built on the meta device: its options, size and budget space checked for free."""
     try:
         return check_model(model, kwargs)
