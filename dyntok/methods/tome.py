@@ -53,8 +53,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, offset: int = 0) -> Tensor:
     Needs ``r <= n // 2``, which is at most the size of A.
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    # A prefix token in A would never be merged and one in B would never receive a merge, so leaving the
-    # prefix out of the matching protects it; only its length decides which patch tokens are A.
+    # The official split keeps the class token (position 0, in A) but never merges it; leaving every prefix
+    # token out of the matching protects it the same way, and the prefix's length still decides which patch
+    # tokens are in A.
     first_a, first_b = offset % 2, 1 - offset % 2
     set_a, set_b = metric[:, first_a::2], metric[:, first_b::2]
     size_a, size_b = set_a.shape[1], set_b.shape[1]
