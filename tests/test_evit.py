@@ -166,6 +166,19 @@ def test_a_model_started_from_a_trained_one_fine_tunes_at_the_target_keep_rate()
     assert chosen.training_keep_rate() == 1.0 and chosen.config["method_kwargs"]["keep_rate_schedule"] == "warmup"
 
 
+def test_a_backbone_built_with_trained_weights_fine_tunes_at_the_target_keep_rate(tmp_path):
+    from safetensors.torch import save_file
+
+    from dyntok.models import create_backbone
+
+    weights = tmp_path / "vit.safetensors"
+    save_file(create_backbone("vit_cifar_tiny", **TINY).state_dict(), weights)
+    model = EViT(BackboneSpec("vit_cifar_tiny", TINY, pretrained_file=str(weights)), keep_rate=0.5)
+    assert model.config["method_kwargs"]["keep_rate_schedule"] == "constant"
+    model.set_training_progress(0.0)
+    assert model.training_keep_rate() == 0.5
+
+
 def test_fine_tune_from_a_dense_checkpoint_trains_at_the_target_from_the_first_step(image_folder, tmp_path,
                                                                                      monkeypatch):
     from dyntok.checkpoint import load_model

@@ -82,7 +82,8 @@ class EViT(SingleViT):
         keep_rate_schedule: the keep rate while training. ``constant``: ``keep_rate`` from the first step (the
             official fine-tune of a trained model); ``warmup``: 1, then a cosine down to ``keep_rate`` between
             ``shrink_start`` and ``shrink_end`` (the official training from scratch). Default (None):
-            ``constant`` once started from a trained model (:meth:`init_from_dense`), ``warmup`` otherwise.
+            ``constant`` once started from a trained model (:meth:`init_from_dense`, or a backbone built with
+            pretrained weights), ``warmup`` otherwise.
         shrink_start, shrink_end: shares of training between which the ``warmup`` keep rate falls from 1 to
             ``keep_rate`` (published: epochs 10 to 110 of 300). Before, every token is kept.
     """
@@ -111,6 +112,8 @@ class EViT(SingleViT):
         self.fuse_inattentive = fuse_inattentive
         self.keep_rate_schedule = keep_rate_schedule or "warmup"
         self.shrink_start, self.shrink_end = shrink_start, shrink_end
+        if backbone.pretrained or backbone.pretrained_file is not None:
+            self._started_trained()
         self._taps = {index: AttentionTap(vit.blocks[index].attn) for index in locations}
         self._training_progress: float | None = None
         self.keep_rate = 1.0
@@ -141,10 +144,14 @@ class EViT(SingleViT):
     def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
         """Load a ``DenseViT.state_dict()`` (EViT has no weights of its own).
 
-        A model that starts trained needs no warm-up: unless a schedule was chosen, training from here keeps
-        ``keep_rate`` from the first step, as the official fine-tune does (recorded in :attr:`config`).
+        Training from here is a fine-tune (:meth:`_started_trained`).
         """
         self.load_state_dict(state_dict)
+        self._started_trained()
+
+    def _started_trained(self) -> None:
+        """A model that starts trained needs no warm-up: unless a schedule was chosen, training keeps
+        ``keep_rate`` from the first step, as the official fine-tune does (recorded in :attr:`config`)."""
         if self.method_kwargs["keep_rate_schedule"] is None:
             self.method_kwargs["keep_rate_schedule"] = self.keep_rate_schedule = "constant"
 
