@@ -181,7 +181,7 @@ def test_a_backbone_built_with_trained_weights_fine_tunes_at_the_target_keep_rat
 
 def test_fine_tune_from_a_dense_checkpoint_trains_at_the_target_from_the_first_step(image_folder, tmp_path,
                                                                                      monkeypatch):
-    from dyntok.checkpoint import load_model
+    from dyntok.methods import load_model
     from dyntok.data import DataConfig
     from dyntok.training import TrainConfig, train
 
