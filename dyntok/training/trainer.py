@@ -133,6 +133,9 @@ class Trainer:
         self.progress = _Progress()
         self._nonfinite_steps = 0
         self._start_from_dense()
+        if config.epochs > 0:
+            # Before the optimiser, the EMA copy and a resumed run's config check: all see the trained form.
+            self.model.begin_training()
 
     # ------------------------------------------------------------------ setup
     def _start_from_dense(self) -> None:
