@@ -285,3 +285,14 @@ def test_dynamicvit_counts_its_macs_once_per_budget(images, monkeypatch):
     model.set_budget(keep_ratio=0.5)
     model.predict(images)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_token_reducers_count_macs_once_per_budget(method, images, monkeypatch):
+    model = tiny_model(method).eval()
+    computed = []
+    original = model.per_budget
+    monkeypatch.setattr(model, "per_budget", lambda name, compute, *key: original(
+        name, lambda: computed.append(name) or compute(), *key))
+    first = model.predict(images).macs
+    assert torch.equal(model.predict(images).macs, first) and computed == ["macs"]

@@ -5,6 +5,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +73,15 @@ def speed_report(model, dense, images: torch.Tensor, device: torch.device, args:
     speed = compare_speed(dense.predict, model.predict, images[:args.speed_images], batch_size, args.latency_images,
                           args.repeats, device=device, progress=not args.no_progress, baseline_name="dense")
     return {"batch_size": batch_size, **speed}
+
+
+def on_onnxruntime(model, dense, device: torch.device, card: dict[str, Any] | None):
+    """The model and the dense reference exported at their budgets and loaded back with onnxruntime."""
+    if device.type != "cpu":
+        raise ValueError("--backend onnxruntime runs on CPU: pass --device cpu")
+    with tempfile.TemporaryDirectory(prefix="dyntok-eval-") as exports:  # sessions hold the graphs once loaded
+        return (runtime.load(export(model, Path(exports) / "model", card=card)),
+                runtime.load(export(dense, Path(exports) / "dense")))
 
 
 def run(args: argparse.Namespace) -> int:

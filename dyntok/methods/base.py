@@ -204,6 +204,19 @@ class AdaptiveViT(nn.Module):
         """MACs per image when nothing is skipped: the upper end of this model's budget range."""
         raise NotImplementedError
 
+    def per_budget(self, name: str, compute: Callable[[], Any], *key: Any) -> Any:
+        """``compute()`` once per budget (and ``key``, e.g. an input size), then from a cache.
+
+        For what depends only on the budget and shapes, such as the per-image MAC formulas of a fixed-budget
+        method: walking the layers on every ``predict`` costs more than pruning saves at batch 1. The cache
+        is keyed by :meth:`get_budget`, so a new budget is never served a stale value.
+        """
+        cache = self.__dict__.setdefault("_per_budget_cache", {})
+        full_key = (name, repr(sorted(self.get_budget().items())), *key)
+        if full_key not in cache:
+            cache[full_key] = compute()
+        return cache[full_key]
+
     def exit_macs(self) -> list[float] | None:
         """MACs per image of answering at each exit of :meth:`predict_all_exits`, for a router that sends an
         image straight there (cumulative for a cascade); None where exits are not routes (one exit, or costs

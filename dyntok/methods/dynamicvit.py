@@ -145,8 +145,6 @@ class DynamicViT(SingleViT):
         self.backbone_lr_scale = backbone_lr_scale
         self.predictor_warmup = predictor_warmup
         self.keep_ratio = 1.0
-        # MACs per image by (keep ratio, patches): shapes only, so never stale (not model state).
-        self._macs_cache: dict[tuple[float, int], float] = {}
         self.set_budget(keep_ratio=keep_ratio)
 
     def stage_keep_ratios(self) -> list[float]:
@@ -293,15 +291,9 @@ class DynamicViT(SingleViT):
         return Prediction(logits, macs, {"kept_patches": kept_patches, "kept_tokens": kept_tokens})
 
     def _macs_per_image(self, num_patches: int) -> float:
-        """Blocks at the token counts they really see, plus the prediction modules (same for every image).
-
-        Computed once per keep ratio and input size: walking the layers on every call costs more than the
-        pruning saves at batch 1.
-        """
-        key = (self.keep_ratio, num_patches)
-        if key not in self._macs_cache:
-            self._macs_cache[key] = self._count_macs(num_patches)
-        return self._macs_cache[key]
+        """Blocks at the token counts they really see, plus the prediction modules (same for every image),
+        counted once per keep ratio and input size (:meth:`per_budget`)."""
+        return self.per_budget("macs", lambda: self._count_macs(num_patches), num_patches)
 
     def _count_macs(self, num_patches: int) -> float:
         prefix = self.vit.num_prefix_tokens

@@ -227,7 +227,7 @@ class ToMe(SingleViT):
     def predict(self, x: Tensor) -> Prediction:
         logits, groups = self._merge_forward(x)
         batch = x.shape[0]
-        macs = torch.full((batch,), self._macs_per_image(), dtype=torch.float64)
+        macs = torch.full((batch,), self.per_budget("macs", self._macs_per_image), dtype=torch.float64)
         final_tokens = self.num_patches - sum(self.r_per_block())
         # Per merging block, which token each patch is part of. Merging drops no patch (each still lives on in
         # some token), so there is no kept_patches mask: pictures tint the merged groups instead of greying any.
