@@ -90,6 +90,9 @@ class AdaptiveViT(nn.Module):
     method_name: ClassVar[str] = ""
     #: Whether :meth:`compute_loss` needs a frozen teacher (set with :meth:`attach_teacher`).
     wants_teacher: ClassVar[bool] = False
+    #: Constructor options added after checkpoints of this method were first saved, each with the value that
+    #: gives the behaviour those checkpoints were trained with: a saved config without one rebuilds the old model.
+    defaults_for_old_configs: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: BackboneSpec, **method_kwargs: Any) -> None:
         super().__init__()

@@ -75,7 +75,8 @@ def create_model_from_config(config: dict[str, Any]):
     """Rebuild a model from ``model.config`` (as saved in checkpoints), without pretrained downloads."""
     backbone = config["backbone"]
     spec = BackboneSpec(backbone["name"], dict(backbone.get("overrides", {})))
-    return get_method(config["method"])(spec, **config.get("method_kwargs", {}))
+    method = get_method(config["method"])
+    return method(spec, **{**method.defaults_for_old_configs, **config.get("method_kwargs", {})})
 
 
 def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
