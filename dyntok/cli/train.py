@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..methods.registry import model_name
 from ..training import TrainConfig, train
 from ._common import add_data_arguments, data_config, parse_knobs
 
@@ -50,14 +51,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def model_name(method: str, backbone: str) -> str:
-    return backbone if method == "dense" else f"{method}_{backbone}"
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     name = model_name(args.method, args.model)
     data = data_config(args, seed=args.seed, randaugment=args.randaugment, mixup_alpha=args.mixup,
-                       cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing)
+                       cutmix_alpha=args.cutmix)
     return TrainConfig(
         model=name, model_kwargs=parse_knobs(args.model_arg), data=data,
         output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,

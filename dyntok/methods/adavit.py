@@ -36,6 +36,7 @@ from ..models.vit import BackboneSpec, embed_tokens
 from .base import Criterion, LossOutput, Prediction, SingleViT, dense_backbone_state
 from .budget import Interval, KnobSpace
 from .registry import register_method
+from .token_reduction import keep_attention_mask
 
 __all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "hard_decisions",
            "attention_on_heads", "mlp_on_channels", "patch_attention_mask", "POLICIES", "ATTENTION_BATCHING"]
