@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dyntok
-from dyntok.checkpoint import load_model, save_tensors
+from dyntok.fileio import save_tensors
 from dyntok.measure.macs import count_macs_with_torch, linear_macs
-from dyntok.methods import adavit
+from dyntok.methods import adavit, load_model
 from dyntok.methods.adavit import (ATTENTION_BATCHING, AdaViTOutput, Decisions, _heads_gated, attention_on_heads,
                                    gumbel_sigmoid, mlp_channels, mlp_on_channels)
 
