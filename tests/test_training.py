@@ -88,13 +88,13 @@ def test_a_two_phase_run_follows_one_schedule_and_keeps_the_optimiser_state(imag
     steps = []
     original = Trainer._train_step
 
-    def record(self, module, optimizer, images, targets):
+    def record(self, module, optimizer, batches):
         predictor = next(self.model.predictors.parameters())
         steps.append({"phase": self.model.phase,
                       "lr": {group["lr_scale"]: group["lr"] for group in optimizer.param_groups},
                       "predictor_updates": int(optimizer.state[predictor]["step"]) if predictor in optimizer.state
                       else 0})
-        return original(self, module, optimizer, images, targets)
+        return original(self, module, optimizer, batches)
 
     monkeypatch.setattr(Trainer, "_train_step", record)
     # 3 steps an epoch, 4 epochs: 12 steps, the first 3 warming up, the first 6 training the predictors only.

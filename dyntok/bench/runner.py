@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import timm
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .. import __version__
 from ..checkpoint import load_model
@@ -53,7 +53,7 @@ class StageBar:
     """
 
     def __init__(self, total_seconds: float, enabled: bool) -> None:
-        self.bar = tqdm(total=max(total_seconds, 1.0), disable=not enabled, desc="bench",
+        self.bar = progress_bar(total=max(total_seconds, 1.0), disable=not enabled, desc="bench",
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
     @contextlib.contextmanager

@@ -19,7 +19,7 @@ from .folder import load_split, scan_tree
 from .roots import TORCHVISION_CIFAR, DatasetLocation, candidate_roots, canonical_name, find_dataset
 from .seeding import seeded_generator
 
-__all__ = ["ImageTensorDataset", "load_dataset", "holdout_split"]
+__all__ = ["ImageTensorDataset", "load_dataset", "holdout_split", "holdout_indices", "locate_dataset"]
 
 Split = Literal["train", "test"]
 _HOLDOUT_STREAM = 0x401D  # keeps the holdout draw independent of the loader's shuffles
@@ -106,6 +106,11 @@ def load_dataset(
     return ImageTensorDataset(images, labels, chosen.classes, source=f"image folder {chosen.directory}")
 
 
+def locate_dataset(name: str, data_root=None, download: bool = False) -> DatasetLocation:
+    """Where ``name`` is (or, with ``download``, where torchvision will put CIFAR)."""
+    return _locate(name, data_root, download)[0]
+
+
 def _locate(name: str, data_root, download: bool) -> tuple[DatasetLocation, bool]:
     """Where the dataset is, and whether torchvision must download it first."""
     try:
@@ -155,11 +160,20 @@ def holdout_split(
         original order. Each class contributes in proportion to its size (largest-remainder
         rounding), so the held part has the training set's class balance.
     """
-    count = _holdout_count(size, len(dataset))
-    held = _stratified_sample(dataset.labels, count, seeded_generator(seed, _HOLDOUT_STREAM))
-    keep = torch.ones(len(dataset), dtype=torch.bool)
+    kept, held = holdout_indices(dataset.labels, size, seed)
+    return dataset.subset(kept), dataset.subset(held)
+
+
+def holdout_indices(labels: torch.Tensor, size: int | float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted positions of the training part and of the held-out part; what :func:`holdout_split` cuts.
+
+    Only the labels decide, so the streaming path holds out exactly the images the in-memory path does.
+    """
+    count = _holdout_count(size, len(labels))
+    held = _stratified_sample(labels, count, seeded_generator(seed, _HOLDOUT_STREAM))
+    keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held] = False
-    return dataset.subset(keep.nonzero().squeeze(1)), dataset.subset(held)
+    return keep.nonzero().squeeze(1), held
 
 
 def _holdout_count(size: int | float, total: int) -> int:

@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 __all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context", "precision", "synchronize"]
 
@@ -62,7 +62,7 @@ def _interleaved(models: Mapping[str, Callable[[Tensor], object]], batches: list
         for name in names:
             _time_pass(models[name], batches, device)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for rep in tqdm(range(repeats), desc=desc, leave=False, disable=not progress):
+    for rep in progress_bar(range(repeats), desc=desc, leave=False, disable=not progress):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             seconds[name].append(_time_pass(models[name], batches, device))

@@ -14,6 +14,7 @@ _NON_NEGATIVE = Interval(0.0)
 #: Setting -> accepted values; ``None`` is also accepted for the ones in ``_OPTIONAL``.
 _RANGES: dict[str, Interval] = {
     "epochs": _NON_NEGATIVE,  # 0: save and evaluate the model as built or as init gave it (ToMe)
+    "accum_steps": Interval(1, integer=True),
     "lr": _POSITIVE,
     "min_lr": _NON_NEGATIVE,
     "weight_decay": _NON_NEGATIVE,
