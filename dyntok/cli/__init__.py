@@ -56,7 +56,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_argv = argv[argv.index(args.command) + 1:]  # what was typed after the sub-command's name
     user_errors = _user_errors()
     from ..training.distributed import RunStopped
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
