@@ -63,7 +63,7 @@ class LineProgress:
                 self._next_line += LINE_EVERY
             self._print()
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
         self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
 
     def set_description_str(self, desc: str) -> None:

@@ -15,7 +15,7 @@ from dyntok.checkpoint import load_model
 from dyntok.training import train
 
 from .conftest import REPO_ROOT, TINY
-from .test_training import Interrupt, interrupt_after, tiny_config, weights
+from .test_training import assert_resume_is_exact, tiny_config
 
 #: Streamed, with timm's RandAugment and random erasing, decoded by 2 worker processes.
 STREAMED = dict(data_path="stream", image_size=TINY["img_size"], num_workers=2, randaugment=(2, 9),
@@ -38,16 +38,8 @@ def same_function(path_a, path_b, atol=1e-4):
 
 def test_streamed_training_resumes_mid_epoch_exactly_with_accumulation(image_folder, tmp_path, monkeypatch):
     # 24 images, batch 8 in 2 micro-batches of 4: 3 steps an epoch; killed after step 4, checkpointed each step.
-    settings = dict(accum_steps=2, save_every=1)
-    reference = train(streamed_config(image_folder, tmp_path / "a", **settings))
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, 4)
-        with pytest.raises(Interrupt):
-            train(streamed_config(image_folder, tmp_path / "b", **settings))
-    resumed = train(streamed_config(image_folder, tmp_path / "b", resume=True, **settings))
-    expected, actual = weights(reference.model_path), weights(resumed.model_path)
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), name
+    assert_resume_is_exact(lambda out, **extra: streamed_config(image_folder, out, accum_steps=2, save_every=1,
+                                                                **extra), tmp_path, monkeypatch, steps_before_kill=4)
 
 
 def test_accumulated_micro_batches_train_like_one_batch(image_folder, tmp_path):

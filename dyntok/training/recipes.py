@@ -28,6 +28,9 @@ DEIT_DATA: dict[str, Any] = dict(
     label_smoothing=0.1, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875, holdout_size=0,
     num_workers=10)
 
+#: DeiT's optimisation settings that all four codebases keep: no gradient clipping, EMA, label smoothing.
+DEIT_TRAIN: dict[str, Any] = dict(clip_grad=None, ema_decay=0.99996, label_smoothing=0.1)
+
 #: The DeiT-S backbone with the official drop-path rate (``--drop-path 0.1``).
 DEIT_SMALL = "deit_small_patch16_224"
 
@@ -43,7 +46,7 @@ class PaperRecipe:
         batch_size: the official global batch (per-GPU batch x 8 GPUs).
         base_lr, lr_reference_batch: the official ``--lr`` and the batch it is quoted for; the learning rate
             used is ``base_lr * batch_size / lr_reference_batch`` (None: ``base_lr`` as is).
-        train: further ``TrainConfig`` fields; data: ``DataConfig`` fields; model_kwargs: backbone and method
+        train: further ``TrainConfig`` fields (over ``DEIT_TRAIN``); data: ``DataConfig`` fields; model_kwargs: backbone and method
             settings.
         differs: where dyntok's run departs from the official code, and why.
     """
@@ -68,7 +71,7 @@ class PaperRecipe:
         """The recipe exactly as published."""
         data = DataConfig(**{**DEIT_DATA, **self.data, "batch_size": self.batch_size})
         return TrainConfig(model=self.model, model_kwargs={"drop_path_rate": 0.1, **self.model_kwargs}, data=data,
-                           lr=self.lr(self.batch_size), **self.train)
+                           lr=self.lr(self.batch_size), **{**DEIT_TRAIN, **self.train})
 
 
 RECIPES: dict[str, PaperRecipe] = {
@@ -80,8 +83,7 @@ RECIPES: dict[str, PaperRecipe] = {
         batch_size=768, base_lr=5e-4, lr_reference_batch=512,
         # The backbone learns at 0.01x and not at all for the first 5 of 30 epochs (the predictor warm-up); no
         # learning-rate warm-up; cosine to 1e-5 by epoch; the teacher is the dense DeiT-S the model starts from.
-        train=dict(epochs=30, min_lr=1e-5, warmup_epochs=0, weight_decay=0.05, clip_grad=None,
-                   ema_decay=0.99996, label_smoothing=0.1, init=PRETRAINED_INIT),
+        train=dict(epochs=30, min_lr=1e-5, warmup_epochs=0, weight_decay=0.05, init=PRETRAINED_INIT),
         model_kwargs=dict(keep_ratio=0.7, ratio_weight=2.0, distill_weight=0.5, backbone_lr_scale=0.01,
                           predictor_warmup=5 / 30),
         differs="the official schedule steps once per epoch, dyntok's per step; the official sampler repeats "
@@ -94,8 +96,7 @@ RECIPES: dict[str, PaperRecipe] = {
                "--fuse_token) and main.py (linear lr scaling by batch / 512, DeiT's other defaults)",
         reported={"top1": 79.5, "gmacs": 3.0},
         batch_size=1024, base_lr=2e-5, lr_reference_batch=512,
-        train=dict(epochs=30, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6, clip_grad=None, ema_decay=0.99996,
-                   label_smoothing=0.1, init=PRETRAINED_INIT),
+        train=dict(epochs=30, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6, init=PRETRAINED_INIT),
         model_kwargs=dict(keep_rate=0.7, shrink_start=0.0, shrink_end=0.0),  # the target keep rate from step 1
         differs="the official fine-tune keeps the model in eval mode (no drop path, set_training_mode=False); "
                 "dyntok trains in train mode with drop path 0.1; no repeated augmentation",
@@ -107,8 +108,7 @@ RECIPES: dict[str, PaperRecipe] = {
                "--model-ema-decay 0.99996, --drop-path 0.1, mixup 0.8 / cutmix 1.0, rand-m9-mstd0.5-inc1",
         reported={"top1": 77.3, "gmacs": 2.3},
         batch_size=512, base_lr=5e-4, lr_reference_batch=None,
-        train=dict(epochs=300, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, clip_grad=None,
-                   ema_decay=0.99996, label_smoothing=0.1, init=PRETRAINED_INIT),
+        train=dict(epochs=300, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, init=PRETRAINED_INIT),
         model_kwargs=dict(patch_target=0.5, head_target=0.5, block_target=0.5),
         differs="8 GPUs assumed for the global batch (the repository names none); timm's train.py-style code "
                 "draws a random interpolation per image, dyntok uses bicubic",
@@ -120,8 +120,7 @@ RECIPES: dict[str, PaperRecipe] = {
                "--lr 5e-4 scaled by batch / 512, 300 epochs, 5 warm-up epochs, weight decay 0.05, EMA 0.99996)",
         reported=None,  # the paper's ImageNet headline is T2T-ViT-14 (81.5% at 1.42x throughput)
         batch_size=1024, base_lr=5e-4, lr_reference_batch=512,
-        train=dict(epochs=300, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05, clip_grad=None,
-                   ema_decay=0.99996, label_smoothing=0.1, init=None),
+        train=dict(epochs=300, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05, init=None),
         data=dict(holdout_size=10000),  # exit thresholds are fitted on held-out training images
         differs="the official code fits exit thresholds on augmented training images; dyntok fits them on "
                 "10,000 held-out training images with the evaluation transform",

@@ -320,9 +320,9 @@ class Trainer:
             seen, pending = seen + 1, []
             self.progress.step += 1
             self.progress.batch += 1
-            bar.update(1)
             bar.set_postfix(**self._speed(seen, start, total_steps), loss=f"{sum(terms.values()):.3f}",
-                            lr=f"{lr:.2e}")
+                            lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
             if self.config.save_every and self.progress.step % self.config.save_every == 0:
                 self._save_state(optimizer)
         bar.close()
@@ -333,7 +333,7 @@ class Trainer:
         seconds = (time.perf_counter() - start) / steps
         images = self.config.data.batch_size / seconds
         left = int(seconds * (total_steps - self.progress.step))
-        return {"img_s": f"{images:.0f}", "run_left": f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"}
+        return {"img_s": f"{images:.3g}", "run_left": f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"}
 
     def _write_log(self, record: dict[str, Any]) -> None:
         if self.ctx.is_main:
