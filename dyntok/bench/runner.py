@@ -26,7 +26,7 @@ from ..checkpoint import load_model
 from ..data import build_loaders
 from ..measure.evaluate import evaluate
 from ..measure.oracle import collect_exit_correctness, oracle_curve
-from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
+from ..measure.speed import first_images, inference_context, measure_latency, measure_throughput, precision
 from ..methods import AdaptiveViT
 from ..pretrained import model_card
 from ..report import render_report
@@ -176,17 +176,6 @@ def _measure_speed(reference: AdaptiveViT, model: AdaptiveViT | None, images: to
             "latency_speedup": latency["reference"].value / latency[name].value}
 
 
-def _first_images(loader, count: int) -> torch.Tensor:
-    """The first ``count`` test images, transformed as for evaluation (real content: exits depend on it)."""
-    batches, have = [], 0
-    for images, _ in loader:
-        batches.append(images)
-        have += len(images)
-        if have >= count:
-            break
-    return torch.cat(batches)[:count]
-
-
 # ------------------------------------------------------------------------------------------ environment
 def _cpu_model() -> str:
     try:
@@ -270,7 +259,7 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
                      output: Path) -> list[dict[str, Any]]:
     device = plan.device
     reference = load_model(plan.entry(spec.reference).cache.model_path, map_location=device).eval()
-    images = _first_images(loaders["test"], spec.speed.images)
+    images = first_images(loaders["test"], spec.speed.images)
     records = []
     for item in plan.entries:
         entry = item.entry

@@ -12,7 +12,7 @@ import torch
 from ..checkpoint import load_meta, load_model
 from ..data import DataConfig, build_loaders
 from ..measure.evaluate import evaluate
-from ..measure.speed import inference_context, measure_latency, measure_throughput
+from ..measure.speed import first_images, inference_context, measure_latency, measure_throughput
 from ..methods import create_model_from_config
 from ..training.distributed import select_device
 from ._common import DEFAULT_HOLDOUT, add_data_arguments, data_config, parse_knobs
@@ -66,18 +66,6 @@ def speed_report(model, dense, images: torch.Tensor, device: torch.device, args:
             "speedup": throughput["model"].value / throughput["dense"].value,
             "latency_ms": latency["model"].value, "dense_latency_ms": latency["dense"].value,
             "latency_ratio": latency["model"].value / latency["dense"].value}
-
-
-def first_images(loader, count: int) -> torch.Tensor:
-    """The first ``count`` images of ``loader``: all the speed runs time, without holding a whole split (on
-    ImageNet's 50,000 validation images that would be 30 GB of floats)."""
-    batches, held = [], 0
-    for images, _ in loader:
-        batches.append(images)
-        held += len(images)
-        if held >= count:
-            break
-    return torch.cat(batches)[:count]
 
 
 def recorded_holdout_split(meta: dict[str, Any]) -> dict[str, Any] | None:

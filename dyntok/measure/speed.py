@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from ..progress import progress_bar
 
-__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context", "precision", "synchronize"]
+__all__ = ["SpeedResult", "first_images", "measure_throughput", "measure_latency", "inference_context", "precision",
+           "synchronize"]
 
 
 @dataclass
@@ -92,3 +93,15 @@ def measure_latency(models: Mapping[str, Callable[[Tensor], object]], images: Te
     return {name: SpeedResult(1000 * statistics.median(times) / len(images),
                               [1000 * t / len(images) for t in times])
             for name, times in seconds.items()}
+
+
+def first_images(loader, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``loader``, transformed as for evaluation (real content: a method's
+    decisions depend on it). Stops early: a whole split (ImageNet's 50,000 validation images) would be 30 GB."""
+    batches, have = [], 0
+    for images, _ in loader:
+        batches.append(images)
+        have += len(images)
+        if have >= count:
+            break
+    return torch.cat(batches)[:count]
