@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from dyntok.checkpoint import load_model
+from dyntok.checkpoint import load_meta, load_model
 from dyntok.training import train
 
 from .conftest import REPO_ROOT, TINY
@@ -19,7 +19,7 @@ from .test_training import assert_resume_is_exact, tiny_config
 
 #: Streamed, with timm's RandAugment and random erasing, decoded by 2 worker processes.
 STREAMED = dict(data_path="stream", image_size=TINY["img_size"], num_workers=2, randaugment=(2, 9),
-                random_erasing=0.25)
+                random_erasing=0.25, crop_pct=0.875)
 
 
 def streamed_config(folder, out, **overrides):
@@ -47,6 +47,9 @@ def test_accumulated_micro_batches_train_like_one_batch(image_folder, tmp_path):
     whole = train(streamed_config(image_folder, tmp_path / "whole", clip_grad=None))
     halves = train(streamed_config(image_folder, tmp_path / "halves", clip_grad=None, accum_steps=2))
     same_function(whole.model_path, halves.model_path)
+    # The model records how it was evaluated, for `dyntok eval` to feed it the same.
+    assert load_meta(whole.model_path)["eval_transform"] == {"mean": [0.4914, 0.4822, 0.4465],
+                                                             "std": [0.247, 0.2435, 0.2616], "crop_pct": 0.875}
 
 
 def test_the_global_batch_must_split_into_micro_batches(image_folder, tmp_path):

@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     # The held-out split only matters for calibration, which must use the model's own.
     split = (calibration_split(args.checkpoint, args.holdout_size) if args.calibrate_gmacs is not None
              else {"holdout_size": 0})
-    loaders = build_loaders(data_config(args, image_size=image_size, **split))
+    # Feed the model what it saw in training: its normalisation and evaluation crop (DeiT's weights: 0.875).
+    seen = load_meta(args.checkpoint).get("eval_transform", {})
+    loaders = build_loaders(data_config(args, image_size=image_size, **split, **seen))
     if loaders["num_classes"] != model.num_classes:
         raise ValueError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
                          f"{loaders['num_classes']}: evaluate it on the dataset it was trained for")

@@ -141,6 +141,12 @@ class DataConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def eval_transform(self) -> dict[str, Any]:
+        """What the model's inputs looked like at evaluation (normalisation and crop), recorded with trained
+        models so that ``dyntok eval`` feeds them the same."""
+        mean, std = self.normalization()
+        return {"mean": list(mean), "std": list(std), "crop_pct": self.crop_pct}
+
     def holdout_split(self) -> dict[str, Any]:
         """What decides which training images are held out (with the dataset's contents).
 

@@ -405,7 +405,8 @@ class Trainer:
         model_path = self.out / "model.safetensors"
         metrics: dict[str, Any] = {}
         if self.ctx.is_main:
-            save_model(final, model_path, extra={"holdout_split": self.config.data.holdout_split()})
+            save_model(final, model_path, extra={"holdout_split": self.config.data.holdout_split(),
+                                                 "eval_transform": self.config.data.eval_transform()})
             result = evaluate(final, self.loaders["test"], self.device, progress=self.config.progress,
                               desc="test")
             metrics = {"test": result.summary(), "steps": self.progress.step}
