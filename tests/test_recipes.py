@@ -5,7 +5,7 @@ import pytest
 
 from dyntok.cli import build_parser
 from dyntok.cli.train import config_from_args
-from dyntok.training.recipes import RECIPES, resolve_recipe
+from dyntok.training.recipes import PAPER_RECIPES, resolve_recipe
 
 
 def test_dynamicvit_resolves_to_the_official_deit_small_run():
@@ -29,9 +29,9 @@ def test_evit_fine_tunes_with_its_tiny_learning_rate_and_the_final_keep_rate_fro
     assert config.model_kwargs["keep_rate"] == 0.7 and config.model_kwargs["shrink_end"] == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
 def test_every_recipe_cites_its_source_and_builds_a_valid_config(name):
-    recipe = RECIPES[name]
+    recipe = PAPER_RECIPES[name]
     assert "/" in recipe.source and ".py" in recipe.source
     assert recipe.reported is None or set(recipe.reported) == {"top1", "gmacs"}
     config = resolve_recipe(name)

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from ..training import TrainConfig, train
-from ..training.recipes import RECIPES, resolve_recipe
+from ..training.recipes import PAPER_RECIPES, resolve_recipe
 from ._common import add_data_arguments, data_config, parse_knobs
 
 
@@ -16,7 +16,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                     "Run under `torchrun --nproc_per_node N` for data-parallel training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     recipe = parser.add_argument_group("paper recipes (docs/training.md)")
-    recipe.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+    recipe.add_argument("--recipe", choices=sorted(PAPER_RECIPES), default=None,
                         help="a paper's official ImageNet-1k DeiT-S recipe; options given with it override it")
     recipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override any recipe field: a training or data setting (epochs=1, data.num_workers=2) "

@@ -9,6 +9,9 @@ learning rate follows the recipe's scaling rule (DeiT's: linear in the global ba
 
 Not every choice of the official code has a counterpart here; each recipe lists what differs in ``differs``.
 ReViT (no official code) and ToMe (training-free on DeiT-S) have no recipe.
+
+These are the papers' ImageNet runs. The CIFAR recipes that made dyntok's shipped weights (``dyntok pretrain``)
+are ``dyntok.pretrained.RECIPES``; both are ``dyntok train`` settings under a name.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any
 from ..data import DataConfig
 from .trainer import PRETRAINED_INIT, TrainConfig
 
-__all__ = ["PaperRecipe", "RECIPES", "resolve_recipe"]
+__all__ = ["PaperRecipe", "PAPER_RECIPES", "resolve_recipe"]
 
 #: DeiT's ImageNet data pipeline, which every one of these codebases inherits (timm's transforms).
 DEIT_DATA: dict[str, Any] = dict(
@@ -74,7 +77,7 @@ class PaperRecipe:
                            lr=self.lr(self.batch_size), **{**DEIT_TRAIN, **self.train})
 
 
-RECIPES: dict[str, PaperRecipe] = {
+PAPER_RECIPES: dict[str, PaperRecipe] = {
     "dynamicvit_deit_small": PaperRecipe(
         model=f"dynamicvit_{DEIT_SMALL}",
         source="raoyongming/DynamicViT: README.md (DeiT-S command: 8 GPUs x --batch-size 96, --epochs 30, "
@@ -138,9 +141,9 @@ def resolve_recipe(name: str, overrides: dict[str, Any] | None = None) -> TrainC
     Keys name a ``TrainConfig`` field (``epochs``), a ``DataConfig`` field (``batch_size`` or
     ``data.batch_size``) or a model setting (``model_kwargs.depth``). Unknown keys raise ``ValueError``.
     """
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    recipe = RECIPES[name]
+    if name not in PAPER_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(PAPER_RECIPES)}")
+    recipe = PAPER_RECIPES[name]
     config = recipe.train_config()
     train, data, model = _split_overrides(overrides or {})
     data_config = dataclasses.replace(config.data, **data)
