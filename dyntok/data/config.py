@@ -176,8 +176,10 @@ def build_loaders(
     once across ranks, and per-rank results must be gathered): by default each rank scores the
     whole split, so a rank-0-only evaluation reports the full split's metrics.
     """
-    if resolve_data_path(config) == "stream":
-        return _stream_loaders(config, rank, world_size, shard_eval, device)
+    location = locate_dataset(config.dataset, config.data_root, config.download)
+    splits = scan_tree(location.path) if location.kind == "folder" else None
+    if _data_path(config, splits) == "stream":
+        return _stream_loaders(config, splits, rank, world_size, shard_eval, device)
     load = dict(data_root=config.data_root, download=config.download, image_size=config.image_size,
                 cache_dir=config.cache_dir)
     train_set = load_dataset(config.dataset, "train", **load)
@@ -200,24 +202,28 @@ def build_loaders(
 def resolve_data_path(config: DataConfig) -> str:
     """``"memory"`` or ``"stream"``: ``config.data_path``, or for ``"auto"`` what the dataset's size allows."""
     location = locate_dataset(config.dataset, config.data_root, config.download)
-    if location.kind == "torchvision":  # CIFAR's pickled files: 180 MB, always in memory
+    return _data_path(config, scan_tree(location.path) if location.kind == "folder" else None)
+
+
+def _data_path(config: DataConfig, splits: dict | None) -> str:
+    """The path for a scanned image-folder tree's ``splits``, or for torchvision's CIFAR files (None)."""
+    if splits is None:  # CIFAR's pickled files: 180 MB, always in memory
         if config.data_path == "stream":
             raise ValueError(f"{config.dataset} is read from torchvision's files, which are held in memory; "
                              f"streaming reads image-folder trees (use --data-path memory or auto)")
         return "memory"
-    splits = scan_tree(location.path)
     files = splits["train"].files + splits["test"].files
     return choose_data_path(config.data_path, files, config.image_size, config.memory_budget_gb)
 
 
-def _stream_loaders(config: DataConfig, rank: int, world_size: int, shard_eval: bool, device) -> dict[str, Any]:
+def _stream_loaders(config: DataConfig, splits: dict, rank: int, world_size: int, shard_eval: bool,
+                    device) -> dict[str, Any]:
     """The streaming path's loaders: same splits and held-out images as in memory, decoded by workers."""
     from .stream import StreamLoader, files_of, stream_eval_transform, stream_train_transform
 
     if config.image_size is None:
         raise ValueError("the streaming path crops every image to the model's input size: set image_size "
                          "(--image-size)")
-    splits = scan_tree(locate_dataset(config.dataset, config.data_root, config.download).path)
     train_set, test_set = files_of(splits["train"]), files_of(splits["test"])
     kept, held = holdout_indices(train_set.labels, config.holdout_size, config.seed)
     evaluation = stream_eval_transform(config, config.image_size)

@@ -155,7 +155,8 @@ class StreamLoader(BatchLoader):
         """Batches ``start_batch, start_batch + 1, ...`` of the current epoch."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        pin = torch.device(self.device).type == "cuda" if self.device is not None else False
+        # Pinned batches copy to the GPU asynchronously (the trainer moves them there itself).
+        pin = torch.cuda.is_available() if self.device is None else torch.device(self.device).type == "cuda"
         loader = DataLoader(_Samples(self.dataset, self.transform), batch_sampler=self._batches(start_batch),
                             num_workers=self.num_workers, collate_fn=_collate, pin_memory=pin,
                             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
