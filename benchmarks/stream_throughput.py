@@ -6,7 +6,8 @@ Both decode JPEGs in ``--workers`` processes and apply DeiT's training augmentat
 * dyntok: ``build_loaders(DataConfig(data_path="stream", ...))["train"]`` (per-image seeded augmentation,
   exact resume);
 * timm: ``create_dataset`` (``ImageDataset``) + ``create_loader(is_training=True, ...)`` + ``Mixup``, as
-  timm's ``train.py`` builds it (without the CUDA prefetcher: this is a CPU measurement).
+  timm's ``train.py`` builds it (without the CUDA prefetcher: this is a CPU measurement), with the same fix
+  to its RandAugment (``keep_a_bit_when_posterizing``: without it timm's posterize fails on current Pillow).
 
 The two loaders run alternately, ``--repeats`` times each (docs/measurement.md), and the median images/s of
 each is printed with their ratio. Point ``--folder`` at an image-folder tree with a ``train/`` split, or let
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 from dyntok.data import DataConfig, build_loaders
+from dyntok.data.stream import keep_a_bit_when_posterizing
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -57,6 +59,7 @@ def timm_loader(folder: Path, args):
     loader = create_loader(dataset, input_size=(3, 224, 224), batch_size=args.batch_size, is_training=True,
                            use_prefetcher=False, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel",
                            interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=args.workers)
+    keep_a_bit_when_posterizing(dataset.transform)  # else timm's RandAugment fails on current Pillow
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=len(dataset.reader.class_to_idx))
     return loader, mixup
 

@@ -122,3 +122,18 @@ def test_torchvision_cifar_is_never_streamed(tmp_path):
 def test_unknown_data_path_is_refused():
     with pytest.raises(ValueError, match="data_path"):
         DataConfig(data_path="disk")
+
+
+def test_randaugment_at_its_strongest_posterize_does_not_stop_training():
+    # timm maps magnitude 10 to 0 bits, which current Pillow refuses; ours keeps 1 bit.
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from dyntok.data.stream import stream_train_transform
+
+    transform = stream_train_transform(DataConfig(randaugment=(2, 9), image_size=32), 32)
+    randaugment = next(step for step in transform.transforms if isinstance(step, RandAugment))
+    posterize = next(op for op in randaugment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    pixels = posterize(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert pixels.getpixel((0, 0)) == (128, 0, 0)  # the top bit of each channel

@@ -64,10 +64,31 @@ def stream_train_transform(config, image_size: int) -> Callable:
     if config.randaugment is not None:  # DeiT's policy, with the count and magnitude asked for
         num_ops, magnitude = config.randaugment
         auto_augment = f"rand-m{magnitude}-n{num_ops}-mstd0.5-inc1"
-    return create_transform(image_size, is_training=True, scale=tuple(config.rrc_scale),
-                            hflip=0.5 if config.hflip else 0.0, color_jitter=None, auto_augment=auto_augment,
-                            interpolation="bicubic", mean=mean, std=std, re_prob=config.random_erasing,
-                            re_mode="pixel", re_count=1)
+    transform = create_transform(image_size, is_training=True, scale=tuple(config.rrc_scale),
+                                 hflip=0.5 if config.hflip else 0.0, color_jitter=None, auto_augment=auto_augment,
+                                 interpolation="bicubic", mean=mean, std=std, re_prob=config.random_erasing,
+                                 re_mode="pixel", re_count=1)
+    return keep_a_bit_when_posterizing(transform)
+
+
+def keep_a_bit_when_posterizing(transform):
+    """Make the RandAugment in timm's ``transform`` keep at least 1 bit when it posterizes.
+
+    timm clips RandAugment's noisy magnitude to [0, 10], and at 10 its increasing posterize keeps 0 bits (a
+    black image), which Pillow >= 10 refuses (``ValueError: bits must be between or equal to 1 and 8``):
+    about one image in 300 at m9/mstd0.5 would stop training. Only this transform's op is changed.
+    """
+    from timm.data.auto_augment import RandAugment
+
+    for step in getattr(transform, "transforms", ()):
+        for op in step.ops if isinstance(step, RandAugment) else ():
+            if op.name == "PosterizeIncreasing":
+                op.level_fn = _posterize_bits
+    return transform
+
+
+def _posterize_bits(level: float, hparams) -> tuple[int]:
+    return (max(1, 4 - int(level / 10 * 4)),)  # timm's mapping (4 bits at level 0, down to 0 at 10), floored at 1
 
 
 def stream_eval_transform(config, image_size: int) -> Callable:
