@@ -48,8 +48,8 @@ def make_folder(root: Path, images: int, classes: int = 10, size=(500, 375)) -> 
 def dyntok_loader(folder: Path, args):
     data = DataConfig(dataset=str(folder), data_path="stream", image_size=224, batch_size=args.batch_size,
                       holdout_size=0, num_workers=args.workers, randaugment=(2, 9), random_erasing=0.25,
-                      mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return build_loaders(data)["train"]
+                      mixup_alpha=0.8, cutmix_alpha=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return build_loaders(data, label_smoothing=0.1)["train"]
 
 
 def timm_loader(folder: Path, args):

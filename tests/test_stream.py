@@ -87,8 +87,8 @@ def test_epochs_differ_and_augmentation_is_random(folder_224):
 
 
 def test_mixup_gives_soft_targets(folder_224):
-    loader = build_loaders(config(folder_224, "stream", mixup_alpha=0.8, cutmix_alpha=1.0,
-                                  label_smoothing=0.1))["train"]
+    loader = build_loaders(config(folder_224, "stream", mixup_alpha=0.8, cutmix_alpha=1.0),
+                           label_smoothing=0.1)["train"]
     images, targets = next(iter(loader))
     assert loader.soft_targets and targets.shape == (4, 3)
     torch.testing.assert_close(targets.sum(1), torch.ones(4))

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from dyntok.checkpoint import load_meta, load_model
+from dyntok.fileio import load_meta
+from dyntok.methods import load_model
 from dyntok.training import train
 
 from .conftest import REPO_ROOT, TINY

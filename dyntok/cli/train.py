@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..methods.registry import model_name
 from ..training import TrainConfig, train
-from ..training.recipes import PAPER_RECIPES, resolve_recipe
+from ..training.paper_recipes import PAPER_RECIPES, resolve_recipe
 from ._common import add_data_arguments, data_config, parse_knobs
 
 
@@ -67,17 +68,13 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def model_name(method: str, backbone: str) -> str:
-    return backbone if method == "dense" else f"{method}_{backbone}"
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.recipe:
         return resolve_recipe(args.recipe, recipe_overrides(args))
     name = model_name(args.method, args.model)
     data = data_config(args, seed=args.seed, randaugment=args.randaugment, mixup_alpha=args.mixup,
-                       cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing, image_size=args.image_size,
-                       data_path=args.data_path, num_workers=args.num_workers)
+                       cutmix_alpha=args.cutmix, image_size=args.image_size, data_path=args.data_path,
+                       num_workers=args.num_workers)
     return TrainConfig(
         model=name, model_kwargs=parse_knobs(args.model_arg), data=data,
         output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, accum_steps=args.accum_steps, lr=args.lr,

@@ -8,17 +8,18 @@ from typing import Any
 
 import torch
 
-from ..methods.budget import Choice, Interval
+from ..ranges import Choice, Interval, check_ranges
 from .datasets import ImageTensorDataset, holdout_indices, holdout_split, load_dataset, locate_dataset
 from .folder import scan_tree
 from .loader import BatchLoader
 from .sizing import DATA_PATHS, choose_data_path
 from .transforms import EvalTransform, TrainTransform, default_normalization
 
-__all__ = ["DataConfig", "build_loaders", "resolve_data_path"]
+__all__ = ["DataConfig", "build_loaders", "resolve_data_path", "DATA_RANGES", "OPTIONAL_DATA"]
 
-#: Numeric options and the values they accept (``None`` too for the ``_OPTIONAL`` ones); checked on creation.
-_RANGES = {
+#: Numeric options and the values they accept (``None`` too for the ``OPTIONAL_DATA`` ones); checked on creation
+#: and, for the benchmark spec's ``data:`` section, by the spec with these same declarations.
+DATA_RANGES = {
     "batch_size": Interval(1, integer=True),
     "eval_batch_size": Interval(1, integer=True),
     "image_size": Interval(1, integer=True),
@@ -27,7 +28,7 @@ _RANGES = {
     "cutmix_alpha": Interval(0.0),
     "mixup_prob": Interval(0.0, 1.0),
     "mixup_switch_prob": Interval(0.0, 1.0),
-    "label_smoothing": Interval(0.0, 1.0, high_open=True),
+    "seed": Interval(0, integer=True),
     "crop_pct": Interval(0.0, 1.0, low_open=True),
     "random_erasing": Interval(0.0, 1.0),
     "rrc_scale": Interval(0.0, 1.0, low_open=True, length=2),
@@ -35,8 +36,16 @@ _RANGES = {
     "memory_budget_gb": Interval(0.0),
     "num_workers": Interval(0, integer=True),
 }
-_OPTIONAL = {"eval_batch_size", "image_size", "memory_budget_gb"}
+OPTIONAL_DATA = frozenset({"eval_batch_size", "image_size", "memory_budget_gb"})
 _CLI_NAMES = {"mixup_alpha": "--mixup", "cutmix_alpha": "--cutmix"}
+#: Options that moved elsewhere but that run records written before still carry: ignored when read back.
+#: ``label_smoothing`` is the loss's (``TrainConfig``), handed to :func:`build_loaders` for mixup's targets.
+_RETIRED = frozenset({"label_smoothing"})
+
+
+def _option_name(name: str) -> str:
+    """``'mixup_alpha'`` -> ``'mixup_alpha (--mixup)'``: readable from Python and from the shell."""
+    return f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})"
 
 
 @dataclass
@@ -69,10 +78,9 @@ class DataConfig:
         hflip: random horizontal flip.
         random_erasing: probability of timm's random erasing (per-pixel noise), after normalisation.
         randaugment: ``[num_ops, magnitude]`` for torchvision's RandAugment, e.g. ``[2, 9]``; None = off.
-        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, label_smoothing: ``timm.data.Mixup``
-            options. With mixup or cutmix on, training targets are soft ``(B, num_classes)`` floats
-            with the label smoothing already applied; ``label_smoothing`` is unused otherwise
-            (apply it in the loss).
+        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: ``timm.data.Mixup`` options. With
+            mixup or cutmix on, training targets are soft ``(B, num_classes)`` floats with the label
+            smoothing :func:`build_loaders` is given already applied.
         mean, std: normalisation; None = the dataset's defaults (CIFAR-100's for cifar100,
             CIFAR-10's otherwise). Pass a pretrained model's values when fine-tuning one.
     Evaluation:
@@ -104,7 +112,6 @@ class DataConfig:
     cutmix_alpha: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.0
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     crop_pct: float = 1.0
@@ -115,10 +122,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
-        for name, accepted in _RANGES.items():
-            value = getattr(self, name)
-            if value is not None or name not in _OPTIONAL:
-                accepted.check(f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})", value)
+        check_ranges(self, DATA_RANGES, OPTIONAL_DATA, _option_name)
 
     @property
     def mixup(self) -> bool:
@@ -131,8 +135,9 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
-        """Build from a dict (e.g. a YAML section), naming any unknown keys."""
+        """Build from a dict (e.g. a YAML section or a run record), naming any unknown keys."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in values.items() if key not in _RETIRED}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown data options {unknown}; known: {sorted(known)}")
@@ -162,8 +167,11 @@ def build_loaders(
     world_size: int = 1,
     shard_eval: bool = False,
     device: torch.device | str | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Any]:
     """Load ``config.dataset`` and build its loaders.
+
+    ``label_smoothing`` is the loss's; with mixup or cutmix on it is folded into the soft training targets.
 
     Returns a dict with:
         ``"train"``: shuffled, augmented, sharded over ``world_size`` ranks (call ``set_epoch``);
@@ -179,7 +187,7 @@ def build_loaders(
     location = locate_dataset(config.dataset, config.data_root, config.download)
     splits = scan_tree(location.path) if location.kind == "folder" else None
     if _data_path(config, splits) == "stream":
-        return _stream_loaders(config, splits, rank, world_size, shard_eval, device)
+        return _stream_loaders(config, splits, rank, world_size, shard_eval, device, label_smoothing)
     load = dict(data_root=config.data_root, download=config.download, image_size=config.image_size,
                 cache_dir=config.cache_dir)
     train_set = load_dataset(config.dataset, "train", **load)
@@ -193,7 +201,8 @@ def build_loaders(
         return BatchLoader(dataset, config.eval_batch_size or config.batch_size, evaluation,
                            even_shards=False, device=device, **eval_shard)
 
-    train = BatchLoader(train_part, config.batch_size, _train_transform(config, train_set.num_classes),
+    train = BatchLoader(train_part, config.batch_size,
+                        _train_transform(config, train_set.num_classes, label_smoothing),
                         shuffle=True, drop_last=config.drop_last, seed=config.seed, rank=rank,
                         world_size=world_size, device=device)
     return _loaders(train, eval_loader(held_part) if len(held_part) else None, eval_loader(test_set), train_set)
@@ -217,7 +226,7 @@ def _data_path(config: DataConfig, splits: dict | None) -> str:
 
 
 def _stream_loaders(config: DataConfig, splits: dict, rank: int, world_size: int, shard_eval: bool,
-                    device) -> dict[str, Any]:
+                    device, label_smoothing: float) -> dict[str, Any]:
     """The streaming path's loaders: same splits and held-out images as in memory, decoded by workers."""
     from .stream import StreamLoader, files_of, stream_eval_transform, stream_train_transform
 
@@ -236,7 +245,7 @@ def _stream_loaders(config: DataConfig, splits: dict, rank: int, world_size: int
     train = StreamLoader(train_set.subset(kept), config.batch_size, stream_train_transform(config, config.image_size),
                          shuffle=True, drop_last=config.drop_last, seed=config.seed, rank=rank,
                          world_size=world_size, num_workers=config.num_workers,
-                         mixup=_mixup(config, train_set.num_classes), device=device)
+                         mixup=_mixup(config, train_set.num_classes, label_smoothing), device=device)
     holdout = eval_loader(train_set.subset(held)) if len(held) else None
     return _loaders(train, holdout, eval_loader(test_set), train_set)
 
@@ -246,20 +255,21 @@ def _loaders(train, holdout, test, train_set) -> dict[str, Any]:
             "class_names": list(train_set.classes), "source": train_set.source}
 
 
-def _train_transform(config: DataConfig, num_classes: int) -> TrainTransform:
+def _train_transform(config: DataConfig, num_classes: int, label_smoothing: float) -> TrainTransform:
     mean, std = config.normalization()
     return TrainTransform(
         mean, std, config.image_size,
         crop_padding=config.crop_padding, padding_mode=config.padding_mode, hflip=config.hflip,
-        randaugment=config.randaugment, random_erasing=config.random_erasing, mixup=_mixup(config, num_classes),
+        randaugment=config.randaugment, random_erasing=config.random_erasing,
+        mixup=_mixup(config, num_classes, label_smoothing),
     )
 
 
-def _mixup(config: DataConfig, num_classes: int):
+def _mixup(config: DataConfig, num_classes: int, label_smoothing: float):
     if not config.mixup:
         return None
     from timm.data import Mixup
 
     return Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.mixup_prob,
                  switch_prob=config.mixup_switch_prob, mode="batch",
-                 label_smoothing=config.label_smoothing, num_classes=num_classes)
+                 label_smoothing=label_smoothing, num_classes=num_classes)

@@ -28,6 +28,7 @@ from .base import AdaptiveViT, Criterion, LossOutput, Prediction
 from .budget import Interval, KnobSpace
 from .dvt_reuse import FeatureReuse, RelationReuse, block_forward, check_block_supported, widen_mlp_input
 from .registry import register_method
+from .token_reduction import default_grids
 
 __all__ = ["DVT", "DVTStage", "StageMemory", "default_grids", "default_reuse_widths", "stage_geometry",
            "geometric_exit_proportions",
@@ -40,15 +41,6 @@ SWEEP_Q = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 
 
 # --------------------------------------------------------------------------------------------- geometry
-def default_grids(full_grid: int) -> list[int]:
-    """Half-, three-quarter- and full-resolution grids of a backbone whose grid is ``full_grid``.
-
-    Python's ``round`` (ties to even): 8 -> [4, 6, 8] (32px CIFAR, patch 4); 14 -> [7, 10, 14] (224px, patch 16),
-    the published ImageNet grids.
-    """
-    return [max(1, round(full_grid / 2)), max(1, round(full_grid * 0.75)), full_grid]
-
-
 def default_reuse_widths(dim: int) -> tuple[int, int]:
     """(hidden, out) widths of the feature-reuse MLPs for a backbone of width ``dim``: ``D/3`` and ``D/8``.
 

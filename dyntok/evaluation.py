@@ -1,4 +1,5 @@
-"""Accuracy and executed MACs of any method over a data split."""
+"""Accuracy and executed MACs of any method over a data split: the floor above the methods, below training,
+the benchmark and the command line."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,10 +7,10 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from ..progress import progress_bar
+from .progress import progress_bar
 
-from ..methods.base import AdaptiveViT
-from .speed import inference_context, precision
+from .measure.speed import inference_context, precision
+from .methods import AdaptiveViT
 
 __all__ = ["EvalResult", "evaluate"]
 
