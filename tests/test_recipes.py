@@ -75,6 +75,7 @@ def test_the_command_line_overrides_only_what_was_typed():
     assert (config.epochs, config.lr, config.data.batch_size, config.data.num_workers) == (1, 1e-3, 64, 0)
     assert config.model_kwargs["depth"] == 2 and config.progress is False
     assert config.weight_decay == 1e-6  # not typed: the recipe's, not the command line's default
+    assert parse("--recipe", "evit_deit_small", "--debug").epochs == 30  # options of every command are not fields
     # Typing an option's default value still overrides the recipe.
     assert parse("--recipe", "evit_deit_small", "--weight-decay", "0.05").weight_decay == 0.05
 

@@ -32,12 +32,14 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                        help="start from this dense model.safetensors, or 'pretrained' for the backbone's reference "
                             "shipped with dyntok (and use it as the teacher if the method wants one)")
     add_data_arguments(parser)
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="resize every image to NxN (needed for a folder of mixed sizes); build the model for "
+                             "it with --model-arg img_size=N")
     data = parser.add_argument_group("data loading")
-    data.add_argument("--image-size", type=int, default=None,
-                      help="model input size (default: the images' own size; needed to stream)")
     data.add_argument("--data-path", choices=("auto", "memory", "stream"), default="auto",
                       help="memory: decode the dataset once into RAM; stream: decode batches from disk in worker "
-                           "processes; auto: stream when the decoded dataset would not fit in memory")
+                           "processes (needs --image-size); auto: stream when the decoded dataset would not fit "
+                           "in memory")
     data.add_argument("--num-workers", type=int, default=4, help="decoding processes of the streaming path")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=float, default=10.0, help="epochs (fractions allowed)")
@@ -87,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 #: Command-line option (argparse dest) -> the recipe field it overrides, where the names differ.
 _RECIPE_FIELDS = {"mixup": "mixup_alpha", "cutmix": "cutmix_alpha"}
 #: Options that do not set a recipe field (handled on their own, or meaningless with a recipe).
-_NOT_FIELDS = {"recipe", "overrides", "model_arg", "no_progress", "command", "verbose"}
+_NOT_FIELDS = {"recipe", "overrides", "model_arg", "no_progress"}
 
 
 def recipe_overrides(args: argparse.Namespace) -> dict:
@@ -110,7 +112,7 @@ def _typed_options(argv: list[str]) -> set[str]:
     parser = add_parser(argparse.ArgumentParser(add_help=False).add_subparsers(), "train")
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    return set(vars(parser.parse_known_args(argv)[0]))  # the options every sub-command shares are not fields
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ Our code never unpickles anything; torchvision's own CIFAR reader does that for 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,15 @@ class ImageTensorDataset:
         """Stored (height, width)."""
         return tuple(self.images.shape[2:])
 
+    def fingerprint(self) -> str:
+        """A short hash of the class names and every image's label, in order.
+
+        The held-out split is drawn from the labels (stratified, seeded), so two training sets with the same
+        fingerprint give the same split; one with another fingerprint is not the set a model was trained on.
+        Hashing labels, not pixels, keeps it instant for any dataset size.
+        """
+        return label_fingerprint(self.classes, self.labels)
+
     def subset(self, indices: torch.Tensor | Sequence[int]) -> "ImageTensorDataset":
         """A copy holding only ``indices`` (in that order); ``.indices`` records where they came from."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
@@ -69,6 +80,13 @@ class ImageTensorDataset:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def label_fingerprint(classes: Sequence[str], labels: torch.Tensor) -> str:
+    """A short hash of the class names and every label, in order: what the held-out split is drawn from."""
+    digest = hashlib.sha256(json.dumps(list(classes)).encode())
+    digest.update(labels.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_dataset(
@@ -183,7 +201,8 @@ def _holdout_count(size: int | float, total: int) -> int:
         raise ValueError(f"holdout fraction must be in [0, 1), got {size}")
     count = round(size * total) if isinstance(size, float) else size
     if not 0 <= count < total:
-        raise ValueError(f"holdout size must leave some training data: got {count} of {total} images")
+        raise ValueError(f"holdout_size (--holdout-size) must leave some training data: got {count} of {total} "
+                         f"images; give a smaller count or a share such as 0.1")
     return count
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .datasets import label_fingerprint
 from .errors import ImageDecodeError
 from .folder import open_rgb
 from .loader import BatchLoader
@@ -49,6 +50,10 @@ class FileDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """The in-memory dataset's fingerprint of the same split (classes and labels): one split, one hash."""
+        return label_fingerprint(self.classes, self.labels)
 
     def subset(self, indices: torch.Tensor) -> "FileDataset":
         return FileDataset([self.files[i] for i in indices.tolist()], self.labels[indices], self.classes,
