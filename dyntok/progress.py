@@ -2,7 +2,8 @@
 
 On a terminal this is tqdm. When stderr is not a terminal (a batch job's log, ``nohup``, a pipe), tqdm's
 carriage-return redraws pile up into one unreadable line per refresh; there a plain line is printed instead
-at every tenth of the way (and at the end), with the rate and the time left.
+at every tenth of the way, with the rate and the time left, at most one a minute; work that ends within its
+first minute prints nothing, so quick steps (decoding a small split, a short evaluation) leave no noise.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from tqdm.auto import tqdm
 
 __all__ = ["progress_bar", "LineProgress"]
 
-#: Share of the total between two lines of a non-terminal log.
+#: Share of the total between two lines of a non-terminal log, and the least time between two lines.
 LINE_EVERY = 0.1
+MIN_SECONDS = 60.0
 
 
 def progress_bar(iterable: Iterable | None = None, *, disable: bool = False, **options: Any):
@@ -35,15 +37,16 @@ class LineProgress:
     """The part of tqdm's interface dyntok uses, printing one plain line per ``LINE_EVERY`` of the total."""
 
     def __init__(self, iterable: Iterable | None = None, total: float | None = None, desc: str = "",
-                 unit: str = "it", file=None):
+                 unit: str = "it", file=None, min_seconds: float = MIN_SECONDS):
         self.iterable = iterable
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.desc, self.unit, self.n = total, desc, unit, 0
         self.file = file or sys.stderr
         self.postfix = ""
-        self._start = time.perf_counter()
+        self._start = self._last_line = time.perf_counter()
         self._next_line = LINE_EVERY
+        self.min_seconds, self.lines, self._last_n = min_seconds, 0, 0
 
     def __iter__(self):
         for item in self.iterable:
@@ -61,7 +64,8 @@ class LineProgress:
         if self.total and self.n / self.total >= self._next_line - 1e-9:
             while self._next_line <= self.n / self.total + 1e-9:
                 self._next_line += LINE_EVERY
-            self._print()
+            if time.perf_counter() - self._last_line >= self.min_seconds:
+                self._print()
 
     def set_postfix(self, refresh: bool = True, **values: Any) -> None:
         self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
@@ -73,8 +77,8 @@ class LineProgress:
         """Nothing to redraw: lines are printed as the work advances."""
 
     def close(self) -> None:
-        """A final line when the last printed one did not reach the end (e.g. a loop left early)."""
-        if self.total and self._next_line - LINE_EVERY < self.n / self.total - 1e-9:
+        """A final line for work long enough to have printed one, unless the last already said it all."""
+        if self.lines and self._last_n != self.n:
             self._print()
 
     def _print(self) -> None:
@@ -87,3 +91,4 @@ class LineProgress:
         if self.postfix:
             line += f", {self.postfix}"
         print(line, file=self.file, flush=True)
+        self._last_line, self._last_n, self.lines = time.perf_counter(), self.n, self.lines + 1

@@ -79,8 +79,8 @@ class PaperRecipe:
 PAPER_RECIPES: dict[str, PaperRecipe] = {
     "dynamicvit_deit_small": PaperRecipe(
         model=f"dynamicvit_{DEIT_SMALL}",
-        source="raoyongming/DynamicViT: README.md (DeiT-S command: 8 GPUs x --batch-size 96, --epochs 30, "
-               "--distill, --base_rate 0.7) and main_dynamic_vit.py (defaults, adjust_learning_rate)",
+        source="raoyongming/DynamicViT: README.md (DeiT-S command: 8 GPUs x batch-size 96, epochs 30, "
+               "distill, base_rate 0.7) and main_dynamic_vit.py (defaults, adjust_learning_rate)",
         reported={"top1": 79.3, "gmacs": 2.9},
         batch_size=768, base_lr=5e-4, lr_reference_batch=512,
         # The backbone learns at 0.01x and not at all for the first 5 of 30 epochs (the predictor warm-up); no
@@ -93,9 +93,9 @@ PAPER_RECIPES: dict[str, PaperRecipe] = {
     ),
     "evit_deit_small": PaperRecipe(
         model=f"evit_{DEIT_SMALL}",
-        source="youweiliang/evit: finetune.sh (8 GPUs x --batch-size 128, --lr 2e-5, --min-lr 2e-6, "
-               "--weight-decay 1e-6, --warmup-epochs 0, --shrink_epochs 0, --epochs 30, --base_keep_rate 0.7, "
-               "--fuse_token) and main.py (linear lr scaling by batch / 512, DeiT's other defaults)",
+        source="youweiliang/evit: finetune.sh (8 GPUs x batch-size 128, lr 2e-5, min-lr 2e-6, "
+               "weight-decay 1e-6, warmup-epochs 0, shrink_epochs 0, epochs 30, base_keep_rate 0.7, "
+               "fuse_token) and main.py (linear lr scaling by batch / 512, DeiT's other defaults)",
         reported={"top1": 79.5, "gmacs": 3.0},
         batch_size=1024, base_lr=2e-5, lr_reference_batch=512,
         train=dict(epochs=30, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6, init=PRETRAINED_INIT),
@@ -105,9 +105,9 @@ PAPER_RECIPES: dict[str, PaperRecipe] = {
     ),
     "adavit_deit_small": PaperRecipe(
         model=f"adavit_{DEIT_SMALL}",
-        source="MengLcool/AdaViT: ada_main.py defaults (no training command is published): --lr 5e-4, "
-               "--epochs 300, --warmup-epochs 10, --min-lr 1e-5, --weight-decay 0.05, -b 64 per GPU, "
-               "--model-ema-decay 0.99996, --drop-path 0.1, mixup 0.8 / cutmix 1.0, rand-m9-mstd0.5-inc1",
+        source="MengLcool/AdaViT: ada_main.py defaults (no training command is published): lr 5e-4, "
+               "epochs 300, warmup-epochs 10, min-lr 1e-5, weight-decay 0.05, batch 64 per GPU, "
+               "model-ema-decay 0.99996, drop-path 0.1, mixup 0.8 / cutmix 1.0, rand-m9-mstd0.5-inc1",
         reported={"top1": 77.3, "gmacs": 2.3},
         batch_size=512, base_lr=5e-4, lr_reference_batch=None,
         train=dict(epochs=300, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, init=PRETRAINED_INIT),
@@ -119,7 +119,7 @@ PAPER_RECIPES: dict[str, PaperRecipe] = {
         model=f"dvt_{DEIT_SMALL}",
         source="blackfeather-wang/Dynamic-Vision-Transformer: models_deit.py (stages on 7x7, 10x10, 14x14 "
                "tokens) trained with DeiT's recipe from scratch (facebookresearch/deit main.py defaults: "
-               "--lr 5e-4 scaled by batch / 512, 300 epochs, 5 warm-up epochs, weight decay 0.05, EMA 0.99996)",
+               "lr 5e-4 scaled by batch / 512, 300 epochs, 5 warm-up epochs, weight decay 0.05, EMA 0.99996)",
         reported=None,  # the paper's ImageNet headline is T2T-ViT-14 (81.5% at 1.42x throughput)
         batch_size=1024, base_lr=5e-4, lr_reference_batch=512,
         train=dict(epochs=300, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05, init=None),
