@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .measure.speed import inference_context, precision
 from .methods import AdaptiveViT
@@ -49,7 +49,7 @@ def evaluate(model: AdaptiveViT, loader: Iterable[tuple[Tensor, Tensor]], device
     model.eval()
     macs, correct, extras = [], [], {}
     with inference_context(device):
-        for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for images, labels in progress_bar(loader, desc=desc, disable=not progress, leave=False):
             prediction = model.predict(images.to(device, non_blocking=True))
             correct.append(prediction.logits.argmax(-1).cpu() == labels)
             macs.append(prediction.macs.cpu().double())

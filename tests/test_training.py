@@ -54,12 +54,18 @@ def interrupt_after(monkeypatch, steps: int) -> None:
 @pytest.mark.parametrize("model", ["vit_cifar_tiny", "dynamicvit_vit_cifar_tiny"])
 def test_resume_mid_epoch_gives_the_same_final_weights(image_folder, tmp_path, monkeypatch, model):
     # 24 images / batch 8 = 3 steps an epoch; interrupt in the middle of the second epoch.
-    reference = train(tiny_config(image_folder, tmp_path / "a", model=model))
+    assert_resume_is_exact(lambda out, **extra: tiny_config(image_folder, out, model=model, **extra), tmp_path,
+                           monkeypatch, steps_before_kill=4)
+
+
+def assert_resume_is_exact(make_config, tmp_path, monkeypatch, steps_before_kill: int) -> None:
+    """A run killed after ``steps_before_kill`` steps and resumed ends with the uninterrupted run's weights."""
+    reference = train(make_config(tmp_path / "a"))
     with monkeypatch.context() as patch:
-        interrupt_after(patch, 4)
+        interrupt_after(patch, steps_before_kill)
         with pytest.raises(Interrupt):
-            train(tiny_config(image_folder, tmp_path / "b", model=model))
-    resumed = train(tiny_config(image_folder, tmp_path / "b", model=model, resume=True))
+            train(make_config(tmp_path / "b"))
+    resumed = train(make_config(tmp_path / "b", resume=True))
     expected, actual = weights(reference.model_path), weights(resumed.model_path)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -72,15 +78,8 @@ PHASED = {**TINY_MODEL, "predictor_warmup": 0.5}  # DynamicViT: 6 steps predicto
 @pytest.mark.parametrize("steps_before_kill", [2, 8], ids=["in-first-phase", "in-second-phase"])
 def test_resume_in_either_phase_gives_the_same_final_weights(image_folder, tmp_path, monkeypatch, steps_before_kill):
     config = dict(model="dynamicvit_vit_cifar_tiny", model_kwargs=PHASED, epochs=4, save_every=1)
-    reference = train(tiny_config(image_folder, tmp_path / "a", **config))
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, steps_before_kill)
-        with pytest.raises(Interrupt):
-            train(tiny_config(image_folder, tmp_path / "b", **config))
-    resumed = train(tiny_config(image_folder, tmp_path / "b", resume=True, **config))
-    expected, actual = weights(reference.model_path), weights(resumed.model_path)
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), name
+    assert_resume_is_exact(lambda out, **extra: tiny_config(image_folder, out, **config, **extra), tmp_path,
+                           monkeypatch, steps_before_kill)
 
 
 def test_a_two_phase_run_follows_one_schedule_and_keeps_the_optimiser_state(image_folder, tmp_path, monkeypatch):
@@ -89,13 +88,13 @@ def test_a_two_phase_run_follows_one_schedule_and_keeps_the_optimiser_state(imag
     steps = []
     original = Trainer._train_step
 
-    def record(self, module, optimizer, images, targets):
+    def record(self, module, optimizer, batches):
         predictor = next(self.model.predictors.parameters())
         steps.append({"phase": self.model.phase,
                       "lr": {group["lr_scale"]: group["lr"] for group in optimizer.param_groups},
                       "predictor_updates": int(optimizer.state[predictor]["step"]) if predictor in optimizer.state
                       else 0})
-        return original(self, module, optimizer, images, targets)
+        return original(self, module, optimizer, batches)
 
     monkeypatch.setattr(Trainer, "_train_step", record)
     # 3 steps an epoch, 4 epochs: 12 steps, the first 3 warming up, the first 6 training the predictors only.

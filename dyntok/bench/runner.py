@@ -19,13 +19,13 @@ from typing import Any, Iterator
 
 import timm
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .._versions import __version__
 from ..data import build_loaders
 from ..evaluation import evaluate
 from ..measure.oracle import collect_exit_correctness, oracle_curve
-from ..measure.speed import compare_speed, inference_context, precision
+from ..measure.speed import compare_speed, first_images, inference_context, precision
 from ..methods import AdaptiveViT, create_model, load_model, save_model
 from ..methods.budget import format_knobs
 from ..pretrained import model_card
@@ -53,7 +53,7 @@ class StageBar:
     """
 
     def __init__(self, total_seconds: float, enabled: bool) -> None:
-        self.bar = tqdm(total=max(total_seconds, 1.0), disable=not enabled, desc="bench",
+        self.bar = progress_bar(total=max(total_seconds, 1.0), disable=not enabled, desc="bench",
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
     @contextlib.contextmanager
@@ -175,17 +175,6 @@ def _measure_speed(reference: AdaptiveViT, model: AdaptiveViT | None, images: to
                          settings.latency_images, settings.repeats, settings.warmup, device)
 
 
-def _first_images(loader, count: int) -> torch.Tensor:
-    """The first ``count`` test images, transformed as for evaluation (real content: exits depend on it)."""
-    batches, have = [], 0
-    for images, _ in loader:
-        batches.append(images)
-        have += len(images)
-        if have >= count:
-            break
-    return torch.cat(batches)[:count]
-
-
 # ------------------------------------------------------------------------------------------ environment
 def _cpu_model() -> str:
     try:
@@ -265,7 +254,7 @@ def _measure_entries(spec: BenchSpec, plan: Plan, loaders: dict[str, Any], bar: 
                      output: Path) -> list[dict[str, Any]]:
     device = plan.device
     reference = load_model(plan.entry(spec.reference).cache.model_path, map_location=device).eval()
-    images = _first_images(loaders["test"], spec.speed.images)
+    images = first_images(loaders["test"], spec.speed.images)
     records = []
     for item in plan.entries:
         entry = item.entry

@@ -77,7 +77,9 @@ def _add_general_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. Every failure a user can cause ends in one line naming the cause and the fix and a
     non-zero exit code; ``--debug`` (or ``DYNTOK_DEBUG=1``) shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_argv = argv[argv.index(args.command) + 1:]  # what was typed after the sub-command's name
     from ..models.limits import ALLOW_LARGE_ENV
     from ..training.distributed import RunStopped
     from ._errors import explain

@@ -16,7 +16,7 @@ from ..deploy.export import export
 from ..evaluation import evaluate
 from ..fileio import load_meta
 from ..measure.latency_budget import wall_clock_timer
-from ..measure.speed import compare_speed, inference_context
+from ..measure.speed import compare_speed, first_images, inference_context
 from ..methods import create_model_from_config, load_model
 from ..training.distributed import select_device
 from ._common import RECORDED_HOLDOUT_HELP, add_data_arguments, data_config, parse_knobs
@@ -91,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     # The held-out split only matters for calibration, which must use the model's own.
     calibrating = args.calibrate_gmacs is not None or args.calibrate_latency is not None
     split = calibration_split(args.checkpoint, args.holdout_size) if calibrating else {"holdout_size": 0, "seed": 0}
+    # Feed the model what it saw in training: its normalisation and evaluation crop (DeiT's weights: 0.875).
+    seen = load_meta(args.checkpoint).get("eval_transform", {})
     loaders = build_loaders(data_config(args, image_size=image_size, holdout_size=split["holdout_size"],
-                                        seed=split["seed"]))
+                                        seed=split["seed"], **seen))
     check_training_set(split.get("fingerprint"), loaders["fingerprint"], args.checkpoint, args.dataset)
     if loaders["num_classes"] != model.num_classes:
         raise ValueError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
               "budget": model.get_budget(),
               **result.summary(), "dense_gmacs": dense_gmacs, "mac_reduction": dense_gmacs / result.mean_gmacs}
     if not args.no_speed:
-        images = torch.cat([batch for batch, _ in loaders["test"]])
+        images = first_images(loaders["test"], max(args.speed_images, args.latency_images))
         report["speed"] = speed_report(model, dense, images, device, args)
     text = json.dumps(report, indent=2)
     print(text)

@@ -6,6 +6,7 @@ import json
 
 from ..methods.registry import model_name
 from ..training import TrainConfig, train
+from ..training.paper_recipes import PAPER_RECIPES, resolve_recipe
 from ._common import add_data_arguments, data_config, parse_knobs
 
 
@@ -15,6 +16,12 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
         description="Train a model; checkpoints (safetensors) are written to --output-dir every epoch. "
                     "Run under `torchrun --nproc_per_node N` for data-parallel training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    recipe = parser.add_argument_group("paper recipes (docs/training.md)")
+    recipe.add_argument("--recipe", choices=sorted(PAPER_RECIPES), default=None,
+                        help="a paper's official ImageNet-1k DeiT-S recipe; options given with it override it")
+    recipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override any recipe field: a training or data setting (epochs=1, data.num_workers=2) "
+                             "or a model setting (model_kwargs.depth=2); repeatable")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="vit_cifar_tiny",
                        help="backbone: a dyntok preset (see `dyntok models`) or a timm plain-ViT name")
@@ -28,9 +35,18 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="resize every image to NxN (needed for a folder of mixed sizes); build the model for "
                              "it with --model-arg img_size=N")
+    data = parser.add_argument_group("data loading")
+    data.add_argument("--data-path", choices=("auto", "memory", "stream"), default="auto",
+                      help="memory: decode the dataset once into RAM; stream: decode batches from disk in worker "
+                           "processes (needs --image-size); auto: stream when the decoded dataset would not fit "
+                           "in memory")
+    data.add_argument("--num-workers", type=int, default=4, help="decoding processes of the streaming path")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=float, default=10.0, help="epochs (fractions allowed)")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    optim.add_argument("--accum-steps", type=int, default=1,
+                       help="gradient accumulation: each process loads batch/(processes x N) images N times per "
+                            "step, to reach the global --batch-size on fewer GPUs")
     optim.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms/biases/tokens)")
     optim.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length")
@@ -55,16 +71,48 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.recipe:
+        return resolve_recipe(args.recipe, recipe_overrides(args))
     name = model_name(args.method, args.model)
     data = data_config(args, seed=args.seed, randaugment=args.randaugment, mixup_alpha=args.mixup,
-                       cutmix_alpha=args.cutmix, image_size=args.image_size)
+                       cutmix_alpha=args.cutmix, image_size=args.image_size, data_path=args.data_path,
+                       num_workers=args.num_workers)
     return TrainConfig(
         model=name, model_kwargs=parse_knobs(args.model_arg), data=data,
-        output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        clip_grad=args.clip_grad or None, ema_decay=args.ema_decay, init=args.init, seed=args.seed,
-        device=args.device, amp=args.amp, compile=args.compile, save_every=args.save_every, resume=args.resume,
-        progress=not args.no_progress)
+        output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, accum_steps=args.accum_steps, lr=args.lr,
+        min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing, clip_grad=args.clip_grad or None, ema_decay=args.ema_decay,
+        init=args.init, seed=args.seed, device=args.device, amp=args.amp, compile=args.compile,
+        save_every=args.save_every, resume=args.resume, progress=not args.no_progress)
+
+
+#: Command-line option (argparse dest) -> the recipe field it overrides, where the names differ.
+_RECIPE_FIELDS = {"mixup": "mixup_alpha", "cutmix": "cutmix_alpha"}
+#: Options that do not set a recipe field (handled on their own, or meaningless with a recipe).
+_NOT_FIELDS = {"recipe", "overrides", "model_arg", "no_progress"}
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict:
+    """The options typed on the command line (not their defaults), ``--set`` and ``--model-arg`` as overrides."""
+    given = _typed_options(getattr(args, "command_argv", []))
+    if {"model", "method"} & given:
+        raise ValueError("--recipe names the model; change it with --model-arg KEY=VALUE or --set, not --model")
+    overrides = {_RECIPE_FIELDS.get(dest, dest): getattr(args, dest) for dest in given - _NOT_FIELDS}
+    if "clip_grad" in overrides:
+        overrides["clip_grad"] = overrides["clip_grad"] or None
+    if "no_progress" in given:
+        overrides["progress"] = False
+    overrides.update({f"model_kwargs.{key}": value for key, value in parse_knobs(args.model_arg).items()})
+    overrides.update(parse_knobs(args.overrides))
+    return overrides
+
+
+def _typed_options(argv: list[str]) -> set[str]:
+    """The dests of the options present in ``argv`` (parsed again with every default suppressed)."""
+    parser = add_parser(argparse.ArgumentParser(add_help=False).add_subparsers(), "train")
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))  # the options every sub-command shares are not fields
 
 
 def run(args: argparse.Namespace) -> int:

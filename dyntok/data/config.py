@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
-from ..ranges import Interval, check_ranges
-from .datasets import ImageTensorDataset, holdout_split, load_dataset
+from ..ranges import Choice, Interval, check_ranges
+from .datasets import ImageTensorDataset, holdout_indices, holdout_split, load_dataset, locate_dataset
+from .folder import scan_tree
 from .loader import BatchLoader
+from .sizing import DATA_PATHS, choose_data_path
 from .transforms import EvalTransform, TrainTransform, default_normalization
 
-__all__ = ["DataConfig", "build_loaders", "DATA_RANGES", "OPTIONAL_DATA"]
+__all__ = ["DataConfig", "build_loaders", "resolve_data_path", "DATA_RANGES", "OPTIONAL_DATA"]
 
 #: Numeric options and the values they accept (``None`` too for the ``OPTIONAL_DATA`` ones); checked on creation
 #: and, for the benchmark spec's ``data:`` section, by the spec with these same declarations.
@@ -27,8 +29,14 @@ DATA_RANGES = {
     "mixup_prob": Interval(0.0, 1.0),
     "mixup_switch_prob": Interval(0.0, 1.0),
     "seed": Interval(0, integer=True),
+    "crop_pct": Interval(0.0, 1.0, low_open=True),
+    "random_erasing": Interval(0.0, 1.0),
+    "rrc_scale": Interval(0.0, 1.0, low_open=True, length=2),
+    "data_path": Choice(DATA_PATHS),
+    "memory_budget_gb": Interval(0.0),
+    "num_workers": Interval(0, integer=True),
 }
-OPTIONAL_DATA = frozenset({"eval_batch_size", "image_size"})
+OPTIONAL_DATA = frozenset({"eval_batch_size", "image_size", "memory_budget_gb"})
 _CLI_NAMES = {"mixup_alpha": "--mixup", "cutmix_alpha": "--cutmix"}
 #: ``randaugment = (num_ops, magnitude)``: torchvision's RandAugment has 31 magnitude bins (0 to 30).
 _RANDAUGMENT = (Interval(0, 16, integer=True), Interval(0, 30, integer=True))
@@ -53,6 +61,13 @@ class DataConfig:
         image_size: model input size; batches are resized to it when the stored size differs
             (and a tree whose images differ in size is stored at this size). None: stored size.
         cache_dir: decode cache (default ``$DYNTOK_CACHE`` or ``~/.cache/dyntok``).
+    Where the pixels live (docs/data.md, "Two data paths"):
+        data_path: ``"memory"`` decodes every split once into RAM (fast; CIFAR always); ``"stream"`` decodes
+            each batch from disk in ``num_workers`` processes; ``"auto"`` streams when the decoded splits
+            would not fit in ``memory_budget_gb``.
+        memory_budget_gb: RAM one process may fill with decoded images; None: half of the available memory,
+            shared by the processes of this machine.
+        num_workers: decoding processes of the streaming path.
     Splits and batching:
         holdout_size: images (int) or fraction (float) of the training set held out for
             calibration, stratified by class; 0 disables it.
@@ -60,14 +75,20 @@ class DataConfig:
         batch_size / eval_batch_size: per-rank batch sizes (eval defaults to batch_size).
         drop_last: drop the incomplete last training batch (always kept for evaluation).
     Augmentation (training only):
-        crop_padding, padding_mode: random crop with this padding (``"reflect"``/``"zero"``/``"edge"``).
+        crop_padding, padding_mode: in memory, a random crop with this padding (``"reflect"``/``"zero"``/``"edge"``).
+        rrc_scale: streaming, timm's ``RandomResizedCrop`` with this range of areas (it replaces the padded crop).
         hflip: random horizontal flip.
+        random_erasing: probability of timm's random erasing (per-pixel noise), after normalisation.
         randaugment: ``[num_ops, magnitude]`` for torchvision's RandAugment, e.g. ``[2, 9]``; None = off.
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: ``timm.data.Mixup`` options. With
             mixup or cutmix on, training targets are soft ``(B, num_classes)`` floats with the label
             smoothing :func:`build_loaders` is given already applied.
         mean, std: normalisation; None = the dataset's defaults (CIFAR-100's for cifar100,
             CIFAR-10's otherwise). Pass a pretrained model's values when fine-tuning one.
+    Evaluation:
+        crop_pct: the centre share of the image kept (timm's ``crop_pct``; 0.875 for DeiT's weights): streaming
+            resizes the shorter side to ``image_size / crop_pct`` and crops the centre; in memory the centre
+            ``crop_pct`` of the stored image is cropped and resized. 1.0: the whole image.
     """
 
     dataset: str = "cifar10"
@@ -80,9 +101,14 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int | None = None
     drop_last: bool = True
+    data_path: str = "auto"
+    memory_budget_gb: float | None = None
+    num_workers: int = 4
     crop_padding: int = 4
     padding_mode: str = "reflect"
     hflip: bool = True
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    random_erasing: float = 0.0
     randaugment: tuple[int, int] | None = None
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -90,10 +116,11 @@ class DataConfig:
     mixup_switch_prob: float = 0.5
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
         # JSON/YAML give lists; keep tuples so configs compare and hash predictably.
-        for name in ("randaugment", "mean", "std"):
+        for name in ("randaugment", "mean", "std", "rrc_scale"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
@@ -127,6 +154,12 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def eval_transform(self) -> dict[str, Any]:
+        """What the model's inputs looked like at evaluation (normalisation and crop), recorded with trained
+        models so that ``dyntok eval`` feeds them the same."""
+        mean, std = self.normalization()
+        return {"mean": list(mean), "std": list(std), "crop_pct": self.crop_pct}
 
     def holdout_split(self) -> dict[str, Any]:
         """What decides which training images are held out (with the dataset's contents).
@@ -169,13 +202,17 @@ def build_loaders(
     once across ranks, and per-rank results must be gathered): by default each rank scores the
     whole split, so a rank-0-only evaluation reports the full split's metrics.
     """
+    location = locate_dataset(config.dataset, config.data_root, config.download)
+    splits = scan_tree(location.path) if location.kind == "folder" else None
+    if _data_path(config, splits) == "stream":
+        return _stream_loaders(config, splits, rank, world_size, shard_eval, device, label_smoothing)
     load = dict(data_root=config.data_root, download=config.download, image_size=config.image_size,
                 cache_dir=config.cache_dir)
     train_set = load_dataset(config.dataset, "train", **load)
     test_set = load_dataset(config.dataset, "test", **load)
     train_part, held_part = holdout_split(train_set, config.holdout_size, config.seed)
     mean, std = config.normalization()
-    evaluation = EvalTransform(mean, std, config.image_size)
+    evaluation = EvalTransform(mean, std, config.image_size, crop_pct=config.crop_pct)
     eval_shard = dict(rank=rank, world_size=world_size) if shard_eval else {}
 
     def eval_loader(dataset: ImageTensorDataset) -> BatchLoader:
@@ -186,15 +223,55 @@ def build_loaders(
                         _train_transform(config, train_set.num_classes, label_smoothing),
                         shuffle=True, drop_last=config.drop_last, seed=config.seed, rank=rank,
                         world_size=world_size, device=device)
-    return {
-        "train": train,
-        "holdout": eval_loader(held_part) if len(held_part) else None,
-        "test": eval_loader(test_set),
-        "num_classes": train_set.num_classes,
-        "class_names": list(train_set.classes),
-        "source": train_set.source,
-        "fingerprint": train_set.fingerprint(),
-    }
+    return _loaders(train, eval_loader(held_part) if len(held_part) else None, eval_loader(test_set), train_set)
+
+
+def resolve_data_path(config: DataConfig) -> str:
+    """``"memory"`` or ``"stream"``: ``config.data_path``, or for ``"auto"`` what the dataset's size allows."""
+    location = locate_dataset(config.dataset, config.data_root, config.download)
+    return _data_path(config, scan_tree(location.path) if location.kind == "folder" else None)
+
+
+def _data_path(config: DataConfig, splits: dict | None) -> str:
+    """The path for a scanned image-folder tree's ``splits``, or for torchvision's CIFAR files (None)."""
+    if splits is None:  # CIFAR's pickled files: 180 MB, always in memory
+        if config.data_path == "stream":
+            raise ValueError(f"{config.dataset} is read from torchvision's files, which are held in memory; "
+                             f"streaming reads image-folder trees (use --data-path memory or auto)")
+        return "memory"
+    files = splits["train"].files + splits["test"].files
+    return choose_data_path(config.data_path, files, config.image_size, config.memory_budget_gb)
+
+
+def _stream_loaders(config: DataConfig, splits: dict, rank: int, world_size: int, shard_eval: bool,
+                    device, label_smoothing: float) -> dict[str, Any]:
+    """The streaming path's loaders: same splits and held-out images as in memory, decoded by workers."""
+    from .stream import StreamLoader, files_of, stream_eval_transform, stream_train_transform
+
+    if config.image_size is None:
+        raise ValueError("the streaming path crops every image to the model's input size: set image_size "
+                         "(--image-size)")
+    train_set, test_set = files_of(splits["train"]), files_of(splits["test"])
+    kept, held = holdout_indices(train_set.labels, config.holdout_size, config.seed)
+    evaluation = stream_eval_transform(config, config.image_size)
+    eval_shard = dict(rank=rank, world_size=world_size) if shard_eval else {}
+
+    def eval_loader(files) -> StreamLoader:
+        return StreamLoader(files, config.eval_batch_size or config.batch_size, evaluation, even_shards=False,
+                            num_workers=config.num_workers, device=device, **eval_shard)
+
+    train = StreamLoader(train_set.subset(kept), config.batch_size, stream_train_transform(config, config.image_size),
+                         shuffle=True, drop_last=config.drop_last, seed=config.seed, rank=rank,
+                         world_size=world_size, num_workers=config.num_workers,
+                         mixup=_mixup(config, train_set.num_classes, label_smoothing), device=device)
+    holdout = eval_loader(train_set.subset(held)) if len(held) else None
+    return _loaders(train, holdout, eval_loader(test_set), train_set)
+
+
+def _loaders(train, holdout, test, train_set) -> dict[str, Any]:
+    return {"train": train, "holdout": holdout, "test": test, "num_classes": train_set.num_classes,
+            "class_names": list(train_set.classes), "source": train_set.source,
+            "fingerprint": train_set.fingerprint()}
 
 
 def _train_transform(config: DataConfig, num_classes: int, label_smoothing: float) -> TrainTransform:
@@ -202,7 +279,8 @@ def _train_transform(config: DataConfig, num_classes: int, label_smoothing: floa
     return TrainTransform(
         mean, std, config.image_size,
         crop_padding=config.crop_padding, padding_mode=config.padding_mode, hflip=config.hflip,
-        randaugment=config.randaugment, mixup=_mixup(config, num_classes, label_smoothing),
+        randaugment=config.randaugment, random_erasing=config.random_erasing,
+        mixup=_mixup(config, num_classes, label_smoothing),
     )
 
 

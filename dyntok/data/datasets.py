@@ -21,7 +21,7 @@ from .folder import load_split, scan_tree
 from .roots import TORCHVISION_CIFAR, DatasetLocation, candidate_roots, canonical_name, find_dataset
 from .seeding import seeded_generator
 
-__all__ = ["ImageTensorDataset", "load_dataset", "holdout_split"]
+__all__ = ["ImageTensorDataset", "load_dataset", "holdout_split", "holdout_indices", "locate_dataset"]
 
 Split = Literal["train", "test"]
 _HOLDOUT_STREAM = 0x401D  # keeps the holdout draw independent of the loader's shuffles
@@ -70,9 +70,7 @@ class ImageTensorDataset:
         fingerprint give the same split; one with another fingerprint is not the set a model was trained on.
         Hashing labels, not pixels, keeps it instant for any dataset size.
         """
-        digest = hashlib.sha256(json.dumps(list(self.classes)).encode())
-        digest.update(self.labels.numpy().astype("<i8").tobytes())
-        return digest.hexdigest()[:16]
+        return label_fingerprint(self.classes, self.labels)
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> "ImageTensorDataset":
         """A copy holding only ``indices`` (in that order); ``.indices`` records where they came from."""
@@ -82,6 +80,13 @@ class ImageTensorDataset:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def label_fingerprint(classes: Sequence[str], labels: torch.Tensor) -> str:
+    """A short hash of the class names and every label, in order: what the held-out split is drawn from."""
+    digest = hashlib.sha256(json.dumps(list(classes)).encode())
+    digest.update(labels.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_dataset(
@@ -117,6 +122,11 @@ def load_dataset(
     images = load_split(chosen, image_size, cache=cache, cache_dir=cache_dir)
     labels = torch.tensor(chosen.labels, dtype=torch.int64)
     return ImageTensorDataset(images, labels, chosen.classes, source=f"image folder {chosen.directory}")
+
+
+def locate_dataset(name: str, data_root=None, download: bool = False) -> DatasetLocation:
+    """Where ``name`` is (or, with ``download``, where torchvision will put CIFAR)."""
+    return _locate(name, data_root, download)[0]
 
 
 def _locate(name: str, data_root, download: bool) -> tuple[DatasetLocation, bool]:
@@ -168,11 +178,20 @@ def holdout_split(
         original order. Each class contributes in proportion to its size (largest-remainder
         rounding), so the held part has the training set's class balance.
     """
-    count = _holdout_count(size, len(dataset))
-    held = _stratified_sample(dataset.labels, count, seeded_generator(seed, _HOLDOUT_STREAM))
-    keep = torch.ones(len(dataset), dtype=torch.bool)
+    kept, held = holdout_indices(dataset.labels, size, seed)
+    return dataset.subset(kept), dataset.subset(held)
+
+
+def holdout_indices(labels: torch.Tensor, size: int | float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted positions of the training part and of the held-out part; what :func:`holdout_split` cuts.
+
+    Only the labels decide, so the streaming path holds out exactly the images the in-memory path does.
+    """
+    count = _holdout_count(size, len(labels))
+    held = _stratified_sample(labels, count, seeded_generator(seed, _HOLDOUT_STREAM))
+    keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held] = False
-    return dataset.subset(keep.nonzero().squeeze(1)), dataset.subset(held)
+    return keep.nonzero().squeeze(1), held
 
 
 def _holdout_count(size: int | float, total: int) -> int:

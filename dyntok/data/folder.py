@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..fileio import WRITE_ERRORS, atomic_write
 from .errors import DatasetLayoutError, DatasetNotFoundError, ImageDecodeError, ImageSizeError
@@ -113,12 +113,17 @@ def _class_mismatch(train: FolderSplit, test: FolderSplit) -> str:
 
 def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     """Decode one image to an ``(H, W, 3)`` uint8 array, resized to ``size x size`` if given."""
+    image = open_rgb(path)
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode one image to an 8-bit RGB PIL image; any failure is an ``ImageDecodeError`` naming the file."""
     try:
         with Image.open(path) as image:
-            image = _to_rgb(image)  # forces the full decode: truncation fails here
-            if size is not None and image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(image)
+            return _to_rgb(image)  # forces the full decode: truncation fails here
     except Exception as error:  # PIL raises many types for bad files; all mean "bad file"
         raise ImageDecodeError(path, error) from error
 
@@ -149,7 +154,7 @@ def decode_images(paths: Sequence[str | Path], image_size: int | None = None, de
     """
     out: np.ndarray | None = None
     forced_size = None  # set once sizes turn out to differ
-    with tqdm(paths, desc=desc, unit="img", mininterval=1.0) as progress:
+    with progress_bar(paths, desc=desc, unit="img", mininterval=1.0) as progress:
         for index, path in enumerate(progress):
             pixels = read_rgb(path, forced_size)
             if out is None:

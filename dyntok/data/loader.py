@@ -66,9 +66,9 @@ class BatchLoader:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if getattr(transform, "mixup", None) is not None and (batch_size % 2 or not drop_last):
-            raise ValueError("mixup/cutmix needs an even batch_size and drop_last=True")
         self.dataset, self.batch_size, self.transform = dataset, batch_size, transform
+        if self.soft_targets and (batch_size % 2 or not drop_last):
+            raise ValueError("mixup/cutmix needs an even batch_size and drop_last=True")
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world_size, self.even_shards = rank, world_size, even_shards
         self.device = device

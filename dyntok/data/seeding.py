@@ -10,11 +10,12 @@ without replaying batches ``0..k-1``.
 from __future__ import annotations
 
 import contextlib
+import random
 
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "seeded_generator", "numpy_seeded", "torch_seeded"]
+__all__ = ["derive_seed", "seeded_generator", "numpy_seeded", "torch_seeded", "all_seeded"]
 
 
 def derive_seed(*key: int) -> int:
@@ -55,3 +56,21 @@ def torch_seeded(*key: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*key))
         yield
+
+
+@contextlib.contextmanager
+def all_seeded(*key: int):
+    """Seed Python's, numpy's and torch's global RNGs for a block, restoring all three afterwards.
+
+    timm's and torchvision's PIL transforms draw from whichever of them suits the author (RandomResizedCrop
+    and RandAugment from ``random``, random erasing from ``random`` and torch): seeding all three makes one
+    image's augmentation a function of its key alone, in any process.
+    """
+    python_state = random.getstate()
+    seed = derive_seed(*key)
+    random.seed(seed)
+    try:
+        with numpy_seeded(seed), torch_seeded(seed):
+            yield
+    finally:
+        random.setstate(python_state)

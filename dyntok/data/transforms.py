@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .seeding import numpy_seeded, seeded_generator, torch_seeded
+from .seeding import all_seeded, numpy_seeded, seeded_generator, torch_seeded
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -36,7 +36,7 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 PADDING_MODES = ("reflect", "zero", "edge")
 # Separate streams so e.g. enabling RandAugment does not change the crops.
-_CROP_STREAM, _RANDAUGMENT_STREAM, _MIXUP_STREAM = 1, 2, 3
+_CROP_STREAM, _RANDAUGMENT_STREAM, _MIXUP_STREAM, _ERASING_STREAM = 1, 2, 3, 4
 
 BatchKey = Sequence[int]
 
@@ -115,20 +115,34 @@ def _gather(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tor
     return images.reshape(b, c, h * w).gather(2, flat).view(b, c, h, w)
 
 
+def center_crop(images: torch.Tensor, crop_pct: float) -> torch.Tensor:
+    """The centre ``crop_pct`` of each side of a ``(B, C, H, W)`` batch (a view; the whole batch at 1.0)."""
+    h, w = images.shape[-2:]
+    ch, cw = max(1, round(h * crop_pct)), max(1, round(w * crop_pct))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[..., top:top + ch, left:left + cw]
+
+
 class EvalTransform:
-    """Normalise (and resize to ``image_size`` when it differs from the stored size)."""
+    """Centre-crop ``crop_pct`` of the image, normalise, and resize to ``image_size`` when it differs."""
 
     soft_targets = False
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int | None = None):
-        self.mean, self.std, self.image_size = tuple(mean), tuple(std), image_size
+    def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int | None = None,
+                 crop_pct: float = 1.0):
+        self.mean, self.std, self.image_size, self.crop_pct = tuple(mean), tuple(std), image_size, crop_pct
 
     def __call__(self, images, labels, key: BatchKey = (), device=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        return normalize(images, self.mean, self.std, self.image_size), labels
+        size = self.image_size
+        if self.crop_pct < 1:
+            size = size or images.shape[-1]  # crop, then back to the model's size
+            images = center_crop(images, self.crop_pct)
+        return normalize(images, self.mean, self.std, size), labels
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean}, std={self.std}, image_size={self.image_size})"
+        return (f"{type(self).__name__}(mean={self.mean}, std={self.std}, image_size={self.image_size}, "
+                f"crop_pct={self.crop_pct})")
 
 
 class TrainTransform(EvalTransform):
@@ -140,6 +154,7 @@ class TrainTransform(EvalTransform):
         hflip: random horizontal flip with probability 0.5.
         randaugment: ``(num_ops, magnitude)`` for ``torchvision.transforms.v2.RandAugment``,
             applied per image on the stored uint8 images, or None.
+        random_erasing: probability of ``timm.data.RandomErasing`` (per-pixel noise) on each normalised image.
         mixup: a ``timm.data.Mixup``; the batch's targets become soft ``(B, num_classes)``
             float tensors (with its label smoothing folded in). Needs an even batch size.
     """
@@ -153,6 +168,7 @@ class TrainTransform(EvalTransform):
         padding_mode: str = "reflect",
         hflip: bool = True,
         randaugment: tuple[int, int] | None = None,
+        random_erasing: float = 0.0,
         mixup=None,
     ):
         super().__init__(mean, std, image_size)
@@ -160,6 +176,7 @@ class TrainTransform(EvalTransform):
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.crop_padding, self.padding_mode, self.hflip = crop_padding, padding_mode, hflip
         self.randaugment = _make_randaugment(randaugment)
+        self.random_erasing = random_erasing
         self.mixup = mixup
         self.soft_targets = mixup is not None
 
@@ -171,6 +188,8 @@ class TrainTransform(EvalTransform):
             with torch_seeded(*key, _RANDAUGMENT_STREAM):  # RandAugment draws from the global RNG
                 images = torch.stack([self.randaugment(image) for image in images])
         x, labels = super().__call__(images, labels, key, device)
+        if self.random_erasing:
+            x = _random_erasing(x, self.random_erasing, key)
         if self.mixup is not None:
             if len(x) % 2:
                 raise ValueError(f"mixup/cutmix needs an even batch size, got {len(x)}")
@@ -184,6 +203,15 @@ class TrainTransform(EvalTransform):
             f"hflip={self.hflip}, randaugment={self.randaugment}, mixup={self.mixup is not None}, "
             f"mean={self.mean}, std={self.std}, image_size={self.image_size})"
         )
+
+
+def _random_erasing(x: torch.Tensor, probability: float, key: BatchKey) -> torch.Tensor:
+    """timm's random erasing (DeiT's settings: per-pixel normal noise, one box) on a normalised batch."""
+    from timm.data import RandomErasing
+
+    erase = RandomErasing(probability, mode="pixel", device=str(x.device))
+    with all_seeded(*key, _ERASING_STREAM):  # it draws from Python's and torch's global RNGs
+        return erase(x)
 
 
 def _make_randaugment(options: tuple[int, int] | None):

@@ -14,10 +14,10 @@ from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
-__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "compare_speed", "inference_context", "precision",
-           "synchronize"]
+__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "compare_speed", "first_images", "inference_context",
+           "precision", "synchronize"]
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _interleaved(models: Mapping[str, Callable[[Tensor], object]], batches: list
         for name in names:
             _time_pass(models[name], batches, device)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for rep in tqdm(range(repeats), desc=desc, leave=False, disable=not progress):
+    for rep in progress_bar(range(repeats), desc=desc, leave=False, disable=not progress):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             seconds[name].append(_time_pass(models[name], batches, device))
@@ -93,6 +93,18 @@ def measure_latency(models: Mapping[str, Callable[[Tensor], object]], images: Te
     return {name: SpeedResult(1000 * statistics.median(times) / len(images),
                               [1000 * t / len(images) for t in times])
             for name, times in seconds.items()}
+
+
+def first_images(loader, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``loader``, transformed as for evaluation (real content: a method's
+    decisions depend on it). Stops early: a whole split (ImageNet's 50,000 validation images) would be 30 GB."""
+    batches, have = [], 0
+    for images, _ in loader:
+        batches.append(images)
+        have += len(images)
+        if have >= count:
+            break
+    return torch.cat(batches)[:count]
 
 
 def compare_speed(baseline: Callable[[Tensor], object], candidate: Callable[[Tensor], object] | None,

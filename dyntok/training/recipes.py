@@ -3,6 +3,8 @@
 A recipe is the ``dyntok train`` options of one model: a preset's dense reference, or a method trained from
 it. :func:`export_reference` turns a finished run into a weights file with its model card, which
 :mod:`dyntok.pretrained` then finds and ``create_model(name, pretrained=True)`` loads.
+
+The papers' own ImageNet recipes (``dyntok train --recipe``) are in :mod:`dyntok.training.paper_recipes`.
 """
 from __future__ import annotations
 

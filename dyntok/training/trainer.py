@@ -13,6 +13,7 @@ AdamW moments and step counts, as if one optimiser had held every parameter all 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..fileio import check_writable_folder, load_tensors, prefixed, save_tensors, tensors_under
 from ..data import DataConfig, build_loaders
@@ -59,6 +60,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     output_dir: str = "runs/vit_cifar_tiny"
     epochs: float = 10.0
+    accum_steps: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -121,9 +123,10 @@ class Trainer:
         self.config = config
         self.out = Path(config.output_dir)
         self.ctx, self.device = init_distributed(config.device)
-        self.loaders = build_loaders(_per_rank(config.data, self.ctx.world_size), rank=self.ctx.rank,
-                                     world_size=self.ctx.world_size, label_smoothing=config.label_smoothing)
-        _require_a_full_batch(self.loaders["train"], self.ctx.world_size)
+        self.loaders = build_loaders(_per_rank(config.data, self.ctx.world_size, config.accum_steps),
+                                     rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                     label_smoothing=config.label_smoothing)
+        _require_a_full_batch(self.loaders["train"], self.ctx.world_size, config.accum_steps)
         torch.manual_seed(config.seed)
         model_kwargs = {"num_classes": self.loaders["num_classes"], **config.model_kwargs}
         self.model: AdaptiveViT = create_model(config.model, **model_kwargs).to(self.device)
@@ -158,9 +161,13 @@ class Trainer:
         overrides = {key: value for key, value in backbone.overrides.items() if key != "num_classes"}
         return create_model(backbone.name, pretrained=True, **overrides, num_classes=self.model.num_classes)
 
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch: each takes ``accum_steps`` loader batches of every rank."""
+        return len(self.loaders["train"]) // self.config.accum_steps
+
     def _phase_steps(self) -> list[int]:
         """Optimiser steps of each phase: its share of the run (at least one)."""
-        per_epoch = len(self.loaders["train"])
+        per_epoch = self._steps_per_epoch()
         return [max(1, round(self.config.epochs * phase.epoch_share * per_epoch))
                 for phase in self.model.training_phases()]
 
@@ -240,21 +247,33 @@ class Trainer:
             self.ema.module.load_state_dict(tensors_under(tensors, "ema."))
 
     # ------------------------------------------------------------------ the loop
-    def _train_step(self, module: nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> dict:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            output = module(images)
-            loss = self.model.compute_loss(output, targets, self.criterion)
+    def _train_step(self, module: nn.Module, optimizer: torch.optim.Optimizer, batches: list) -> dict:
+        """One optimiser step over ``batches`` (``accum_steps`` micro-batches): their mean gradient, as if
+        they were one batch. DDP all-reduces only after the last one."""
         optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
+        terms: dict[str, float] = {}
+        total = torch.zeros((), device=self.device)
+        for index, (images, targets) in enumerate(batches):
+            last = index == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not self.ctx.enabled else module.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    output = module(images.to(self.device, non_blocking=True))
+                    loss = self.model.compute_loss(output, targets.to(self.device, non_blocking=True),
+                                                   self.criterion)
+                (loss.total / len(batches)).backward()
+            total = total + loss.total.detach() / len(batches)
+            for key, value in loss.terms.items():
+                terms[key] = terms.get(key, 0.0) + value / len(batches)
         # Backward runs even for a NaN loss so that DDP's gradient all-reduce stays in step on every rank.
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad or math.inf)
-        if not self._step_is_finite(loss.total, grad_norm):
+        if not self._step_is_finite(total, grad_norm):
             optimizer.zero_grad(set_to_none=True)
             return {}
         optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.step)
-        return loss.terms
+        return terms
 
     def _share_done(self) -> float:
         """Share of all training steps (every phase) already taken: what method schedules follow."""
@@ -289,32 +308,46 @@ class Trainer:
         return lr
 
     def _run_epoch(self, module, optimizer, phase_end: int, total_steps: int, epoch_offset: int) -> dict[str, float]:
-        """Train until the loader runs out or the phase ends at step ``phase_end`` (of ``total_steps``)."""
-        loader = self.loaders["train"]
+        """Train until the epoch or the phase (at step ``phase_end`` of ``total_steps``) ends.
+
+        ``progress.batch`` counts optimiser steps into the epoch, so a checkpoint names the same place in
+        the data on any number of processes and any ``accum_steps``.
+        """
+        loader, accum = self.loaders["train"], self.config.accum_steps
         loader.set_epoch(epoch_offset + self.progress.epoch)
-        remaining = min(len(loader) - self.progress.batch, phase_end - self.progress.step)
-        bar = tqdm(total=remaining, disable=not (self.config.progress and self.ctx.is_main),
-                   desc=f"{self.model.phase} epoch {self.progress.epoch + 1}", leave=False)
+        remaining = min(self._steps_per_epoch() - self.progress.batch, phase_end - self.progress.step)
+        bar = progress_bar(total=remaining, disable=not (self.config.progress and self.ctx.is_main),
+                           desc=f"{self.model.phase} epoch {self.progress.epoch + 1}", unit="step", leave=False)
         sums: dict[str, float] = {}
-        seen, start = 0, time.perf_counter()
-        for images, targets in loader.iterate(start_batch=self.progress.batch):
-            if self.progress.step >= phase_end:
+        seen, start, pending = 0, time.perf_counter(), []
+        for batch in loader.iterate(start_batch=self.progress.batch * accum):
+            if self.progress.step >= phase_end or self.progress.batch >= self._steps_per_epoch():
                 break
+            pending.append(batch)
+            if len(pending) < accum:
+                continue
             lr = self._set_lr(optimizer, total_steps)
             self.model.set_training_progress(self._share_done())
-            terms = self._train_step(module, optimizer, images.to(self.device), targets.to(self.device))
+            terms = self._train_step(module, optimizer, pending)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
-            seen += 1
+            seen, pending = seen + 1, []
             self.progress.step += 1
             self.progress.batch += 1
-            speed = seen * images.shape[0] * self.ctx.world_size / (time.perf_counter() - start)
+            bar.set_postfix(**self._speed(seen, start, total_steps), loss=f"{sum(terms.values()):.3f}",
+                            lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(terms.values()):.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
             if self.config.save_every and self.progress.step % self.config.save_every == 0:
                 self._save_state(optimizer)
         bar.close()
         return {key: value / max(seen, 1) for key, value in sums.items()}
+
+    def _speed(self, steps: int, start: float, total_steps: int) -> dict[str, str]:
+        """Images per second over all processes, and the time the whole run has left at that pace."""
+        seconds = (time.perf_counter() - start) / steps
+        images = self.config.data.batch_size / seconds
+        left = int(seconds * (total_steps - self.progress.step))
+        return {"img_s": f"{images:.3g}", "run_left": f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"}
 
     def _write_log(self, record: dict[str, Any]) -> None:
         if self.ctx.is_main:
@@ -340,7 +373,7 @@ class Trainer:
         if resume_tensors is not None:
             self._restore_optimizer_and_ema(optimizer, resume_tensors)
         module = self._wrap()
-        phase_steps, per_epoch = self._phase_steps(), len(self.loaders["train"])
+        phase_steps, per_epoch = self._phase_steps(), self._steps_per_epoch()
         epochs = math.ceil(phase_steps[phase_index] / per_epoch)
         epoch_offset = sum(math.ceil(steps / per_epoch) for steps in phase_steps[:phase_index])
         phase_end = sum(phase_steps[:phase_index + 1])
@@ -380,7 +413,8 @@ class Trainer:
         model_path = self.out / "model.safetensors"
         metrics: dict[str, Any] = {}
         if self.ctx.is_main:
-            save_model(final, model_path, extra={"holdout_split": self._holdout_record()})
+            save_model(final, model_path, extra={"holdout_split": self._holdout_record(),
+                                                 "eval_transform": self.config.data.eval_transform()})
             result = evaluate(final, self.loaders["test"], self.device, progress=self.config.progress,
                               desc="test")
             metrics = {"test": result.summary(), "steps": self.progress.step}
@@ -389,20 +423,23 @@ class Trainer:
         return TrainResult(self.out, model_path, metrics)
 
 
-def _per_rank(data: DataConfig, world_size: int) -> DataConfig:
-    """``batch_size`` is global: each of ``world_size`` ranks loads its share of every batch."""
-    if data.batch_size % world_size:
-        raise ValueError(f"batch size {data.batch_size} does not split evenly over {world_size} processes")
-    return dataclasses.replace(data, batch_size=data.batch_size // world_size)
+def _per_rank(data: DataConfig, world_size: int, accum_steps: int = 1) -> DataConfig:
+    """``batch_size`` is global: each of ``world_size`` ranks loads its share of every batch, in
+    ``accum_steps`` micro-batches."""
+    parts = world_size * accum_steps
+    if data.batch_size % parts:
+        raise ValueError(f"batch size {data.batch_size} does not split evenly over {world_size} processes x "
+                         f"{accum_steps} accumulation steps")
+    return dataclasses.replace(data, batch_size=data.batch_size // parts)
 
 
-def _require_a_full_batch(loader, world_size: int) -> None:
+def _require_a_full_batch(loader, world_size: int, accum_steps: int = 1) -> None:
     """A clear error instead of a training loop with nothing to iterate over."""
-    if len(loader) == 0:
-        raise ValueError(f"batch_size (--batch-size) is larger than the training data: {loader.batch_size} per "
-                         f"process, but each of the {world_size} process(es) gets {loader.num_samples} of the "
-                         f"{len(loader.dataset)} training images left after the held-out split; lower "
-                         f"--batch-size or --holdout-size")
+    if len(loader) < accum_steps:
+        raise ValueError(f"batch_size (--batch-size) is larger than the training data: {loader.batch_size} x "
+                         f"{accum_steps} per process, but each of the {world_size} process(es) gets "
+                         f"{loader.num_samples} of the {len(loader.dataset)} training images left after the "
+                         f"held-out split; lower --batch-size or --holdout-size")
 
 
 def train(config: TrainConfig) -> TrainResult:

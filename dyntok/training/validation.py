@@ -16,6 +16,7 @@ _NON_NEGATIVE = Interval(0.0)
 #: spec checks its ``train:`` fields with these same declarations.
 TRAIN_RANGES: dict[str, Interval] = {
     "epochs": _NON_NEGATIVE,  # 0: save and evaluate the model as built or as init gave it (ToMe)
+    "accum_steps": Interval(1, integer=True),
     "lr": _POSITIVE,
     "min_lr": _NON_NEGATIVE,
     "weight_decay": _NON_NEGATIVE,
