@@ -129,6 +129,19 @@ def test_training_decisions_start_where_the_official_initialisation_starts(image
     assert usage["block_usage"] == pytest.approx(0.5, abs=0.1)
 
 
+def test_target_biases_start_each_policy_at_its_usage_target(images):
+    """policy_bias='target': under the training noise each policy keeps its target share from the first step."""
+    model = tiny_model("adavit", patch_target=0.3, head_target=0.5, block_target=0.8, policy_bias="target").train()
+    torch.manual_seed(0)
+    usage = model.compute_loss(model(images.repeat(8, 1, 1, 1)), torch.zeros(48, dtype=torch.long), criterion).terms
+    patches = 16
+    assert usage["patch_usage"] == pytest.approx((1 + patches * 0.3) / (1 + patches), abs=0.05)
+    assert usage["head_usage"] == pytest.approx(0.5, abs=0.1)
+    assert usage["block_usage"] == pytest.approx(0.8, abs=0.1)
+    with pytest.raises(ValueError, match="policy_bias must be one of zero, target"):
+        tiny_model("adavit", policy_bias="prior")
+
+
 # --------------------------------------------------------------------------------------------- the seams
 def test_attention_on_every_head_is_timms_attention():
     attn = tiny_model("adavit").eval().vit.blocks[1].attn

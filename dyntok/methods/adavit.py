@@ -49,6 +49,9 @@ POLICIES = ("patch", "head", "block")
 ATTENTION_BATCHING = ("pad", "regroup", "per_image")
 #: Published decision thresholds on the sigmoid (training and, by default, inference).
 _DEFAULT_THRESHOLDS = {"patch": 0.6, "head": 0.5, "block": 0.5}
+
+#: How the decision modules' biases may start (see :class:`AdaViT`).
+POLICY_BIASES = ("zero", "target")
 #: Before :meth:`AdaViT.calibrate`, the sweep shifts the published thresholds by these amounts.
 _SWEEP_SHIFTS = (-0.1, -0.03, 0.0, 0.03, 0.1)
 #: After it, the sweep aims every policy at these usages on the held-out split (plus the trained thresholds).
@@ -248,6 +251,10 @@ class AdaViT(SingleViT):
         patch_weight, head_weight, block_weight: weights of the usage losses (published: 2 each; the patch
             loss is squared, the others absolute).
         temperature: Gumbel-sigmoid temperature (published: 5).
+        policy_bias: how the decision modules' biases start: ``"zero"`` (the official initialisation, with
+            which a policy starts near half the heads and sub-blocks and ~12% of the patches, and long training
+            pulls it to its target) or ``"target"`` (each policy starts at its usage target under the training
+            noise: what a short fine-tune needs; docs/methods/adavit.md gives the measurement).
         patch_threshold, head_threshold, block_threshold: decision thresholds on the sigmoid, in [0, 1]
             (published 0.6, 0.5, 0.5); budget knobs, shifted after training to trade accuracy for MACs.
     """
@@ -260,7 +267,7 @@ class AdaViT(SingleViT):
                  block_policy: bool = True, head_gates_mlp: bool = True, first_block_patch_policy: bool = True,
                  patch_target: float = 0.5, head_target: float = 0.5,
                  block_target: float = 0.5, patch_weight: float = 2.0, head_weight: float = 2.0,
-                 block_weight: float = 2.0, temperature: float = 5.0,
+                 block_weight: float = 2.0, temperature: float = 5.0, policy_bias: str = "zero",
                  patch_threshold: float = _DEFAULT_THRESHOLDS["patch"],
                  head_threshold: float = _DEFAULT_THRESHOLDS["head"],
                  block_threshold: float = _DEFAULT_THRESHOLDS["block"]) -> None:
@@ -272,11 +279,13 @@ class AdaViT(SingleViT):
             raise ValueError(f"usage targets are shares in [0, 1], got {targets}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if policy_bias not in POLICY_BIASES:
+            raise ValueError(f"policy_bias must be one of {', '.join(POLICY_BIASES)}, got {policy_bias!r}")
         super().__init__(backbone, patch_policy=patch_policy, head_policy=head_policy, block_policy=block_policy,
                          head_gates_mlp=head_gates_mlp, first_block_patch_policy=first_block_patch_policy,
                          patch_target=patch_target, head_target=head_target, block_target=block_target,
                          patch_weight=patch_weight, head_weight=head_weight, block_weight=block_weight,
-                         temperature=temperature, patch_threshold=patch_threshold, head_threshold=head_threshold,
+                         temperature=temperature, policy_bias=policy_bias, patch_threshold=patch_threshold, head_threshold=head_threshold,
                          block_threshold=block_threshold)
         self.vit = backbone.build()
         self.head_gates_mlp = head_gates_mlp and head_policy
@@ -294,23 +303,25 @@ class AdaViT(SingleViT):
         self.first_block_policy = BlockPolicy(self.vit.embed_dim, self.num_heads, first_block)
         self.policies = nn.ModuleList(BlockPolicy(self.vit.embed_dim, self.num_heads, self.policy_names)
                                       for _ in self.vit.blocks[1:])
-        self._init_policies()
+        self._init_policies(policy_bias)
         #: How predict batches attention (see ATTENTION_BATCHING); changes speed and padding, not results.
         self.attention_batching = "pad"
         #: Per policy, the sorted decision scores seen by :meth:`calibrate` (held-out split).
         self._held_out_scores: dict[str, Tensor] = {}
         self._score_log: dict[str, list[Tensor]] | None = None
 
-    def _init_policies(self) -> None:
-        """The official initialisation: truncated-normal weights (std 0.02) and zero biases.
+    def _init_policies(self, bias: str) -> None:
+        """Truncated-normal weights (std 0.02), as officially, and zero biases or biases at the usage targets.
 
-        Under the training noise a policy then starts by keeping a share ``sigmoid(-T * logit(threshold))``:
-        half the heads and sub-blocks, about 12% of the patches at the patch threshold 0.6.
+        Under the training noise a policy keeps a share ``sigmoid(bias - T * logit(threshold))`` of a zero
+        input: with zero biases half the heads and sub-blocks and about 12% of the patches at the patch
+        threshold 0.6; with ``"target"`` biases, each policy's target.
         """
         for policy in self.block_policies():
-            for layer in policy.modules_by_policy().values():
+            for name, layer in policy.modules_by_policy().items():
                 trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+                start = self.temperature * _logit(self.thresholds[name]) + _logit(self.targets[name])
+                nn.init.constant_(layer.bias, 0.0 if bias == "zero" else max(-10.0, min(10.0, start)))
 
     def block_policies(self) -> list[BlockPolicy]:
         """Each block's decision modules, block 0 first."""
