@@ -82,12 +82,12 @@ def backbone_spec_of(model: nn.Module) -> BackboneSpec:
                          f"{type(model).__name__}")
     arch = _architecture(model)
     with torch.device("meta"):
-        defaults = timm_settings(timm.create_model(arch))
+        defaults = timm_settings(timm.create_model(arch, weight_init="skip"))
     settings = timm_settings(model)
     overrides = {key: value for key, value in settings.items() if not _same_setting(key, value, defaults[key])}
     spec = BackboneSpec(arch, overrides)
     with torch.device("meta"):
-        rebuilt = timm.create_model(arch, **overrides)
+        rebuilt = timm.create_model(arch, weight_init="skip", **overrides)
     differences = structure_differences(model, rebuilt)
     if differences:
         raise ValueError(f"dyntok.adapt rebuilds backbones from timm's VisionTransformer settings, and {arch} with "
@@ -150,7 +150,7 @@ def _architecture(model: VisionTransformer) -> str:
     arch = config.get("architecture")
     if arch and timm.is_model(arch):
         with torch.device("meta"):
-            if type(timm.create_model(arch)) is type(model):
+            if type(timm.create_model(arch, weight_init="skip")) is type(model):
                 return arch
     return _PLAIN_ARCH
 

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "labels": ".labels",
     "show": ".show",
     "pretrain": ".pretrain",
+    "convert": ".convert",
 }
 
 

@@ -1,0 +1,156 @@
+"""The officially released models, written out from their state dicts for checking the converters.
+
+Each function follows the official repository's model definition and evaluation path, one image at a time,
+on a state dict with the official key names; nothing here calls timm or dyntok. The state dicts are made with
+the official structure (keys and shapes) and random values.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: DeiT's LayerNorm (``partial(nn.LayerNorm, eps=1e-6)``) and the predictors' plain ``nn.LayerNorm``.
+DEIT_EPS, PREDICTOR_EPS = 1e-6, 1e-5
+
+
+def random_deit(embed_dim: int = 32, depth: int = 12, num_classes: int = 5, img_size: int = 224,
+                patch_size: int = 16, mlp_ratio: int = 4, seed: int = 0) -> dict[str, Tensor]:
+    """A DeiT state dict with the official (and timm's) key names, random values."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.2) -> Tensor:
+        return scale * torch.randn(shape, generator=generator)
+
+    dim, hidden, tokens = embed_dim, embed_dim * mlp_ratio, (img_size // patch_size) ** 2 + 1
+    state = {"cls_token": rand(1, 1, dim), "pos_embed": rand(1, tokens, dim),
+             "patch_embed.proj.weight": rand(dim, 3, patch_size, patch_size, scale=0.05),
+             "patch_embed.proj.bias": rand(dim), "norm.weight": 1 + rand(dim), "norm.bias": rand(dim),
+             "head.weight": rand(num_classes, dim), "head.bias": rand(num_classes)}
+    for i in range(depth):
+        prefix = f"blocks.{i}."
+        state.update({prefix + "norm1.weight": 1 + rand(dim), prefix + "norm1.bias": rand(dim),
+                      prefix + "attn.qkv.weight": rand(3 * dim, dim), prefix + "attn.qkv.bias": rand(3 * dim),
+                      prefix + "attn.proj.weight": rand(dim, dim), prefix + "attn.proj.bias": rand(dim),
+                      prefix + "norm2.weight": 1 + rand(dim), prefix + "norm2.bias": rand(dim),
+                      prefix + "mlp.fc1.weight": rand(hidden, dim), prefix + "mlp.fc1.bias": rand(hidden),
+                      prefix + "mlp.fc2.weight": rand(dim, hidden), prefix + "mlp.fc2.bias": rand(dim)})
+    return state
+
+
+def add_dynamicvit_predictors(state: dict[str, Tensor], stages: int = 3, seed: int = 1) -> dict[str, Tensor]:
+    """DynamicViT's ``score_predictor.{s}`` (``PredictorLG``): in_conv LN, Linear; out_conv Linears 0, 2, 4."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = state["cls_token"].shape[-1]
+    shapes = {"in_conv.0.weight": (dim,), "in_conv.0.bias": (dim,), "in_conv.1.weight": (dim, dim),
+              "in_conv.1.bias": (dim,), "out_conv.0.weight": (dim // 2, dim), "out_conv.0.bias": (dim // 2,),
+              "out_conv.2.weight": (dim // 4, dim // 2), "out_conv.2.bias": (dim // 4,),
+              "out_conv.4.weight": (2, dim // 4), "out_conv.4.bias": (2,)}
+    for stage in range(stages):
+        for name, shape in shapes.items():
+            value = 0.3 * torch.randn(shape, generator=generator)
+            state[f"score_predictor.{stage}.{name}"] = 1 + value if name == "in_conv.0.weight" else value
+    return state
+
+
+# --------------------------------------------------------------------------------------------- DeiT pieces
+def embed(state: dict[str, Tensor], image: Tensor) -> Tensor:
+    """(3, H, W) -> (1 + N, C): class token, then the patches row by row, plus position embeddings."""
+    weight = state["patch_embed.proj.weight"]
+    patches = F.conv2d(image[None], weight, state["patch_embed.proj.bias"], stride=weight.shape[-1])
+    patches = patches.flatten(2)[0].T
+    return torch.cat([state["cls_token"][0], patches]) + state["pos_embed"][0]
+
+
+def attention(state: dict[str, Tensor], index: int, x: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """Block ``index``'s attention branch on (N, C) and its attention map (heads, N, N)."""
+    prefix, (tokens, dim) = f"blocks.{index}.", x.shape
+    h = F.layer_norm(x, (dim,), state[prefix + "norm1.weight"], state[prefix + "norm1.bias"], DEIT_EPS)
+    qkv = F.linear(h, state[prefix + "attn.qkv.weight"], state[prefix + "attn.qkv.bias"])
+    q, k, v = qkv.view(tokens, 3, heads, dim // heads).permute(1, 2, 0, 3)
+    weights = ((q @ k.transpose(-1, -2)) * (dim // heads) ** -0.5).softmax(dim=-1)
+    out = (weights @ v).transpose(0, 1).reshape(tokens, dim)
+    return F.linear(out, state[prefix + "attn.proj.weight"], state[prefix + "attn.proj.bias"]), weights
+
+
+def mlp(state: dict[str, Tensor], index: int, x: Tensor) -> Tensor:
+    prefix, dim = f"blocks.{index}.", x.shape[-1]
+    h = F.layer_norm(x, (dim,), state[prefix + "norm2.weight"], state[prefix + "norm2.bias"], DEIT_EPS)
+    h = F.gelu(F.linear(h, state[prefix + "mlp.fc1.weight"], state[prefix + "mlp.fc1.bias"]))
+    return F.linear(h, state[prefix + "mlp.fc2.weight"], state[prefix + "mlp.fc2.bias"])
+
+
+def head(state: dict[str, Tensor], x: Tensor) -> Tensor:
+    dim = x.shape[-1]
+    cls = F.layer_norm(x[0], (dim,), state["norm.weight"], state["norm.bias"], DEIT_EPS)
+    return F.linear(cls, state["head.weight"], state["head.bias"])
+
+
+def depth_of(state: dict[str, Tensor]) -> int:
+    return 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
+
+
+# --------------------------------------------------------------------------------------------- DynamicViT
+def dynamicvit_logits(state: dict[str, Tensor], images: Tensor, keep_ratio: float, heads: int,
+                      locations=(3, 6, 9)) -> Tensor:
+    """``VisionTransformerDiffPruning.forward`` in eval mode (raoyongming/DynamicViT), image by image."""
+    return torch.stack([_dynamicvit_one(state, image, keep_ratio, heads, locations) for image in images])
+
+
+def _dynamicvit_one(state, image, keep_ratio, heads, locations) -> Tensor:
+    x = embed(state, image)
+    initial = len(x) - 1
+    ratios = [keep_ratio, keep_ratio ** 2, keep_ratio ** 3]
+    for index in range(depth_of(state)):
+        if index in locations:
+            stage = locations.index(index)
+            scores = _predictor(state, stage, x[1:])[:, 0]
+            keep = int(initial * ratios[stage])
+            order = torch.argsort(scores, descending=True)[:keep]
+            x = torch.cat([x[:1], x[1:][order]])
+        x = x + attention(state, index, x, heads)[0]
+        x = x + mlp(state, index, x)
+    return head(state, x)
+
+
+def _predictor(state: dict[str, Tensor], stage: int, patches: Tensor) -> Tensor:
+    """``PredictorLG`` with every token still present kept (its policy is all ones in eval)."""
+    prefix, dim = f"score_predictor.{stage}.", patches.shape[-1]
+    x = F.layer_norm(patches, (dim,), state[prefix + "in_conv.0.weight"], state[prefix + "in_conv.0.bias"],
+                     PREDICTOR_EPS)
+    x = F.gelu(F.linear(x, state[prefix + "in_conv.1.weight"], state[prefix + "in_conv.1.bias"]))
+    local, pooled = x[:, :dim // 2], x[:, dim // 2:].mean(dim=0, keepdim=True)
+    x = torch.cat([local, pooled.expand(len(x), -1)], dim=-1)
+    for layer in (0, 2, 4):
+        x = F.linear(x, state[f"{prefix}out_conv.{layer}.weight"], state[f"{prefix}out_conv.{layer}.bias"])
+        x = F.gelu(x) if layer < 4 else x
+    return x.log_softmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------- EViT
+def evit_logits(state: dict[str, Tensor], images: Tensor, keep_rate: float, fuse: bool, heads: int,
+                locations=(3, 6, 9)) -> Tensor:
+    """``EViT.forward`` at inference (youweiliang/evit ``evit.py``), image by image."""
+    return torch.stack([_evit_one(state, image, keep_rate, fuse, heads, locations) for image in images])
+
+
+def _evit_one(state, image, keep_rate, fuse, heads, locations) -> Tensor:
+    x = embed(state, image)
+    for index in range(depth_of(state)):
+        branch, weights = attention(state, index, x, heads)
+        x = x + branch
+        patches = len(x) - 1
+        left = math.ceil(keep_rate * patches)
+        if index in locations and keep_rate < 1 and left < patches:
+            cls_attention = weights[:, 0, 1:].mean(dim=0)
+            top = torch.topk(cls_attention, left, largest=True, sorted=True).indices
+            rest = torch.ones(patches, dtype=torch.bool)
+            rest[top] = False
+            kept = [x[:1], x[1:][top]]
+            if fuse:
+                kept.append((x[1:][rest] * cls_attention[rest, None]).sum(dim=0, keepdim=True))
+            x = torch.cat(kept)
+        x = x + mlp(state, index, x)
+    return head(state, x)

@@ -1,0 +1,143 @@
+"""Converting officially released checkpoints: the converted model computes what the official model does.
+
+The official files cannot be downloaded here, so each test writes a file with the official structure (key
+names, shapes, where the weights sit in the checkpoint) and random values, converts it, and compares the
+dyntok model's logits with the official forward written out in ``official_reference``.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+
+import pytest
+import torch
+
+import dyntok
+from dyntok.cli import main as cli_main
+from dyntok.convert import ConversionError, convert
+from dyntok.methods.evit import EViT
+
+from . import official_reference as official
+
+HEADS = 2
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+
+
+def _save(tmp_path, content, name="official.pth"):
+    path = tmp_path / name
+    torch.save(content, path)
+    return path
+
+
+def _converted(tmp_path, source, content, **options):
+    out = tmp_path / f"{source}.safetensors"
+    convert(source, _save(tmp_path, content), out, num_heads=HEADS, **options)
+    return dyntok.load_model(out).eval()
+
+
+# --------------------------------------------------------------------------------------------- DynamicViT
+@pytest.mark.parametrize("keep_ratio", [0.7, 0.5])
+def test_dynamicvit_matches_the_official_forward(tmp_path, images, keep_ratio):
+    state = official.add_dynamicvit_predictors(official.random_deit())
+    model = _converted(tmp_path, "dynamicvit", {"model": state, "epoch": 29}, keep_ratio=keep_ratio)
+    assert model.get_budget() == {"keep_ratio": keep_ratio}
+    assert model.prune_locations == (3, 6, 9)
+    expected = official.dynamicvit_logits(state, images, keep_ratio, HEADS)
+    torch.testing.assert_close(model.predict(images).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamicvit_keep_ratio_comes_from_the_saved_training_arguments(tmp_path):
+    state = official.add_dynamicvit_predictors(official.random_deit())
+    model = _converted(tmp_path, "dynamicvit", {"model": state, "args": argparse.Namespace(base_rate=0.8)})
+    assert model.get_budget() == {"keep_ratio": 0.8}
+
+
+def test_converted_deit_small_needs_no_backbone_overrides(tmp_path):
+    """At DeiT-S's shape the checkpoint names timm's deit_small_patch16_224 and nothing else."""
+    state = official.add_dynamicvit_predictors(official.random_deit(embed_dim=384, depth=12, num_classes=1000))
+    out = tmp_path / "deit_s.safetensors"
+    model = convert("dynamicvit", _save(tmp_path, {"model": state}), out)
+    assert model.config["backbone"] == {"name": "deit_small_patch16_224", "overrides": {}}
+
+
+# --------------------------------------------------------------------------------------------- EViT
+def _evit_has_unfused_option() -> bool:
+    return "fuse_inattentive" in inspect.signature(EViT.__init__).parameters
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "not_fused"])
+@pytest.mark.parametrize("keep_rate", [0.7, 0.5])
+def test_evit_matches_the_official_forward(tmp_path, images, keep_rate, fuse):
+    if not fuse and not _evit_has_unfused_option():
+        pytest.skip("dyntok's EViT has no fuse_inattentive option on this branch yet")
+    state = official.random_deit()
+    model = _converted(tmp_path, "evit", {"model": state}, keep_rate=keep_rate, fuse=fuse)
+    expected = official.evit_logits(state, images, keep_rate, fuse, HEADS)
+    torch.testing.assert_close(model.predict(images).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_evit_budget_comes_from_the_saved_training_arguments(tmp_path):
+    args = argparse.Namespace(base_keep_rate=0.6, fuse_token=True, drop_loc="(2, 5, 8)")
+    model = _converted(tmp_path, "evit", {"model": official.random_deit(), "args": args})
+    assert model.get_budget() == {"keep_rate": 0.6}
+    assert model.prune_locations == (2, 5, 8)
+
+
+# --------------------------------------------------------------------------------------------- refusals
+def test_a_file_of_another_method_is_refused_naming_the_keys(tmp_path):
+    dynamicvit_file = {"model": official.add_dynamicvit_predictors(official.random_deit(depth=12))}
+    with pytest.raises(ConversionError, match=r"keys that do not map: score_predictor\.0\."):
+        convert("evit", _save(tmp_path, dynamicvit_file), tmp_path / "out.safetensors", num_heads=HEADS)
+    with pytest.raises(ConversionError, match=r"left without a value: predictors\.0\."):
+        convert("dynamicvit", _save(tmp_path, {"model": official.random_deit()}), tmp_path / "out.safetensors",
+                num_heads=HEADS)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_file_without_vit_weights_is_refused(tmp_path):
+    with pytest.raises(ConversionError, match="pos_embed"):
+        convert("evit", _save(tmp_path, {"model": {"fc.weight": torch.zeros(2, 2)}}), tmp_path / "out.safetensors")
+    with pytest.raises(ConversionError, match="none of the entries"):
+        convert("evit", _save(tmp_path, {"optimizer": {"lr": 1.0}}), tmp_path / "out.safetensors")
+
+
+def test_a_truncated_file_is_refused(tmp_path):
+    path = _save(tmp_path, {"model": official.random_deit(depth=2)})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConversionError, match="truncated"):
+        convert("evit", path, tmp_path / "out.safetensors")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return os.system, ("echo this must never run",)
+
+
+def test_a_pickle_with_code_is_refused_without_running_it(tmp_path, capfd):
+    path = _save(tmp_path, {"model": official.random_deit(depth=2), "extra": _RunsCode()})
+    with pytest.raises(ConversionError, match="refusing to load .*posix.system|refusing to load .*nt.system"):
+        convert("evit", path, tmp_path / "out.safetensors")
+    assert "must never run" not in capfd.readouterr().out
+
+
+def test_an_unknown_source_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="converts: dynamicvit, evit"):
+        convert("t2t", tmp_path / "x.pth", tmp_path / "out.safetensors")
+
+
+# --------------------------------------------------------------------------------------------- command line
+def test_command_line_converts_and_reports_refusals_in_one_line(tmp_path, capsys):
+    path = _save(tmp_path, {"model": official.random_deit(depth=4)})
+    out = tmp_path / "evit.safetensors"
+    assert cli_main(["convert", "--from", "evit", str(path), str(out), "--option", "keep_rate=0.5",
+                     "--option", "prune_locations=[1,2,3]", "--option", f"num_heads={HEADS}"]) == 0
+    assert dyntok.load_model(out).get_budget() == {"keep_rate": 0.5}
+    path.write_bytes(path.read_bytes()[:100])
+    assert cli_main(["convert", "--from", "evit", str(path), str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dyntok convert: error:") and "truncated" in error and "\n" not in error
