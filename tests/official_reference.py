@@ -154,3 +154,115 @@ def _evit_one(state, image, keep_rate, fuse, heads, locations) -> Tensor:
             x = torch.cat(kept)
         x = x + mlp(state, index, x)
     return head(state, x)
+
+
+# --------------------------------------------------------------------------------------------- DVT
+#: ``DVT_Deit_small``'s stages, coarse to fine, and their patch kernels (the middle one with padding 3).
+DVT_STAGES = (("less_less_token", 32), ("less_token", 23), ("normal_token", 16))
+
+
+def random_dvt(embed_dim: int = 32, depth: int = 3, heads: int = 2, num_classes: int = 5, reuse_hidden: int = 128,
+               reuse_dim: int = 48, seed: int = 0) -> dict[str, Tensor]:
+    """A ``DVT_Deit_small`` state dict (official key names, 224px geometry), random values."""
+    generator = torch.Generator().manual_seed(seed + 100)
+    state = {}
+    for index, (stage, kernel) in enumerate(DVT_STAGES):
+        deit = random_deit(embed_dim, depth, num_classes, img_size=224, patch_size=16, seed=seed + index)
+        grid = 10 if kernel == 23 else 224 // kernel
+        deit["patch_embed.proj.weight"] = 0.05 * torch.randn(embed_dim, 3, kernel, kernel, generator=generator)
+        deit["pos_embed"] = 0.2 * torch.randn(1, grid * grid + 1, embed_dim, generator=generator)
+        if index > 0:
+            _add_dvt_reuse(deit, embed_dim, depth, heads, reuse_hidden, reuse_dim, generator)
+        state.update({f"{stage}.{key}": value for key, value in deit.items()})
+    return state
+
+
+def _add_dvt_reuse(deit, dim, depth, heads, hidden, out, generator) -> None:
+    def rand(*shape):
+        return 0.2 * torch.randn(shape, generator=generator)
+
+    for i in range(depth):
+        prefix = f"blocks.{i}."
+        deit[prefix + "norm2.weight"], deit[prefix + "norm2.bias"] = 1 + rand(dim + out), rand(dim + out)
+        deit[prefix + "mlp.fc1.weight"] = rand(dim * 4, dim + out)
+        deit.update({prefix + "feature_resuse_mlp.0.weight": 1 + rand(dim),
+                     prefix + "feature_resuse_mlp.0.bias": rand(dim),
+                     prefix + "feature_resuse_mlp.1.fc1.weight": rand(hidden, dim),
+                     prefix + "feature_resuse_mlp.1.fc1.bias": rand(hidden),
+                     prefix + "feature_resuse_mlp.1.fc2.weight": rand(out, hidden),
+                     prefix + "feature_resuse_mlp.1.fc2.bias": rand(out)})
+    maps = heads * depth
+    deit.update({"relation_reuse_conv.0.weight": rand(3 * maps, maps, 1, 1),
+                 "relation_reuse_conv.0.bias": rand(3 * maps),
+                 "relation_reuse_conv.2.weight": rand(maps, 3 * maps, 1, 1), "relation_reuse_conv.2.bias": rand(maps)})
+
+
+def dvt_logits(state: dict[str, Tensor], images: Tensor, heads: int) -> list[Tensor]:
+    """``DVT_Deit_small_model.forward`` (every stage, every image) from the official ``vision_transformer.py``."""
+    exits, features, relations = [], None, None
+    for stage, _ in DVT_STAGES:
+        weights = {key[len(stage) + 1:]: value for key, value in state.items() if key.startswith(stage + ".")}
+        logits, features, relations = _dvt_stage(weights, images, heads, features, relations)
+        exits.append(logits)
+    return exits
+
+
+def _dvt_resample(maps: Tensor, grid: int) -> Tensor:
+    """The official upsampling: nearest to 14 x 14 (for the 10 x 10 stage) or 20 x 20, then average pooling."""
+    upsampled = F.interpolate(maps, size=(14, 14) if grid == 10 else (20, 20), mode="nearest")
+    return F.adaptive_avg_pool2d(upsampled, (grid, grid))
+
+
+def _dvt_stage(w, images, heads, features, relations):
+    kernel = w["patch_embed.proj.weight"].shape[-1]
+    x = F.conv2d(images, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=kernel,
+                 padding=3 if kernel == 23 else 0).flatten(2).transpose(1, 2)
+    batch, dim = len(images), x.shape[-1]
+    x = torch.cat([w["cls_token"].expand(batch, -1, -1), x], dim=1) + w["pos_embed"]
+    depth, new_hw = depth_of(w), x.shape[1] - 1
+    grid = math.isqrt(new_hw)
+    biases = [None] * depth
+    if relations is not None:
+        biases = _dvt_relation_biases(w, torch.cat(relations, 1), batch, new_hw, grid).chunk(depth, 1)
+    exported = []
+    for i in range(depth):
+        p = f"blocks.{i}."
+        h = F.layer_norm(x, (dim,), w[p + "norm1.weight"], w[p + "norm1.bias"], DEIT_EPS)
+        q, k, v = F.linear(h, w[p + "attn.qkv.weight"], w[p + "attn.qkv.bias"]).reshape(
+            batch, -1, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5
+        if biases[i] is not None:
+            attn = attn + biases[i]
+        exported.append(attn)
+        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, dim)
+        x = x + F.linear(out, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
+        mlp_in = x
+        if features is not None:
+            f = F.layer_norm(features, (dim,), w[p + "feature_resuse_mlp.0.weight"], w[p + "feature_resuse_mlp.0.bias"],
+                             DEIT_EPS)
+            f = F.gelu(F.linear(f, w[p + "feature_resuse_mlp.1.fc1.weight"], w[p + "feature_resuse_mlp.1.fc1.bias"]))
+            f = F.linear(f, w[p + "feature_resuse_mlp.1.fc2.weight"], w[p + "feature_resuse_mlp.1.fc2.bias"])[:, 1:]
+            channels, side = f.shape[-1], math.isqrt(f.shape[1])
+            f = _dvt_resample(f.transpose(1, 2).reshape(batch, channels, side, side), grid)
+            f = f.view(batch, channels, new_hw).transpose(1, 2)
+            mlp_in = torch.cat([x, torch.cat([torch.zeros(batch, 1, channels), f], dim=1)], dim=2)
+        width = mlp_in.shape[-1]
+        h = F.layer_norm(mlp_in, (width,), w[p + "norm2.weight"], w[p + "norm2.bias"], DEIT_EPS)
+        h = F.gelu(F.linear(h, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"]))
+        x = x + F.linear(h, w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
+    cls = F.layer_norm(x[:, 0], (dim,), w["norm.weight"], w["norm.bias"], DEIT_EPS)
+    return F.linear(cls, w["head.weight"], w["head.bias"]), x, exported
+
+
+def _dvt_relation_biases(w, relations, batch, new_hw, grid):
+    """The official ``forward_features`` prologue: the relation MLP, then keys, then queries resampled."""
+    hidden = F.gelu(F.conv2d(relations, w["relation_reuse_conv.0.weight"], w["relation_reuse_conv.0.bias"]))
+    relations = F.conv2d(hidden, w["relation_reuse_conv.2.weight"], w["relation_reuse_conv.2.bias"])
+    patch_keys = relations[:, :, :, 1:]
+    _, _, n, hw = patch_keys.shape
+    side = math.isqrt(hw)
+    resampled = _dvt_resample(patch_keys.reshape(-1, n, side, side), grid).reshape(-1, n, new_hw)
+    rows = torch.cat([relations[:, :, :, 0].reshape(-1, n, 1), resampled], dim=2).transpose(1, 2)
+    cls_column, patch_queries = rows[:, :, 0:1], rows[:, :, 1:].reshape(-1, new_hw + 1, side, side)
+    resampled = _dvt_resample(patch_queries, grid).reshape(-1, new_hw + 1, new_hw)
+    return torch.cat([cls_column, resampled], dim=2).transpose(1, 2).reshape(batch, -1, new_hw + 1, new_hw + 1)

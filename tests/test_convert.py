@@ -88,6 +88,43 @@ def test_evit_budget_comes_from_the_saved_training_arguments(tmp_path):
     assert model.prune_locations == (2, 5, 8)
 
 
+# --------------------------------------------------------------------------------------------- DVT
+def _dvt_file(point_thresholds=(0.6, 0.4, -1e8)):
+    table = torch.zeros(59, 3)
+    table[9] = torch.tensor(point_thresholds)
+    return {"model_state_dict": official.random_dvt(heads=HEADS), "flops": [0.6, 1.9, 4.6],
+            "dynamic_threshold": table}
+
+
+def test_dvt_matches_the_official_forward_at_every_exit(tmp_path, images):
+    content = _dvt_file()
+    model = _converted(tmp_path, "dvt", content)
+    assert model.grids == [7, 10, 14]
+    expected = official.dvt_logits(content["model_state_dict"], images, HEADS)
+    for ours, theirs in zip(model.predict_all_exits(images), expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_dvt_exits_where_the_official_thresholds_send_each_image(tmp_path, images):
+    exits = official.dvt_logits(official.random_dvt(heads=HEADS), images, HEADS)
+    confidence = torch.stack([logits.softmax(-1).amax(-1) for logits in exits])
+    # thresholds between this batch's confidences, so that images leave at different stages
+    first, second = confidence[0].median().item(), confidence[1].median().item()
+    model = _converted(tmp_path, "dvt", _dvt_file((first, second, -1e8)))
+    assert model.get_budget() == {"thresholds": [first, second]}
+    leaves = [next(k for k in range(3) if k == 2 or confidence[k, i] >= (first, second)[k]) for i in range(len(images))]
+    prediction = model.predict(images)
+    assert prediction.extras["exit_stage"].tolist() == leaves
+    torch.testing.assert_close(prediction.logits, torch.stack([exits[k][i] for i, k in enumerate(leaves)]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_t2t_vit_dvt_is_refused_with_the_reason(tmp_path):
+    content = {"model_state_dict": {"less_less_token.tokens_to_token.project.weight": torch.zeros(4, 4)}}
+    with pytest.raises(ConversionError, match="T2T-ViT.*Tokens-to-Token"):
+        convert("dvt", _save(tmp_path, content), tmp_path / "out.safetensors")
+
+
 # --------------------------------------------------------------------------------------------- refusals
 def test_a_file_of_another_method_is_refused_naming_the_keys(tmp_path):
     dynamicvit_file = {"model": official.add_dynamicvit_predictors(official.random_deit(depth=12))}
@@ -126,7 +163,7 @@ def test_a_pickle_with_code_is_refused_without_running_it(tmp_path, capfd):
 
 
 def test_an_unknown_source_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="converts: dynamicvit, evit"):
+    with pytest.raises(ValueError, match="converts: dynamicvit, evit, dvt"):
         convert("t2t", tmp_path / "x.pth", tmp_path / "out.safetensors")
 
 

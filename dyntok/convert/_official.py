@@ -40,6 +40,8 @@ class Official:
     weights: dict[str, Tensor]
     weights_key: str | None
     args: dict[str, Any] = field(default_factory=dict)
+    #: The file's other top-level entries (official evaluation results, thresholds...).
+    entries: dict[str, Any] = field(default_factory=dict)
 
 
 def read_checkpoint(path: str | Path, weight_keys: Iterable[str]) -> Official:
@@ -69,7 +71,7 @@ def pick_weights(path: Path, content: Any, weight_keys: tuple[str, ...]) -> Offi
     args = vars(args) if isinstance(args, argparse.Namespace) else {}
     for key in weight_keys:
         if isinstance(content.get(key), dict):
-            return Official(path, _tensors(path, content[key]), key, args)
+            return Official(path, _tensors(path, content[key]), key, args, content)
     if content and all(isinstance(value, Tensor) for value in content.values()):
         return Official(path, _tensors(path, content), None, args)
     raise ConversionError(f"{path} has none of the entries {list(weight_keys)} where the official code keeps its "
@@ -83,18 +85,19 @@ def _tensors(path: Path, state: dict[str, Any]) -> dict[str, Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def timm_vit_backbone(official: Official, num_heads: int | None = None) -> tuple[str, dict[str, Any]]:
-    """The timm DeiT that holds weights of these shapes (timm's key names), as (name, overrides).
+def timm_vit_backbone(official: Official, num_heads: int | None = None,
+                      prefix: str = "") -> tuple[str, dict[str, Any]]:
+    """The timm DeiT that holds weights of these shapes (timm's key names after ``prefix``), as (name, overrides).
 
     DeiT-Ti/S/B by width; heads of 64 channels as in every DeiT unless ``num_heads`` says otherwise (the
     weights do not show how the attention is split).
     """
-    weights = official.weights
+    weights = {key[len(prefix):]: value for key, value in official.weights.items() if key.startswith(prefix)}
     required = ("pos_embed", "patch_embed.proj.weight", "head.weight", "blocks.0.mlp.fc1.weight")
     absent = [key for key in required if key not in weights]
     if absent:
-        raise ConversionError(f"{official.path} has no {', '.join(absent)}: not a ViT checkpoint with timm's "
-                              f"key names (found {sorted(weights)[:5]} ...)")
+        raise ConversionError(f"{official.path} has no {', '.join(prefix + key for key in absent)}: not a ViT "
+                              f"checkpoint with timm's key names (found {sorted(official.weights)[:5]} ...)")
     embed_dim, patch = weights["patch_embed.proj.weight"].shape[0], weights["patch_embed.proj.weight"].shape[-1]
     num_patches = weights["pos_embed"].shape[1] - 1
     depth = 1 + max(int(key.split(".")[1]) for key in weights if key.startswith("blocks."))
