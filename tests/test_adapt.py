@@ -156,6 +156,26 @@ def test_a_saved_adapted_dense_model_starts_training_with_init(tmp_path):
     torch.testing.assert_close(student.eval().predict(images).logits, vit(images), rtol=1e-5, atol=1e-5)
 
 
+def test_train_takes_the_backbone_from_a_saved_adapted_model(image_folder, tmp_path):
+    """``dyntok train --init mine.safetensors --method tome`` trains on the ViT the file holds, no --model needed."""
+    from dyntok.cli import build_parser
+    from dyntok.cli.train import config_from_args
+    from dyntok.training import train
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    path = dyntok.save_model(dyntok.adapt(vit, "dense"), tmp_path / "mine.safetensors")
+    args = build_parser().parse_args(["train", "--init", str(path), "--method", "tome", "--dataset", str(image_folder),
+                                      "--epochs", "0", "--batch-size", "8", "--holdout-size", "0",
+                                      "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    config = config_from_args(args)
+    assert config.model == "tome_vit_base_patch16_224"
+    assert config.model_kwargs == {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    trained = dyntok.load_model(train(config).model_path)
+    images = torch.randn(2, 3, 16, 16)
+    trained.set_budget(r=0)
+    torch.testing.assert_close(trained.eval().predict(images).logits, vit.eval()(images), rtol=1e-5, atol=1e-5)
+
+
 def test_methods_that_need_a_class_token_name_it():
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, class_token=False,
