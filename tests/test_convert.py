@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dyntok
+from dyntok.checkpoint import load_meta
 from dyntok.cli import main as cli_main
 from dyntok.convert import ConversionError, convert
 from dyntok.methods.evit import EViT
@@ -100,6 +101,9 @@ def test_dvt_matches_the_official_forward_at_every_exit(tmp_path, images):
     content = _dvt_file()
     model = _converted(tmp_path, "dvt", content)
     assert model.grids == [7, 10, 14]
+    meta = load_meta(tmp_path / "dvt.safetensors")
+    assert meta["converted_from"]["reported"]["flops"] == [0.6, 1.9, 4.6]
+    assert meta["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     expected = official.dvt_logits(content["model_state_dict"], images, HEADS)
     for ours, theirs in zip(model.predict_all_exits(images), expected, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
     # The held-out split only matters for calibration, which must use the model's own.
     split = (calibration_split(args.checkpoint, args.holdout_size) if args.calibrate_gmacs is not None
              else {"holdout_size": 0})
-    loaders = build_loaders(data_config(args, image_size=image_size, **split))
+    # A converted official checkpoint records the normalisation its own evaluation used (ImageNet's).
+    preprocessing = load_meta(args.checkpoint).get("preprocessing", {})
+    normalisation = {key: preprocessing[key] for key in ("mean", "std") if key in preprocessing}
+    loaders = build_loaders(data_config(args, image_size=image_size, **normalisation, **split))
     if loaders["num_classes"] != model.num_classes:
         raise ValueError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
                          f"{loaders['num_classes']}: evaluate it on the dataset it was trained for")

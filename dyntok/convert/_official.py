@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from ..adapt import backbone_spec_of
@@ -25,7 +26,13 @@ from ..methods import AdaptiveViT
 from ..methods.registry import get_method
 from ..models.vit import BackboneSpec
 
-__all__ = ["ConversionError", "Official", "read_checkpoint", "pick_weights", "timm_vit_backbone", "write_converted"]
+__all__ = ["ConversionError", "DEIT_PREPROCESSING", "Official", "read_checkpoint", "pick_weights", "timm_vit_backbone", "write_converted"]
+
+
+#: How every official evaluation here prepares ImageNet images (DeiT's: resize to 256 bicubic, centre crop 224,
+#: ImageNet statistics). Written into converted checkpoints; ``dyntok eval`` normalises with it.
+DEIT_PREPROCESSING = {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD), "crop_pct": 0.875,
+                      "interpolation": "bicubic"}
 
 
 class ConversionError(ValueError):
@@ -113,16 +120,18 @@ def timm_vit_backbone(official: Official, num_heads: int | None = None,
 
 def write_converted(official: Official, out: str | Path, method: str, backbone: tuple[str, dict[str, Any]],
                     options: dict[str, Any], budget: dict[str, Any],
-                    dyntok_name: Callable[[str], str | None], source: str) -> AdaptiveViT:
+                    dyntok_name: Callable[[str], str | None], source: str,
+                    reported: dict[str, Any] | None = None) -> AdaptiveViT:
     """Build ``method`` on ``backbone`` with ``options``, load the renamed official weights, set ``budget``
-    and save the model to ``out``. ``dyntok_name`` maps an official key to dyntok's (None: not mapped)."""
+    and save the model to ``out``. ``dyntok_name`` maps an official key to dyntok's (None: not mapped);
+    ``reported``: results the official file records about itself, kept in the checkpoint's metadata."""
     model = get_method(method)(BackboneSpec(*backbone), **options)
     renamed = _renamed_weights(official, model.state_dict(), dyntok_name, source)
     model.load_state_dict(renamed)
     model.set_budget(**budget)
-    save_model(model, out, extra={"converted_from": {
-        "source": source, "file": official.path.name, "sha256": file_sha256(official.path),
-        "weights_key": official.weights_key}})
+    origin = {"source": source, "file": official.path.name, "sha256": file_sha256(official.path),
+              "weights_key": official.weights_key, **({"reported": reported} if reported else {})}
+    save_model(model, out, extra={"converted_from": origin, "preprocessing": DEIT_PREPROCESSING})
     return model.eval()
 
 

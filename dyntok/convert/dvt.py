@@ -61,7 +61,7 @@ def convert(path: str | Path, out: str | Path, point: int = PAPER_POINT, num_hea
                "padded_patches": True, "reuse_resampling": "nearest-avgpool", "reuse_class_fill": "zeros"}
     backbone = timm_vit_backbone(official, num_heads, prefix=f"{STAGES[-1]}.")
     return write_converted(official, out, "dvt", backbone, options, {"thresholds": _thresholds(official, point)},
-                           dyntok_name, SOURCE)
+                           dyntok_name, SOURCE, _reported_results(official))
 
 
 def dyntok_name(key: str) -> str | None:
@@ -84,6 +84,19 @@ def _grid(official: Official, stage: str) -> int:
         raise ConversionError(f"{official.path} has no {stage}.pos_embed: not a DVT DeiT checkpoint "
                               f"(found {sorted(official.weights)[:5]} ...)")
     return math.isqrt(pos_embed.shape[1] - 1)
+
+
+def _reported_results(official: Official) -> dict[str, list]:
+    """What the file says about itself: GFLOPs and top-1 of each exit, and the budgeted accuracy curve."""
+    names = ("flops", "anytime_classification", "budgeted_batch_classification")
+    return {name: _plain(official.entries[name]) for name in names if name in official.entries}
+
+
+def _plain(value):
+    """Tensors and numbers in nested lists as JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return [_plain(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 def _thresholds(official: Official, point: int) -> list[float]:
