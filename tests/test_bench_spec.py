@@ -81,8 +81,27 @@ def test_pretrained_entries_train_nothing_unless_from_scratch():
     assert with_references_from_scratch(spec).entry("dynamicvit") == spec.entry("dynamicvit")
 
 
+def test_a_shipped_method_from_scratch_follows_its_recipe_from_the_retrained_reference():
+    from dyntok.bench.plan import train_config
+    from dyntok.bench.spec import with_references_from_scratch
+    from dyntok.pretrained import RECIPES
+
+    values = minimal_spec()
+    values["entries"][0]["pretrained"] = True
+    values["entries"][1] = {"name": "dynamicvit", "model": "dynamicvit_{backbone}", "pretrained": True}
+    spec = parse_spec(values)
+    assert train_config(spec, spec.entry("dynamicvit")).epochs == 0
+    scratch = with_references_from_scratch(spec).entry("dynamicvit")
+    recipe = RECIPES["dynamicvit_vit_cifar_micro"]
+    assert scratch.init == "dense" and scratch.model_kwargs == recipe.model_kwargs
+    assert train_config(spec, scratch).epochs == recipe.epochs and train_config(spec, scratch).lr == recipe.lr
+    values["entries"][0]["model"] = "vit_cifar_nano"
+    with pytest.raises(SpecError, match="no earlier entry trains it"):
+        with_references_from_scratch(parse_spec(values))
+
+
 @pytest.mark.parametrize("entry, message", [
-    ({"name": "x", "model": "vit_cifar_small", "pretrained": True}, "only a bare preset with shipped weights"),
+    ({"name": "x", "model": "vit_cifar_small", "pretrained": True}, "only a model with shipped weights"),
     ({"name": "x", "model": "{backbone}", "model_kwargs": {"depth": 2}, "pretrained": True}, "no model_kwargs"),
     ({"name": "x", "model": "{backbone}", "pretrained": "yes"}, "entries[3].pretrained"),
 ])

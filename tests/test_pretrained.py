@@ -44,9 +44,59 @@ def test_create_model_pretrained_loads_the_packaged_reference(weights_dir):
 
 def test_a_method_starts_from_the_reference_through_init_from_dense(weights_dir):
     reference = _fake_reference(weights_dir)
-    model = dyntok.create_model(f"dynamicvit_{PRESET}", pretrained=True, keep_ratio=1.0).eval()
+    model = dyntok.create_model(f"dynamicvit_{PRESET}", pretrained="reference", keep_ratio=1.0).eval()
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.predict(images).logits, reference.eval().predict(images).logits)
+
+
+def test_a_dense_file_given_for_a_method_is_its_starting_point(weights_dir, tmp_path):
+    reference = _fake_reference(tmp_path)
+    model = dyntok.create_model(f"evit_{PRESET}", pretrained_file=str(tmp_path / f"{PRESET}.safetensors"),
+                                pretrained=True, keep_rate=1.0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.predict(images).logits, reference.eval().predict(images).logits)
+
+
+def _fake_method(folder, name=f"dynamicvit_{PRESET}", **kwargs):
+    torch.manual_seed(5)
+    model = dyntok.create_model(name, **kwargs)
+    dyntok.save_model(model, folder / f"{name}.safetensors", extra={"card": {"test_top1": 0.4}})
+    return model.eval()
+
+
+def test_a_shipped_method_loads_its_own_weights_not_the_reference(weights_dir):
+    _fake_reference(weights_dir)
+    trained = _fake_method(weights_dir)
+    model = dyntok.create_model(f"dynamicvit_{PRESET}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.predict(images).logits, trained.predict(images).logits)
+    assert model_card(f"dynamicvit_{PRESET}")["test_top1"] == 0.4
+
+
+def test_a_shipped_method_takes_budget_and_training_settings_but_not_shapes(weights_dir):
+    trained = _fake_method(weights_dir)
+    model = dyntok.create_model(f"dynamicvit_{PRESET}", pretrained=True, keep_ratio=0.5, drop_path_rate=0.1)
+    assert model.get_budget()["keep_ratio"] == 0.5
+    assert torch.equal(model.predictors[0].embed[1].weight, trained.predictors[0].embed[1].weight)
+    with pytest.raises(PretrainedError, match=r"trained with prune_locations=\[1\]; these settings shape"):
+        dyntok.create_model(f"dynamicvit_{PRESET}", pretrained=True, prune_locations=[0, 1])
+    with pytest.raises(PretrainedError, match="trained with depth=2; .* built with depth=3"):
+        dyntok.create_model(f"dynamicvit_{PRESET}", pretrained=True, depth=3)
+
+
+def test_a_method_without_shipped_weights_names_both_ways_to_get_them(weights_dir):
+    _fake_reference(weights_dir)
+    with pytest.raises(PretrainedError, match=r"ships no weights for 'dynamicvit_vit_cifar_micro'.*"
+                                              r"`dyntok pretrain dynamicvit_vit_cifar_micro`.*pretrained='reference'"):
+        dyntok.create_model("dynamicvit_vit_cifar_micro", pretrained=True)
+    with pytest.raises(PretrainedError, match=r"ships no weights for 'evit_vit_cifar_nano'.*pretrained='reference'"):
+        dyntok.create_model(f"evit_{PRESET}", pretrained=True)
+
+
+def test_a_file_of_another_method_is_refused(weights_dir, tmp_path):
+    _fake_method(tmp_path, f"evit_{PRESET}")
+    with pytest.raises(PretrainedError, match="holds evit weights, not dynamicvit weights"):
+        dyntok.create_model(f"dynamicvit_{PRESET}", pretrained=str(tmp_path / f"evit_{PRESET}.safetensors"))
 
 
 def test_a_hub_id_goes_through_huggingface_hub(weights_dir, tmp_path, monkeypatch):
@@ -94,7 +144,7 @@ def test_weights_for_another_model_are_refused_by_name(weights_dir):
     torch.manual_seed(0)
     other = dyntok.create_model("vit_cifar_micro")
     dyntok.save_model(other, weights_dir / f"{PRESET}.safetensors")
-    with pytest.raises(PretrainedError, match="for 'vit_cifar_micro', not the dense 'vit_cifar_nano'"):
+    with pytest.raises(PretrainedError, match="holds dense weights for 'vit_cifar_micro', not for 'vit_cifar_nano'"):
         load_reference(PRESET)
 
 
@@ -170,14 +220,21 @@ def test_shipped_reference_reproduces_its_model_card(preset):
     assert abs(result.summary()["top1"] - card["test_top1"]) <= 0.001
 
 
-def test_dyntok_pretrain_resumes_and_reproduces_its_export(weights_dir, image_folder, tmp_path, monkeypatch):
-    """Re-running the pretrain command continues the finished run (nothing retrained) and writes the same file."""
+@pytest.mark.parametrize("name", [PRESET, f"dynamicvit_{PRESET}"])
+def test_dyntok_pretrain_resumes_and_reproduces_its_export(name, weights_dir, image_folder, tmp_path, monkeypatch):
+    """Re-running the pretrain command continues the finished run (nothing retrained) and writes the same file;
+    a method's recipe starts from the shipped reference of its backbone."""
     from dyntok.cli import main
     from safetensors.torch import load_file
 
     monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
-    tiny = pretrained.Recipe(epochs=0.5, batch_size=8, holdout_size=4, dataset=str(image_folder))
-    monkeypatch.setitem(pretrained.RECIPES, PRESET, tiny)
+    tiny = pretrained.Recipe(epochs=0.5, batch_size=8, holdout_size=4, dataset=str(image_folder),
+                             init=None if name == PRESET else "pretrained")
+    monkeypatch.setitem(pretrained.RECIPES, name, tiny)
+    if name != PRESET:
+        torch.manual_seed(3)
+        dyntok.save_model(dyntok.create_model(PRESET, img_size=16, num_classes=3),
+                          weights_dir / f"{PRESET}.safetensors")
     original = pretrained.Recipe.train_config
 
     def uncompiled_at_16px(self, *args, **kwargs):  # tiny images; compiling would only cost time here
@@ -186,15 +243,18 @@ def test_dyntok_pretrain_resumes_and_reproduces_its_export(weights_dir, image_fo
         return config
 
     monkeypatch.setattr(pretrained.Recipe, "train_config", uncompiled_at_16px)
-    argv = ["pretrain", PRESET, "--output-dir", str(tmp_path / "runs"), "--export", str(tmp_path / "out"),
+    argv = ["pretrain", name, "--output-dir", str(tmp_path / "runs"), "--export", str(tmp_path / "out"),
             "--no-progress"]
     assert main(argv) == 0
-    first = load_file(tmp_path / "out" / f"{PRESET}.safetensors")
-    log_lines = (tmp_path / "runs" / PRESET / "log.jsonl").read_text().splitlines()
+    first = load_file(tmp_path / "out" / f"{name}.safetensors")
+    log_lines = (tmp_path / "runs" / name / "log.jsonl").read_text().splitlines()
     assert main(argv) == 0
-    assert (tmp_path / "runs" / PRESET / "log.jsonl").read_text().splitlines() == log_lines  # resumed, not retrained
-    again = load_file(tmp_path / "out" / f"{PRESET}.safetensors")
+    assert (tmp_path / "runs" / name / "log.jsonl").read_text().splitlines() == log_lines  # resumed, not retrained
+    again = load_file(tmp_path / "out" / f"{name}.safetensors")
     assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
+    card = model_card(name, tmp_path / "out" / f"{name}.safetensors")
+    trained = dyntok.load_model(tmp_path / "runs" / name / "model.safetensors")
+    assert card["command"] == tiny.command(name) and card["budget"] == trained.get_budget()
 
 
 def test_dyntok_pretrain_names_the_presets_it_has_recipes_for():

@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoint import load_model
+from ..checkpoint import load_model, save_model
 from ..data import build_loaders
 from ..measure.evaluate import evaluate
 from ..measure.oracle import collect_exit_correctness, oracle_curve
 from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
-from ..methods import AdaptiveViT
+from ..methods import AdaptiveViT, create_model
 from ..pretrained import model_card
 from ..report import render_report
 from ..report.gallery import entry_gallery
@@ -75,6 +75,9 @@ class StageBar:
 # ------------------------------------------------------------------------------------------ stages
 def _train_entry(spec: BenchSpec, plan: Plan, item: EntryPlan, progress: bool) -> None:
     entry = item.entry
+    if entry.pretrained:
+        _take_shipped(entry, item.cache)
+        return
     init = plan.entry(entry.init).cache.model_path if entry.init else None
     device = plan.device
     config = train_config(spec, entry, item.cache.folder, init, device=str(device), progress=progress)
@@ -82,6 +85,12 @@ def _train_entry(spec: BenchSpec, plan: Plan, item: EntryPlan, progress: bool) -
     result = train(config)
     item.cache.mark_done({"entry": entry.name, "model": entry.model, "train_seconds": time.perf_counter() - started,
                           "metrics": result.metrics})
+
+
+def _take_shipped(entry: Entry, cache: EntryCache) -> None:
+    """A ``pretrained`` entry is the file dyntok ships for its model, evaluated as it is: nothing is trained."""
+    save_model(create_model(entry.model, pretrained=True), cache.model_path)
+    cache.mark_done({"entry": entry.name, "model": entry.model, "train_seconds": 0.0, "metrics": None})
 
 
 def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:

@@ -420,29 +420,43 @@ def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], 
 
 
 def _check_shipped_reference(model: str, model_kwargs: dict[str, Any], init: str | None, where: str) -> None:
-    """A ``pretrained`` entry is a bare preset with a recipe: exactly what ``dyntok pretrain`` ships."""
+    """A ``pretrained`` entry is a model with a recipe, as it is: exactly what ``dyntok pretrain`` ships."""
     from ..pretrained import RECIPES
 
     if model not in RECIPES or model_kwargs or init is not None:
-        raise SpecError(f"{where}.pretrained: only a bare preset with shipped weights and no model_kwargs or init "
+        raise SpecError(f"{where}.pretrained: only a model with shipped weights and no model_kwargs or init "
                         f"can be pretrained ({', '.join(RECIPES)}); got {model!r}")
 
 
 def with_references_from_scratch(spec: BenchSpec) -> BenchSpec:
-    """The same spec with every ``pretrained`` entry trained from scratch by the recipe of its shipped weights.
+    """The same spec with every ``pretrained`` entry trained by the recipe of its shipped weights.
 
-    The recipe's data settings (augmentation, held-out split) are the spec's ``data`` section, so a spec meant
-    to reproduce the shipped references sets them as the recipe does (the built-in ``cpu`` spec does).
+    A reference trains from scratch; a method starts from the entry that holds its backbone's reference (which
+    was itself retrained), as its recipe starts from the shipped one. The recipe's data settings (augmentation,
+    held-out split) are the spec's ``data`` section, so a spec meant to reproduce the shipped files sets them as
+    the recipes do (the built-in ``cpu`` spec does).
     """
     from ..pretrained import RECIPES
 
-    entries = []
+    entries: list[Entry] = []
     for entry in spec.entries:
         if entry.pretrained:
             recipe = RECIPES[entry.model]
-            entry = dataclasses.replace(entry, pretrained=False, train={**entry.train, **recipe.train_fields()})
+            init = _reference_entry(entries, entry) if recipe.init else None
+            entry = dataclasses.replace(entry, pretrained=False, init=init, model_kwargs=dict(recipe.model_kwargs),
+                                        train={**entry.train, **recipe.train_fields()})
         entries.append(entry)
     return dataclasses.replace(spec, entries=tuple(entries))
+
+
+def _reference_entry(earlier: list[Entry], entry: Entry) -> str:
+    """The earlier entry holding the dense model ``entry``'s recipe starts from."""
+    backbone = split_model_name(entry.model)[1]
+    for candidate in earlier:
+        if candidate.model == backbone:
+            return candidate.name
+    raise SpecError(f"entry {entry.name!r}: its recipe starts from the dense {backbone}, and no earlier entry "
+                    f"trains it; add one before it (model: {backbone}, pretrained: true)")
 
 
 def _parse_budgets(values: Any, where: str) -> tuple[BudgetPoint, ...] | None:

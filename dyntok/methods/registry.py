@@ -53,20 +53,18 @@ def create_model(name: str, pretrained: bool | str = False, pretrained_file: str
     Backbone overrides (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``num_classes``,
     ``drop_path_rate``...) shape the backbone; every other keyword goes to the method (``keep_ratio=0.7``).
 
-    ``pretrained`` on a dyntok preset starts the model from dyntok's trained reference of that preset
-    (``True``: the file shipped in the package; ``"hf-hub:owner/repo"`` or a path: that file) through the
-    method's ``init_from_dense``, so every method starts from the same weights. On a timm name it loads
-    timm's weights for the backbone (from the hub, or ``pretrained_file``).
+    ``pretrained`` on a dyntok preset loads the weights dyntok ships for ``name``: the dense reference of a
+    preset, or a method's own weights trained from it by its recipe (``True``: the file in the package;
+    ``"hf-hub:owner/repo"`` or a path: that file). ``pretrained="reference"`` starts a method from the
+    preset's dense reference instead, through its ``init_from_dense``. On a timm name it loads timm's
+    weights for the backbone (from the hub, or ``pretrained_file``) and the method starts from them.
     """
     method, backbone_name = split_model_name(name)
     overrides = {key: kwargs.pop(key) for key in BACKBONE_OVERRIDES if key in kwargs}
     if pretrained and backbone_name in PRESETS:
-        from ..pretrained import reference_state_dict
+        from ..pretrained import load_pretrained
 
-        source = pretrained_file or pretrained
-        model = get_method(method)(BackboneSpec(backbone_name, overrides), **kwargs)
-        model.init_from_dense(reference_state_dict(backbone_name, overrides, source))
-        return model
+        return load_pretrained(name, overrides, kwargs, pretrained_file or pretrained)
     spec = BackboneSpec(backbone_name, overrides, pretrained=bool(pretrained), pretrained_file=pretrained_file)
     return get_method(method)(spec, **kwargs)
 
