@@ -55,7 +55,7 @@ def _vit(shape: str) -> VisionTransformer:
 
 def _images(shape: str) -> torch.Tensor:
     side = SHAPES[shape]["img_size"]
-    return torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(1))
+    return torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
 
 
 def _resolve(model, budget):
