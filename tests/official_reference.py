@@ -266,3 +266,69 @@ def _dvt_relation_biases(w, relations, batch, new_hw, grid):
     cls_column, patch_queries = rows[:, :, 0:1], rows[:, :, 1:].reshape(-1, new_hw + 1, side, side)
     resampled = _dvt_resample(patch_queries, grid).reshape(-1, new_hw + 1, new_hw)
     return torch.cat([cls_column, resampled], dim=2).transpose(1, 2).reshape(batch, -1, new_hw + 1, new_hw + 1)
+
+
+# --------------------------------------------------------------------------------------------- AdaViT
+def random_adavit(embed_dim: int = 32, depth: int = 3, heads: int = 2, num_classes: int = 5, seed: int = 0,
+                  ema: bool = True) -> dict[str, Tensor]:
+    """An ``ada_step_deit_*`` state dict: DeiT with ``attn.query/key/value`` and the decision heads."""
+    generator = torch.Generator().manual_seed(seed + 200)
+    state = {}
+    for key, value in random_deit(embed_dim, depth, num_classes, seed=seed).items():
+        if ".attn.qkv." in key:
+            for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                state[key.replace("qkv", name)] = part
+        else:
+            state[key] = value
+    for i in range(depth):
+        selects = {"attn.token_select": 1} if i == 0 else {"attn.token_select": 1, "head_select": heads,
+                                                            "layer_select": 2}
+        for module, outputs in selects.items():
+            state[f"blocks.{i}.{module}.mlp_head.weight"] = torch.randn(outputs, embed_dim, generator=generator)
+            state[f"blocks.{i}.{module}.mlp_head.bias"] = 0.5 * torch.randn(outputs, generator=generator)
+    return state
+
+
+def adavit_logits(state: dict[str, Tensor], images: Tensor, heads: int) -> Tensor:
+    """``AdaStepT2T_ViT.forward`` of the released Ada-DeiT (``StepAdaBlock``s with a token select in every
+    block, head and layer selects from block 1, heads gating q, k, v, proj and fc1's input, tokens gating
+    attention and MLP), in eval mode: decisions ``sigmoid(logit) > 0.6`` for tokens, ``> 0.5`` otherwise."""
+    batch = len(images)
+    weight = state["patch_embed.proj.weight"]
+    x = F.conv2d(images, weight, state["patch_embed.proj.bias"], stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([state["cls_token"].expand(batch, -1, -1), x], dim=1) + state["pos_embed"]
+    for i in range(depth_of(state)):
+        x = _adavit_block(state, f"blocks.{i}.", x, heads)
+    dim = x.shape[-1]
+    return F.linear(F.layer_norm(x, (dim,), state["norm.weight"], state["norm.bias"], DEIT_EPS)[:, 0],
+                    state["head.weight"], state["head.bias"])
+
+
+def _select(state, prefix, inputs, threshold):
+    weight = state.get(prefix + "mlp_head.weight")
+    if weight is None:
+        return None
+    return (F.linear(inputs, weight, state[prefix + "mlp_head.bias"]).sigmoid() > threshold).float()
+
+
+def _adavit_block(w, p, x, heads):
+    batch, length, dim = x.shape
+    head_dim = dim // heads
+    head_select = _select(w, p + "head_select.", x[:, 0], 0.5)
+    layer_select = _select(w, p + "layer_select.", x[:, 0], 0.5)
+    width = x.new_ones(batch, dim) if head_select is None else head_select.repeat_interleave(head_dim, dim=1)
+    h = F.layer_norm(x, (dim,), w[p + "norm1.weight"], w[p + "norm1.bias"], DEIT_EPS)
+    q, k, v = ((F.linear(h, w[f"{p}attn.{name}.weight"], w[f"{p}attn.{name}.bias"]) * width[:, None])
+               .reshape(batch, length, heads, head_dim).transpose(1, 2) for name in ("query", "key", "value"))
+    logits = (q @ k.transpose(-2, -1)) * head_dim ** -0.5
+    tokens = _select(w, p + "attn.token_select.", h[:, 1:], 0.6)
+    token_select = torch.cat([tokens.new_ones(batch, 1, 1), tokens], dim=1)[..., 0]
+    pairs = (token_select[:, :, None] * token_select[:, None, :])[:, None]
+    fill = torch.zeros_like(logits).masked_fill((1 - pairs - torch.eye(length)) > 0, float("-inf"))
+    out = ((logits * pairs + fill).softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, length, dim)
+    out = F.linear(out * width[:, None], w[p + "attn.proj.weight"], w[p + "attn.proj.bias"]) * token_select[..., None]
+    x = x + (out if layer_select is None else layer_select[:, :1, None] * out)
+    h = F.layer_norm(x, (dim,), w[p + "norm2.weight"], w[p + "norm2.bias"], DEIT_EPS) * width[:, None]
+    out = F.linear(F.gelu(F.linear(h, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])), w[p + "mlp.fc2.weight"],
+                   w[p + "mlp.fc2.bias"]) * token_select[..., None]
+    return x + (out if layer_select is None else layer_select[:, 1:, None] * out)

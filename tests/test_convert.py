@@ -129,6 +129,43 @@ def test_a_t2t_vit_dvt_is_refused_with_the_reason(tmp_path):
         convert("dvt", _save(tmp_path, content), tmp_path / "out.safetensors")
 
 
+# --------------------------------------------------------------------------------------------- AdaViT
+def _adavit_follows_the_release() -> bool:
+    from dyntok.methods.adavit import AdaViT
+
+    return "first_block_patch_policy" in inspect.signature(AdaViT.__init__).parameters
+
+
+adavit_release = pytest.mark.skipif(not _adavit_follows_the_release(),
+                                    reason="dyntok's AdaViT has no head-gated MLP on this branch yet")
+
+
+@adavit_release
+def test_adavit_matches_the_official_forward_from_the_ema_weights(tmp_path, images):
+    ema, trained = official.random_adavit(seed=0), official.random_adavit(seed=1)
+    model = _converted(tmp_path, "adavit", {"state_dict": trained, "state_dict_ema": ema, "epoch": 149})
+    batch = torch.cat([images, images.flip(-1)])  # more images, so that decisions differ between them
+    expected = official.adavit_logits(ema, batch, HEADS)
+    torch.testing.assert_close(model.predict(batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@adavit_release
+def test_adavit_accepts_a_joined_qkv_and_takes_the_official_decisions(tmp_path, images):
+    from dyntok.convert.adavit import official_threshold
+
+    state = official.random_adavit()
+    separate = ("query", "key", "value")
+    joined = {key: value for key, value in state.items() if not any(f"attn.{n}." in key for n in separate)}
+    for i in range(official.depth_of(state)):
+        for kind in ("weight", "bias"):
+            joined[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([state[f"blocks.{i}.attn.{n}.{kind}"] for n in separate])
+    model = _converted(tmp_path, "adavit", {"model": joined})
+    assert model.get_budget()["patch_threshold"] == pytest.approx(official_threshold(0.6))
+    assert official_threshold(0.6) == pytest.approx(0.52026, abs=1e-5)
+    torch.testing.assert_close(model.predict(images).logits, official.adavit_logits(state, images, HEADS),
+                               rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- refusals
 def test_a_file_of_another_method_is_refused_naming_the_keys(tmp_path):
     dynamicvit_file = {"model": official.add_dynamicvit_predictors(official.random_deit(depth=12))}
@@ -167,7 +204,7 @@ def test_a_pickle_with_code_is_refused_without_running_it(tmp_path, capfd):
 
 
 def test_an_unknown_source_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="converts: dynamicvit, evit, dvt"):
+    with pytest.raises(ValueError, match="converts: dynamicvit, evit, adavit, dvt"):
         convert("t2t", tmp_path / "x.pth", tmp_path / "out.safetensors")
 
 

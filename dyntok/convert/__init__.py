@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..methods import AdaptiveViT
-from . import dvt, dynamicvit, evit
+from . import adavit, dvt, dynamicvit, evit
 from ._official import ConversionError
 
 __all__ = ["convert", "CONVERTERS", "ConversionError"]
@@ -22,6 +22,7 @@ __all__ = ["convert", "CONVERTERS", "ConversionError"]
 CONVERTERS: dict[str, Callable[..., AdaptiveViT]] = {
     "dynamicvit": dynamicvit.convert,
     "evit": evit.convert,
+    "adavit": adavit.convert,
     "dvt": dvt.convert,
 }
 

@@ -26,7 +26,8 @@ from ..methods import AdaptiveViT
 from ..methods.registry import get_method
 from ..models.vit import BackboneSpec
 
-__all__ = ["ConversionError", "DEIT_PREPROCESSING", "Official", "read_checkpoint", "pick_weights", "timm_vit_backbone", "write_converted"]
+__all__ = ["ConversionError", "DEIT_PREPROCESSING", "Official", "read_checkpoint", "pick_weights", "timm_vit_backbone",
+           "write_converted"]
 
 
 #: How every official evaluation here prepares ImageNet images (DeiT's: resize to 256 bicubic, centre crop 224,
