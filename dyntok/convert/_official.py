@@ -26,7 +26,7 @@ from ..methods import AdaptiveViT
 from ..methods.registry import get_method
 from ..models.vit import BackboneSpec
 
-__all__ = ["ConversionError", "DEIT_PREPROCESSING", "Official", "read_checkpoint", "pick_weights", "timm_vit_backbone",
+__all__ = ["ConversionError", "DEIT_PREPROCESSING", "Official", "read_checkpoint", "timm_vit_backbone",
            "write_converted"]
 
 
@@ -48,7 +48,7 @@ class Official:
     weights: dict[str, Tensor]
     weights_key: str | None
     args: dict[str, Any] = field(default_factory=dict)
-    #: The file's other top-level entries (official evaluation results, thresholds...).
+    #: The file's top-level entries; beside the weights, what some releases record (results, thresholds...).
     entries: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,10 +69,10 @@ def read_checkpoint(path: str | Path, weight_keys: Iterable[str]) -> Official:
     except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as error:
         raise ConversionError(f"{path} is truncated or not a torch checkpoint ({type(error).__name__}); "
                               f"download it again") from None
-    return pick_weights(path, content, tuple(weight_keys))
+    return _pick_weights(path, content, tuple(weight_keys))
 
 
-def pick_weights(path: Path, content: Any, weight_keys: tuple[str, ...]) -> Official:
+def _pick_weights(path: Path, content: Any, weight_keys: tuple[str, ...]) -> Official:
     if not isinstance(content, dict):
         raise ConversionError(f"{path} holds a {type(content).__name__}, not a checkpoint dictionary")
     args = content.get("args")
