@@ -19,8 +19,8 @@ SHAPES = {
     "patch4_at_32": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10),
     "average_pooling": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10,
                             global_pool="avg"),
-    "seven_classes_layer_scale": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
-                                      num_classes=7, init_values=1e-5),
+    "seven_classes_registers_layer_scale": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                                num_classes=7, reg_tokens=2, init_values=1e-5),
 }
 
 #: Per method: (options at adapt time, the budget at which nothing is skipped, a budget that skips work).
