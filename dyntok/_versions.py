@@ -12,7 +12,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import Version
 
-__all__ = ["TESTED", "DependencyVersionWarning", "untested_versions", "warn_if_untested"]
+__all__ = ["__version__", "TESTED", "DependencyVersionWarning", "untested_versions", "warn_if_untested"]
+
+#: dyntok's own version (the package re-exports it as ``dyntok.__version__``).
+__version__ = "0.1.0"
 
 #: Package -> (oldest, newest) release the test suite has passed with, inclusive (local tags ignored).
 TESTED: dict[str, tuple[str, str]] = {

@@ -142,7 +142,7 @@ def test_a_timm_model_is_described_by_its_architecture_and_what_differs():
 
 def test_a_saved_adapted_dense_model_starts_training_with_init(tmp_path):
     """``dyntok train --init`` reads the file: the dense model's config names the timm backbone it rebuilds."""
-    from dyntok.checkpoint import check_dense_init
+    from dyntok.training.state import check_dense_init
 
     vit = _vit("patch4_at_32")
     path = dyntok.save_model(dyntok.adapt(vit, "dense"), tmp_path / "mine.safetensors")

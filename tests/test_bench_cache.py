@@ -19,7 +19,7 @@ from dyntok.bench import runner
 from dyntok.bench.cache import EntryCache, training_key
 from dyntok.bench.plan import ModelCost, entry_caches, train_config
 from dyntok.bench.spec import parse_spec
-from dyntok.checkpoint import save_model
+from dyntok.methods import save_model
 from dyntok.training.trainer import TrainResult
 
 #: A 4x4-token backbone of width 32: every model of the spec builds and runs in milliseconds.

@@ -66,7 +66,7 @@ def test_builtin_cpu_spec_starts_every_method_from_the_shipped_reference_beside_
 def test_pretrained_entries_train_nothing_unless_from_scratch():
     from dyntok.bench.plan import train_config
     from dyntok.bench.spec import with_references_from_scratch
-    from dyntok.pretrained import RECIPES
+    from dyntok.training.recipes import RECIPES
 
     values = minimal_spec()
     values["entries"][0]["pretrained"] = True
@@ -84,7 +84,7 @@ def test_pretrained_entries_train_nothing_unless_from_scratch():
 def test_a_shipped_method_from_scratch_follows_its_recipe_from_the_retrained_reference():
     from dyntok.bench.plan import train_config
     from dyntok.bench.spec import with_references_from_scratch
-    from dyntok.pretrained import RECIPES
+    from dyntok.training.recipes import RECIPES
 
     values = minimal_spec()
     values["entries"][0]["pretrained"] = True
@@ -127,10 +127,10 @@ def test_valid_spec_fills_placeholders_defaults_and_budgets():
      "entries[2].train.epochs: expected a number >= 0, got 'ten'"),
     (lambda s: s["entries"][2]["train"].update(epochs=0), "entries[2].train.epochs: 0 trains nothing, so the entry "
                                                           "needs init"),
-    (lambda s: s["entries"][1].update(train={"lr": -1}), "entries[1].train.lr: expected a positive number"),
-    (lambda s: s["train"].update(seed=1.5), "train.seed: expected an integer"),
-    (lambda s: s["data"].update(batch_size=0), "data.batch_size: expected an integer >= 1, got 0"),
-    (lambda s: s.update(speed={"repeats": "five"}), "speed.repeats: expected an integer >= 1, got 'five'"),
+    (lambda s: s["entries"][1].update(train={"lr": -1}), "entries[1].train.lr: expected a number > 0"),
+    (lambda s: s["train"].update(seed=1.5), "train.seed: expected a whole number >= 0"),
+    (lambda s: s["data"].update(batch_size=0), "data.batch_size: expected a whole number >= 1, got 0"),
+    (lambda s: s.update(speed={"repeats": "five"}), "speed.repeats: expected a whole number >= 1, got 'five'"),
     (lambda s: s["entries"][1].update(init="teacher"), "entries[1].init: 'teacher' is not an earlier entry"),
     (lambda s: s["entries"][1].update(name="dense"), "entries[1].name: 'dense' is used by an earlier entry"),
     (lambda s: s["entries"][0].update(name="a/b"), "entries[0].name: 'a/b' must be letters"),

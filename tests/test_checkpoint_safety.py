@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 import dyntok
-from dyntok import checkpoint
-from dyntok.checkpoint import CheckpointError, CheckpointWriteError, load_model, load_tensors, save_model, save_tensors
+from dyntok import fileio
+from dyntok.fileio import CheckpointError, CheckpointWriteError, load_tensors, save_tensors
+from dyntok.methods import load_model, save_model
+from dyntok.training.state import check_dense_init
 from dyntok.cli import main
 from dyntok.training import train
 
@@ -142,7 +144,7 @@ def test_init_must_be_a_dense_model_of_the_same_backbone(image_folder, tmp_path)
         train(tiny_config(image_folder, tmp_path, model="dynamicvit_vit_cifar_tiny", init=str(not_dense)))
     # Regularisation settings do not change shapes: a dense model trained with drop path is a valid start.
     dense = save_model(tiny_model("dense", num_classes=3, drop_path_rate=0.1), tmp_path / "dense.safetensors")
-    checkpoint.check_dense_init(load_model(dense), tiny_model("dynamicvit", num_classes=3), dense)
+    check_dense_init(load_model(dense), tiny_model("dynamicvit", num_classes=3), dense)
 
 
 def test_eval_on_a_dataset_with_other_classes_is_refused(image_folder, tmp_path, capsys):
@@ -183,7 +185,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_says_so(tmp_path, monk
             handle.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(fileio, "save_file", disk_full)
     with pytest.raises(CheckpointWriteError, match="No space left on device.*the previous last.safetensors is intact"):
         save_model(tiny_model("dense", depth=2), path)
     assert path.read_bytes() == before
@@ -194,7 +196,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_says_so(tmp_path, monk
 
 def test_training_stops_on_a_full_disk_and_resumes_from_the_intact_checkpoint(image_folder, tmp_path, monkeypatch):
     config = tiny_config(image_folder, tmp_path, epochs=2)
-    original, writes = checkpoint.save_file, {"n": 0}
+    original, writes = fileio.save_file, {"n": 0}
 
     def fails_second_time(*args, **kwargs):
         writes["n"] += 1
@@ -203,7 +205,7 @@ def test_training_stops_on_a_full_disk_and_resumes_from_the_intact_checkpoint(im
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "save_file", fails_second_time)
+        patch.setattr(fileio, "save_file", fails_second_time)
         with pytest.raises(CheckpointWriteError, match="previous last.safetensors is intact"):
             train(config)
     _, meta = load_tensors(tmp_path / "run" / "last.safetensors")
@@ -216,7 +218,7 @@ def test_cli_reports_a_failed_write_in_one_line(image_folder, tmp_path, monkeypa
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(fileio, "save_file", disk_full)
     code = main(["train", "--dataset", str(image_folder), "--batch-size", "8", "--holdout-size", "0", "--epochs", "1",
                  "--output-dir", str(tmp_path / "run"), "--no-progress", "--model-arg", "img_size=16",
                  "--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2"])

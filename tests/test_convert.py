@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dyntok
-from dyntok.checkpoint import load_meta
+from dyntok.fileio import load_meta
 from dyntok.cli import main as cli_main
 from dyntok.convert import ConversionError, convert
 from dyntok.methods.evit import EViT

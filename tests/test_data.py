@@ -396,9 +396,9 @@ def test_build_loaders_end_to_end(tmp_path):
     make_tree(tmp_path / "tiny", per_class=4)
     config = DataConfig.from_dict(json.loads(json.dumps(DataConfig(
         dataset="tiny", data_root=str(tmp_path), holdout_size=3, batch_size=2, image_size=12,
-        mixup_alpha=0.2, label_smoothing=0.1, mean=MEAN, std=STD,
+        mixup_alpha=0.2, mean=MEAN, std=STD,
     ).to_dict())))
-    loaders = build_loaders(config, rank=0, world_size=2)
+    loaders = build_loaders(config, rank=0, world_size=2, label_smoothing=0.1)
     assert loaders["num_classes"] == 3 and loaders["class_names"] == list(CLASSES)
     assert len(loaders["holdout"].dataset) == 3 and len(loaders["train"].dataset) == 9
     assert loaders["train"].soft_targets and config.mixup and config.mean == MEAN

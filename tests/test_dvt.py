@@ -9,7 +9,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import dyntok
-from dyntok.checkpoint import load_model, save_model
+from dyntok.methods import load_model, save_model
 from dyntok.measure.macs import count_macs_with_torch
 from dyntok.methods.dvt import (DVT, NEVER_EXIT, default_grids, exit_stages, geometric_exit_proportions,
                                 stage_geometry, thresholds_for_proportions)

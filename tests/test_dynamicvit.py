@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import dyntok
-from dyntok.checkpoint import load_model, save_model
+from dyntok.methods import load_model, save_model
 from dyntok.measure.macs import count_macs_with_torch
 from dyntok.methods.dynamicvit import (KeepPredictor, default_prune_locations, keep_attention_mask,
                                        predictor_macs)

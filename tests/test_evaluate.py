@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from dyntok.measure import evaluate as evaluation
+from dyntok import evaluation
 from dyntok.measure.speed import precision
 
 from .conftest import tiny_model

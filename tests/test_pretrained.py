@@ -8,9 +8,11 @@ import torch
 
 import dyntok
 from dyntok import pretrained
-from dyntok.pretrained import PretrainedError, export_reference, load_reference, model_card, reference_state_dict
 from dyntok.data import DataConfig
+from dyntok.pretrained import PretrainedError, model_card, reference_state_dict
 from dyntok.training import TrainConfig, train
+from dyntok.training import recipes
+from dyntok.training.recipes import export_reference
 
 from .conftest import requires_shared_cifar10
 
@@ -145,7 +147,7 @@ def test_weights_for_another_model_are_refused_by_name(weights_dir):
     other = dyntok.create_model("vit_cifar_micro")
     dyntok.save_model(other, weights_dir / f"{PRESET}.safetensors")
     with pytest.raises(PretrainedError, match="holds dense weights for 'vit_cifar_micro', not for 'vit_cifar_nano'"):
-        load_reference(PRESET)
+        reference_state_dict(PRESET, {})
 
 
 def test_an_architecture_override_is_refused_naming_it(weights_dir):
@@ -184,7 +186,7 @@ def test_init_pretrained_trains_a_method_from_the_reference(weights_dir, image_f
 
 def test_export_writes_a_loadable_reference_with_its_model_card(weights_dir, image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
-    recipe = pretrained.Recipe(epochs=0.25, batch_size=8, holdout_size=4, randaugment=(1, 5), dataset=str(image_folder))
+    recipe = recipes.Recipe(epochs=0.25, batch_size=8, holdout_size=4, randaugment=(1, 5), dataset=str(image_folder))
     config = recipe.train_config(PRESET, tmp_path / "run", progress=False)
     config.model_kwargs = {"img_size": 16}
     config.compile = False
@@ -209,7 +211,7 @@ SHIPPED = pretrained.shipped_presets()
 def test_shipped_reference_reproduces_its_model_card(preset):
     """The packaged file's test top-1 on the shared CIFAR-10 copy is the one its card states, to 0.1 points."""
     from dyntok.data import DataConfig, build_loaders
-    from dyntok.measure.evaluate import evaluate
+    from dyntok.evaluation import evaluate
 
     from .conftest import SHARED_CIFAR10
 
@@ -228,21 +230,21 @@ def test_dyntok_pretrain_resumes_and_reproduces_its_export(name, weights_dir, im
     from safetensors.torch import load_file
 
     monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
-    tiny = pretrained.Recipe(epochs=0.5, batch_size=8, holdout_size=4, dataset=str(image_folder),
+    tiny = recipes.Recipe(epochs=0.5, batch_size=8, holdout_size=4, dataset=str(image_folder),
                              init=None if name == PRESET else "pretrained")
-    monkeypatch.setitem(pretrained.RECIPES, name, tiny)
+    monkeypatch.setitem(recipes.RECIPES, name, tiny)
     if name != PRESET:
         torch.manual_seed(3)
         dyntok.save_model(dyntok.create_model(PRESET, img_size=16, num_classes=3),
                           weights_dir / f"{PRESET}.safetensors")
-    original = pretrained.Recipe.train_config
+    original = recipes.Recipe.train_config
 
     def uncompiled_at_16px(self, *args, **kwargs):  # tiny images; compiling would only cost time here
         config = original(self, *args, **kwargs)
         config.model_kwargs, config.compile = {"img_size": 16}, False
         return config
 
-    monkeypatch.setattr(pretrained.Recipe, "train_config", uncompiled_at_16px)
+    monkeypatch.setattr(recipes.Recipe, "train_config", uncompiled_at_16px)
     argv = ["pretrain", name, "--output-dir", str(tmp_path / "runs"), "--export", str(tmp_path / "out"),
             "--no-progress"]
     assert main(argv) == 0

@@ -184,7 +184,8 @@ def test_labels_command_stores_each_training_image_s_shortest_correct_length_wit
                                                                                                monkeypatch):
     import hashlib
 
-    from dyntok.checkpoint import load_tensors, save_model
+    from dyntok.fileio import load_tensors
+    from dyntok.methods import save_model
     from dyntok.cli import main
     from dyntok.data import DataConfig, build_loaders
     from dyntok.measure.oracle import collect_exit_correctness
@@ -217,7 +218,7 @@ def _eval_batches(loaders, dataset):
 
 
 def test_labels_command_refuses_a_model_without_exits(tmp_path):
-    from dyntok.checkpoint import save_model
+    from dyntok.methods import save_model
     from dyntok.cli.labels import write_exit_labels
     from dyntok.data import DataConfig
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dyntok import checkpoint
-from dyntok.checkpoint import load_tensors
+from dyntok import fileio
+from dyntok.fileio import load_tensors
 from dyntok.cli import main
 from dyntok.data import DataConfig
 from dyntok.methods import LossOutput
@@ -126,7 +126,7 @@ def interrupt_the_checkpoint_write(patch, writes: int) -> None:
                 raise Interrupt
             return os.replace(source, target)
 
-    patch.setattr(checkpoint, "os", DiesOnReplace())
+    patch.setattr(fileio, "os", DiesOnReplace())
 
 
 @pytest.mark.parametrize("where", ["step-1", "step-3", "step-5", "checkpoint-write-2"])

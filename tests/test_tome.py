@@ -186,7 +186,7 @@ def test_sweep_spans_the_possible_r():
 
 
 def test_zero_epochs_evaluates_the_dense_checkpoint_without_training(image_folder, tmp_path):
-    from dyntok.checkpoint import load_model
+    from dyntok.methods import load_model
     from dyntok.data import DataConfig
     from dyntok.training import TrainConfig, train
 

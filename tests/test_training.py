@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dyntok.checkpoint import CheckpointError, load_model
+from dyntok.fileio import CheckpointError
+from dyntok.methods import load_model
 from dyntok.data import DataConfig
 from dyntok.training import TrainConfig, train
 from dyntok.training.trainer import Trainer
@@ -213,7 +214,7 @@ def test_resume_after_a_real_sigkill_gives_the_same_final_weights(image_folder, 
 
 
 def test_resume_refuses_a_later_phase_of_a_run_whose_schedule_restarted(image_folder, tmp_path):
-    from dyntok.checkpoint import load_tensors, save_tensors
+    from dyntok.fileio import load_tensors, save_tensors
 
     config = dict(model="dynamicvit_vit_cifar_tiny", model_kwargs=PHASED, epochs=4)
     train(tiny_config(image_folder, tmp_path, **config))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import publish, temporary_sibling
+from ..fileio import atomic_write
 from ..training.trainer import TrainConfig
 
 __all__ = ["EntryCache", "training_key", "digest", "CACHE_VERSION"]
@@ -42,6 +42,9 @@ def training_key(config: TrainConfig, init_key: str | None = None) -> str:
     """Hash of the training-relevant settings of ``config`` plus the key of the model it starts from."""
     values = {key: value for key, value in config.to_dict().items() if key not in _RUN_FIELDS}
     values["data"] = {key: value for key, value in values["data"].items() if key not in _LOCATION_FIELDS}
+    # Keys made while DataConfig held the smoothing folded into mixup's targets had it here; keeping that
+    # entry (the same value) keeps every earlier cache valid.
+    values["data"]["label_smoothing"] = config.label_smoothing if config.data.mixup else 0.0
     values["init"] = init_key
     values["cache_version"] = CACHE_VERSION
     return digest(values)
@@ -49,11 +52,8 @@ def training_key(config: TrainConfig, init_key: str | None = None) -> str:
 
 def _write_json(path: Path, values: Any) -> None:
     """Write atomically: an interrupted run never leaves a half-written record behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    with open(tmp, "w") as handle:
+    with atomic_write(path) as tmp, open(tmp, "w") as handle:
         json.dump(values, handle, indent=2)
-    publish(tmp, path)
 
 
 def _read_json(path: Path) -> Any | None:

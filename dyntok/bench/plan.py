@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import file_sha256
+from ..fileio import file_sha256
 from ..measure.speed import inference_context, synchronize
 from ..methods import AdaptiveViT, create_model
 from ..pretrained import resolve_weights

@@ -21,13 +21,13 @@ import timm
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..checkpoint import load_model, save_model
+from .._versions import __version__
 from ..data import build_loaders
-from ..measure.evaluate import evaluate
+from ..evaluation import evaluate
 from ..measure.oracle import collect_exit_correctness, oracle_curve
-from ..measure.speed import inference_context, measure_latency, measure_throughput, precision
-from ..methods import AdaptiveViT, create_model
+from ..measure.speed import compare_speed, inference_context, precision
+from ..methods import AdaptiveViT, create_model, load_model, save_model
+from ..methods.budget import format_knobs
 from ..pretrained import model_card
 from ..report import render_report
 from ..report.gallery import entry_gallery
@@ -36,7 +36,7 @@ from ..training import distributed
 from ..training.trainer import train
 from .cache import EntryCache
 from .plan import EntryPlan, Plan, entry_caches, make_plan, select_entries, sweep_key, train_config
-from .spec import TRAIN_FIELDS, BenchSpec, Entry, format_knobs
+from .spec import TRAIN_FIELDS, BenchSpec, Entry
 
 __all__ = ["run_benchmark", "prepare", "RESULTS_FORMAT"]
 
@@ -170,19 +170,9 @@ def _measure_speed(reference: AdaptiveViT, model: AdaptiveViT | None, images: to
                    device: torch.device) -> dict[str, float]:
     """Throughput and batch-1 latency of ``model`` and the reference, interleaved (reference alone if None)."""
     settings = spec.speed
-    models = {"reference": reference.predict}
-    if model is not None:
-        models["candidate"] = model.predict
     # The run's one progress bar already names this stage; no nested bars.
-    throughput = measure_throughput(models, images, settings.batch_size, settings.repeats, settings.warmup, device,
-                                    progress=False)
-    latency = measure_latency(models, images[:settings.latency_images], settings.repeats, settings.warmup, device,
-                              progress=False)
-    name = "candidate" if model is not None else "reference"
-    return {"throughput": throughput[name].value, "reference_throughput": throughput["reference"].value,
-            "speedup": throughput[name].value / throughput["reference"].value,
-            "latency_ms": latency[name].value, "reference_latency_ms": latency["reference"].value,
-            "latency_speedup": latency["reference"].value / latency[name].value}
+    return compare_speed(reference.predict, None if model is None else model.predict, images, settings.batch_size,
+                         settings.latency_images, settings.repeats, settings.warmup, device)
 
 
 def _first_images(loader, count: int) -> torch.Tensor:

@@ -37,8 +37,13 @@ import timm
 import yaml
 
 from ..data import DataConfig
+from ..data.config import DATA_RANGES, OPTIONAL_DATA
+from ..methods.budget import format_knobs
 from ..methods.registry import get_method, list_methods, split_model_name
 from ..models.vit import BACKBONE_OVERRIDES, PRESETS
+from ..ranges import Interval
+from ..training.recipes import RECIPES
+from ..training.validation import OPTIONAL_SETTINGS, TRAIN_RANGES
 
 __all__ = ["SpecError", "BudgetPoint", "Entry", "SpeedSettings", "BenchSpec", "PROFILES", "load_spec",
            "parse_spec", "builtin_spec_path", "TRAIN_FIELDS"]
@@ -76,18 +81,21 @@ def _as_number(value: Any, where: str, what: str) -> float:
     return value
 
 
-def positive(value: Any, where: str) -> float:
-    number = _as_number(value, where, "a positive number")
-    if not number > 0:
-        raise SpecError(f"{where}: expected a positive number, got {_describe(value)}")
-    return number
+def ranged(accepted: Interval) -> Callable[[Any, str], Any]:
+    """The check of a setting declared once as ``accepted`` (:mod:`dyntok.ranges`), in the spec's words.
 
-
-def non_negative(value: Any, where: str) -> float:
-    number = _as_number(value, where, "a number >= 0")
-    if not number >= 0:
-        raise SpecError(f"{where}: expected a number >= 0, got {_describe(value)}")
-    return number
+    A number is returned as written (``3`` stays an int, ``3.0`` a float), so cache keys do not depend on how
+    it was checked; a whole number as an int.
+    """
+    def check(value: Any, where: str) -> Any:
+        if isinstance(value, str) and not accepted.integer:
+            value = _as_number(value, where, accepted.describe())
+        try:
+            checked = accepted.check(where, value)
+        except ValueError:
+            raise SpecError(f"{where}: expected {accepted.describe()}, got {_describe(value)}") from None
+        return checked if accepted.integer else value
+    return check
 
 
 def fraction(value: Any, where: str) -> float:
@@ -95,16 +103,6 @@ def fraction(value: Any, where: str) -> float:
     if not 0 <= number < 1:
         raise SpecError(f"{where}: expected a number in [0, 1), got {_describe(value)}")
     return number
-
-
-def integer(value: Any, where: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpecError(f"{where}: expected an integer >= {minimum}, got {_describe(value)}")
-    return value
-
-
-def positive_integer(value: Any, where: str) -> int:
-    return integer(value, where, minimum=1)
 
 
 def count_or_fraction(value: Any, where: str) -> int | float:
@@ -166,16 +164,12 @@ def _json_value(value: Any, where: str) -> Any:
 # ------------------------------------------------------------------------------------------ sections
 #: Training settings a spec may set (globally under ``train:`` or per entry), with their checks.
 #: Everything else in ``TrainConfig`` is the benchmark's business (model, data, output folder, init, device).
+#: The ranges are ``TrainConfig``'s own (:data:`~dyntok.training.validation.TRAIN_RANGES`), so a spec accepts
+#: exactly the values training does. Epochs 0 evaluate the entry's init as is (training-free methods: ToMe).
 TRAIN_FIELDS: dict[str, Callable[[Any, str], Any]] = {
-    "epochs": non_negative,  # 0: evaluate the entry's init as is (training-free methods such as ToMe)
-    "lr": positive,
-    "min_lr": non_negative,
-    "weight_decay": non_negative,
-    "warmup_epochs": non_negative,
-    "label_smoothing": fraction,
-    "clip_grad": optional(positive),
-    "ema_decay": optional(fraction),
-    "seed": integer,
+    **{name: optional(ranged(TRAIN_RANGES[name])) if name in OPTIONAL_SETTINGS else ranged(TRAIN_RANGES[name])
+       for name in ("epochs", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
+                    "ema_decay", "seed")},
     "amp": optional(boolean),
     "compile": boolean,
 }
@@ -183,11 +177,9 @@ TRAIN_FIELDS: dict[str, Callable[[Any, str], Any]] = {
 #: Checks for the ``DataConfig`` fields whose type matters before loading; the others are passed through.
 _DATA_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "dataset": text,
-    "batch_size": positive_integer,
-    "eval_batch_size": optional(positive_integer),
-    "image_size": optional(positive_integer),
+    **{name: optional(ranged(DATA_RANGES[name])) if name in OPTIONAL_DATA else ranged(DATA_RANGES[name])
+       for name in ("batch_size", "eval_batch_size", "image_size", "seed")},
     "holdout_size": count_or_fraction,
-    "seed": integer,
 }
 
 
@@ -202,8 +194,9 @@ class SpeedSettings:
     warmup: int = 1
 
 
-_SPEED_CHECKS = {"batch_size": positive_integer, "images": positive_integer, "latency_images": positive_integer,
-                 "repeats": positive_integer, "warmup": integer}
+_SPEED_CHECKS = {**{name: ranged(Interval(1, integer=True))
+                    for name in ("batch_size", "images", "latency_images", "repeats")},
+                 "warmup": ranged(Interval(0, integer=True))}
 
 
 @dataclass(frozen=True)
@@ -222,17 +215,6 @@ class BudgetPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return {"calibrate": self.calibrate} if self.calibrate is not None else dict(self.knobs or {})
-
-
-def format_knobs(knobs: Mapping[str, Any]) -> str:
-    """``{'keep_ratio': 0.7}`` -> ``keep_ratio=0.7``; floats shortened, lists bracketed."""
-    def short(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        if isinstance(value, (list, tuple)):
-            return "[" + ",".join(short(item) for item in value) + "]"
-        return str(value)
-    return " ".join(f"{key}={short(value)}" for key, value in knobs.items()) or "default"
 
 
 @dataclass(frozen=True)
@@ -421,8 +403,6 @@ def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], 
 
 def _check_shipped_reference(model: str, model_kwargs: dict[str, Any], init: str | None, where: str) -> None:
     """A ``pretrained`` entry is a model with a recipe, as it is: exactly what ``dyntok pretrain`` ships."""
-    from ..pretrained import RECIPES
-
     if model not in RECIPES or model_kwargs or init is not None:
         raise SpecError(f"{where}.pretrained: only a model with shipped weights and no model_kwargs or init "
                         f"can be pretrained ({', '.join(RECIPES)}); got {model!r}")
@@ -436,8 +416,6 @@ def with_references_from_scratch(spec: BenchSpec) -> BenchSpec:
     held-out split) are the spec's ``data`` section, so a spec meant to reproduce the shipped files sets them as
     the recipes do (the built-in ``cpu`` spec does).
     """
-    from ..pretrained import RECIPES
-
     entries: list[Entry] = []
     for entry in spec.entries:
         if entry.pretrained:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "fix the input and run again": one line for each, never a traceback."""
-    from ..checkpoint import CheckpointWriteError
+    from ..fileio import CheckpointWriteError
     from ..training.lock import RunLockedError
 
     return ValueError, FileNotFoundError, CheckpointWriteError, RunLockedError, FloatingPointError

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_meta, load_model
+from ..fileio import load_meta
 from ..data import DataConfig, build_loaders
-from ..measure.evaluate import evaluate
-from ..measure.speed import inference_context, measure_latency, measure_throughput
-from ..methods import create_model_from_config
+from ..evaluation import evaluate
+from ..measure.speed import compare_speed, inference_context
+from ..methods import create_model_from_config, load_model
 from ..training.distributed import select_device
 from ._common import DEFAULT_HOLDOUT, add_data_arguments, data_config, parse_knobs
 
@@ -54,18 +54,11 @@ def dense_reference(model):
 
 
 def speed_report(model, dense, images: torch.Tensor, device: torch.device, args: argparse.Namespace) -> dict:
-    predictors = {"model": model.predict, "dense": dense.predict}
+    """The model against its dense backbone, as the benchmark compares them (``dense_throughput``...)."""
     batch_size = args.speed_batch_size or (256 if device.type == "cuda" else 64)
-    progress = not args.no_progress
-    throughput = measure_throughput(predictors, images[:args.speed_images], batch_size, args.repeats, device=device,
-                                    progress=progress)
-    latency = measure_latency(predictors, images[:args.latency_images], args.repeats, device=device,
-                              progress=progress)
-    return {"batch_size": batch_size, "throughput": throughput["model"].value,
-            "dense_throughput": throughput["dense"].value,
-            "speedup": throughput["model"].value / throughput["dense"].value,
-            "latency_ms": latency["model"].value, "dense_latency_ms": latency["dense"].value,
-            "latency_ratio": latency["model"].value / latency["dense"].value}
+    speed = compare_speed(dense.predict, model.predict, images[:args.speed_images], batch_size, args.latency_images,
+                          args.repeats, device=device, progress=not args.no_progress, baseline_name="dense")
+    return {"batch_size": batch_size, **speed}
 
 
 def recorded_holdout_split(meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -73,7 +66,7 @@ def recorded_holdout_split(meta: dict[str, Any]) -> dict[str, Any] | None:
     if "holdout_split" in meta:
         return meta["holdout_split"]
     data = meta.get("train_config", {}).get("data")  # training checkpoints of older dyntok
-    return None if data is None else DataConfig(**data).holdout_split()
+    return None if data is None else DataConfig.from_dict(data).holdout_split()
 
 
 def calibration_split(checkpoint: str, requested: int | float | None) -> dict[str, Any]:

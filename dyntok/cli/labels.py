@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import file_sha256, load_model, save_tensors
 from ..data import BatchLoader, DataConfig, EvalTransform, holdout_split, load_dataset
+from ..fileio import file_sha256, save_tensors
 from ..measure.oracle import collect_exit_correctness, first_correct_exit
+from ..methods import load_model
 from ..training.distributed import select_device
 from ._common import add_data_arguments, data_config
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..pretrained import RECIPES, WEIGHTS_DIR, export_reference
+from ..pretrained import WEIGHTS_DIR
 from ..training import train
+from ..training.recipes import RECIPES, export_reference
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:

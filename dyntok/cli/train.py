@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..checkpoint import load_meta
+from ..fileio import load_meta
+from ..methods.registry import model_name
 from ..training import TrainConfig, train
 from ..training.trainer import PRETRAINED_INIT
 from ._common import add_data_arguments, data_config, parse_knobs
@@ -56,10 +57,6 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def model_name(method: str, backbone: str) -> str:
-    return backbone if method == "dense" else f"{method}_{backbone}"
-
-
 def backbone_of(args: argparse.Namespace) -> tuple[str, dict]:
     """The backbone and its settings: ``--model``, else the ``--init`` file's (a ViT adapted with
     ``dyntok.adapt`` and saved names its timm architecture and settings), else the default preset.
@@ -79,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     backbone, settings = backbone_of(args)
     name = model_name(args.method, backbone)
     data = data_config(args, seed=args.seed, randaugment=args.randaugment, mixup_alpha=args.mixup,
-                       cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing)
+                       cutmix_alpha=args.cutmix)
     return TrainConfig(
         model=name, model_kwargs={**settings, **parse_knobs(args.model_arg)}, data=data,
         output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,

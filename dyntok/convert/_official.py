@@ -21,8 +21,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from ..adapt import backbone_spec_of
-from ..checkpoint import file_sha256, save_model
-from ..methods import AdaptiveViT
+from ..fileio import file_sha256
+from ..methods import AdaptiveViT, save_model
 from ..methods.registry import get_method
 from ..models.vit import BackboneSpec
 

@@ -8,15 +8,16 @@ from typing import Any
 
 import torch
 
-from ..methods.budget import Interval
+from ..ranges import Interval, check_ranges
 from .datasets import ImageTensorDataset, holdout_split, load_dataset
 from .loader import BatchLoader
 from .transforms import EvalTransform, TrainTransform, default_normalization
 
-__all__ = ["DataConfig", "build_loaders"]
+__all__ = ["DataConfig", "build_loaders", "DATA_RANGES", "OPTIONAL_DATA"]
 
-#: Numeric options and the values they accept (``None`` too for the ``_OPTIONAL`` ones); checked on creation.
-_RANGES = {
+#: Numeric options and the values they accept (``None`` too for the ``OPTIONAL_DATA`` ones); checked on creation
+#: and, for the benchmark spec's ``data:`` section, by the spec with these same declarations.
+DATA_RANGES = {
     "batch_size": Interval(1, integer=True),
     "eval_batch_size": Interval(1, integer=True),
     "image_size": Interval(1, integer=True),
@@ -25,10 +26,18 @@ _RANGES = {
     "cutmix_alpha": Interval(0.0),
     "mixup_prob": Interval(0.0, 1.0),
     "mixup_switch_prob": Interval(0.0, 1.0),
-    "label_smoothing": Interval(0.0, 1.0, high_open=True),
+    "seed": Interval(0, integer=True),
 }
-_OPTIONAL = {"eval_batch_size", "image_size"}
+OPTIONAL_DATA = frozenset({"eval_batch_size", "image_size"})
 _CLI_NAMES = {"mixup_alpha": "--mixup", "cutmix_alpha": "--cutmix"}
+#: Options that moved elsewhere but that run records written before still carry: ignored when read back.
+#: ``label_smoothing`` is the loss's (``TrainConfig``), handed to :func:`build_loaders` for mixup's targets.
+_RETIRED = frozenset({"label_smoothing"})
+
+
+def _option_name(name: str) -> str:
+    """``'mixup_alpha'`` -> ``'mixup_alpha (--mixup)'``: readable from Python and from the shell."""
+    return f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})"
 
 
 @dataclass
@@ -52,10 +61,9 @@ class DataConfig:
         crop_padding, padding_mode: random crop with this padding (``"reflect"``/``"zero"``/``"edge"``).
         hflip: random horizontal flip.
         randaugment: ``[num_ops, magnitude]`` for torchvision's RandAugment, e.g. ``[2, 9]``; None = off.
-        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, label_smoothing: ``timm.data.Mixup``
-            options. With mixup or cutmix on, training targets are soft ``(B, num_classes)`` floats
-            with the label smoothing already applied; ``label_smoothing`` is unused otherwise
-            (apply it in the loss).
+        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: ``timm.data.Mixup`` options. With
+            mixup or cutmix on, training targets are soft ``(B, num_classes)`` floats with the label
+            smoothing :func:`build_loaders` is given already applied.
         mean, std: normalisation; None = the dataset's defaults (CIFAR-100's for cifar100,
             CIFAR-10's otherwise). Pass a pretrained model's values when fine-tuning one.
     """
@@ -78,7 +86,6 @@ class DataConfig:
     cutmix_alpha: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.0
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
@@ -88,10 +95,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
-        for name, accepted in _RANGES.items():
-            value = getattr(self, name)
-            if value is not None or name not in _OPTIONAL:
-                accepted.check(f"{name} ({_CLI_NAMES.get(name, '--' + name.replace('_', '-'))})", value)
+        check_ranges(self, DATA_RANGES, OPTIONAL_DATA, _option_name)
 
     @property
     def mixup(self) -> bool:
@@ -104,8 +108,9 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
-        """Build from a dict (e.g. a YAML section), naming any unknown keys."""
+        """Build from a dict (e.g. a YAML section or a run record), naming any unknown keys."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in values.items() if key not in _RETIRED}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown data options {unknown}; known: {sorted(known)}")
@@ -129,8 +134,11 @@ def build_loaders(
     world_size: int = 1,
     shard_eval: bool = False,
     device: torch.device | str | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Any]:
     """Load ``config.dataset`` and build its loaders.
+
+    ``label_smoothing`` is the loss's; with mixup or cutmix on it is folded into the soft training targets.
 
     Returns a dict with:
         ``"train"``: shuffled, augmented, sharded over ``world_size`` ranks (call ``set_epoch``);
@@ -156,7 +164,8 @@ def build_loaders(
         return BatchLoader(dataset, config.eval_batch_size or config.batch_size, evaluation,
                            even_shards=False, device=device, **eval_shard)
 
-    train = BatchLoader(train_part, config.batch_size, _train_transform(config, train_set.num_classes),
+    train = BatchLoader(train_part, config.batch_size,
+                        _train_transform(config, train_set.num_classes, label_smoothing),
                         shuffle=True, drop_last=config.drop_last, seed=config.seed, rank=rank,
                         world_size=world_size, device=device)
     return {
@@ -169,20 +178,20 @@ def build_loaders(
     }
 
 
-def _train_transform(config: DataConfig, num_classes: int) -> TrainTransform:
+def _train_transform(config: DataConfig, num_classes: int, label_smoothing: float) -> TrainTransform:
     mean, std = config.normalization()
     return TrainTransform(
         mean, std, config.image_size,
         crop_padding=config.crop_padding, padding_mode=config.padding_mode, hflip=config.hflip,
-        randaugment=config.randaugment, mixup=_mixup(config, num_classes),
+        randaugment=config.randaugment, mixup=_mixup(config, num_classes, label_smoothing),
     )
 
 
-def _mixup(config: DataConfig, num_classes: int):
+def _mixup(config: DataConfig, num_classes: int, label_smoothing: float):
     if not config.mixup:
         return None
     from timm.data import Mixup
 
     return Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.mixup_prob,
                  switch_prob=config.mixup_switch_prob, mode="batch",
-                 label_smoothing=config.label_smoothing, num_classes=num_classes)
+                 label_smoothing=label_smoothing, num_classes=num_classes)

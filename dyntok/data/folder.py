@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_write
 from .errors import DatasetLayoutError, DatasetNotFoundError, ImageDecodeError, ImageSizeError
 
 __all__ = [
@@ -228,17 +229,12 @@ def _write_cache(path: Path, images: torch.Tensor, split: FolderSplit) -> None:
     """Save atomically (tmp file + rename) so a crash never leaves a half-written entry."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import publish
-
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    metadata = {"format": CACHE_FORMAT, "source": str(split.directory)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": CACHE_FORMAT, "source": str(split.directory)}
-        save_file({"images": images.contiguous()}, str(tmp), metadata=metadata)
-        publish(str(tmp), path)
+        with atomic_write(path) as tmp:
+            save_file({"images": images.contiguous()}, tmp, metadata=metadata)
     except OSError as error:  # the cache only saves time; a read-only home must not stop a run
         warnings.warn(f"Could not write the decode cache {path} ({error}); continuing without it.", stacklevel=3)
-        tmp.unlink(missing_ok=True)
         return
     for stale in path.parent.glob(f"{_cache_prefix(split)}*.safetensors"):
         if stale != path:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "inference_context", "precision", "synchronize"]
+__all__ = ["SpeedResult", "measure_throughput", "measure_latency", "compare_speed", "inference_context", "precision",
+           "synchronize"]
 
 
 @dataclass
@@ -92,3 +93,24 @@ def measure_latency(models: Mapping[str, Callable[[Tensor], object]], images: Te
     return {name: SpeedResult(1000 * statistics.median(times) / len(images),
                               [1000 * t / len(images) for t in times])
             for name, times in seconds.items()}
+
+
+def compare_speed(baseline: Callable[[Tensor], object], candidate: Callable[[Tensor], object] | None,
+                  images: Tensor, batch_size: int, latency_images: int, repeats: int = 5, warmup: int = 1,
+                  device: str | torch.device = "cpu", progress: bool = False, baseline_name: str = "reference"
+                  ) -> dict[str, float]:
+    """Throughput over ``images`` and batch-1 latency over the first ``latency_images`` of ``candidate`` against
+    ``baseline``, interleaved (the baseline alone when ``candidate`` is None: it is then its own candidate).
+
+    Both ratios read the same way, baseline time over candidate time (above 1: the candidate is faster):
+    ``speedup`` for throughput, ``latency_speedup`` for latency. ``baseline_name`` names the baseline's own
+    figures (``reference_throughput``, ``reference_latency_ms``).
+    """
+    predictors = {"baseline": baseline} if candidate is None else {"baseline": baseline, "candidate": candidate}
+    measured = "candidate" if candidate is not None else "baseline"
+    throughput = measure_throughput(predictors, images, batch_size, repeats, warmup, device, progress=progress)
+    latency = measure_latency(predictors, images[:latency_images], repeats, warmup, device, progress=progress)
+    return {"throughput": throughput[measured].value, f"{baseline_name}_throughput": throughput["baseline"].value,
+            "speedup": throughput[measured].value / throughput["baseline"].value,
+            "latency_ms": latency[measured].value, f"{baseline_name}_latency_ms": latency["baseline"].value,
+            "latency_speedup": latency["baseline"].value / latency[measured].value}

@@ -33,8 +33,8 @@ from ..measure.macs import (attention_macs, block_macs, head_macs, linear_macs, 
 from ..models.vit import BackboneSpec, embed_tokens
 from .base import Criterion, LossOutput, Prediction, SingleViT, dense_backbone_state
 from .budget import Interval, KnobSpace
-from .dynamicvit import keep_attention_mask
 from .registry import register_method
+from .token_reduction import keep_attention_mask
 
 __all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "hard_decisions",
            "attention_on_heads", "POLICIES", "ATTENTION_BATCHING"]

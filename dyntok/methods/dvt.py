@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from ..measure.macs import vit_macs
 from ..models.vit import BackboneSpec
 from .base import AdaptiveViT, Criterion, LossOutput, Prediction
-from .budget import Interval, KnobSpace
+from .budget import Choice, Interval, KnobSpace
 from .dvt_reuse import (RESAMPLING_MODES, FeatureReuse, RelationReuse, block_forward, check_block_supported,
                         widen_mlp_input)
 from .registry import register_method
+from .token_reduction import default_grids
 
 __all__ = ["DVT", "DVTStage", "StageMemory", "default_grids", "default_reuse_widths", "stage_geometry",
            "geometric_exit_proportions",
@@ -41,15 +42,6 @@ SWEEP_Q = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 
 
 # --------------------------------------------------------------------------------------------- geometry
-def default_grids(full_grid: int) -> list[int]:
-    """Half-, three-quarter- and full-resolution grids of a backbone whose grid is ``full_grid``.
-
-    Python's ``round`` (ties to even): 8 -> [4, 6, 8] (32px CIFAR, patch 4); 14 -> [7, 10, 14] (224px, patch 16),
-    the published ImageNet grids.
-    """
-    return [max(1, round(full_grid / 2)), max(1, round(full_grid * 0.75)), full_grid]
-
-
 def default_reuse_widths(dim: int) -> tuple[int, int]:
     """(hidden, out) widths of the feature-reuse MLPs for a backbone of width ``dim``: ``D/3`` and ``D/8``.
 
@@ -264,8 +256,8 @@ class DVT(AdaptiveViT):
                  padded_patches: bool = False, reuse_resampling: str = "bilinear",
                  reuse_class_fill: str = "mean") -> None:
         grids = None if grids is None else [int(grid) for grid in grids]
-        _check_choice("reuse_resampling", reuse_resampling, RESAMPLING_MODES)
-        _check_choice("reuse_class_fill", reuse_class_fill, ("mean", "zeros"))
+        Choice(RESAMPLING_MODES).check("reuse_resampling", reuse_resampling)
+        Choice(("mean", "zeros")).check("reuse_class_fill", reuse_class_fill)
         stages = _build_stages(backbone, grids, padded_patches)
         scaled_hidden, scaled_dim = default_reuse_widths(stages[0].vit.embed_dim)
         # The resolved widths go into the config, so a checkpoint rebuilds what it was trained with.
@@ -464,11 +456,6 @@ class DVT(AdaptiveViT):
 def _confidence(logits: Tensor) -> Tensor:
     """Max softmax probability, computed in float32 whatever the logits' dtype."""
     return logits.float().softmax(dim=-1).amax(dim=-1)
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def _build_stages(backbone: BackboneSpec, grids: list[int] | None, padded: bool) -> list[DVTStage]:

@@ -28,15 +28,10 @@ from .base import (Criterion, LossOutput, Prediction, SingleViT, TrainingPhase, 
                    split_weight_decay)
 from .budget import Interval, KnobSpace
 from .registry import register_method
+from .token_reduction import check_pooling, check_prune_locations, default_prune_locations, keep_attention_mask
 
 __all__ = ["DynamicViT", "DynamicViTOutput", "KeepPredictor", "default_prune_locations", "keep_attention_mask",
            "predictor_macs"]
-
-#: Attention weight a dropped token keeps in training, relative to a kept one (its additive mask is the log
-#: of this). Small enough that nothing measurable leaks, large enough that the attention probabilities of
-#: dropped tokens stay normal floats in float32/bfloat16, so the gradient that tells the predictor what
-#: keeping a dropped token would have changed survives (see :func:`keep_attention_mask`).
-_DROPPED_WEIGHT = 1e-20
 
 #: Keep ratios the benchmark sweeps by default (the paper trains at 0.7).
 _SWEEP_KEEP_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -77,34 +72,6 @@ class KeepPredictor(nn.Module):
 def predictor_macs(predictor: KeepPredictor, tokens: int | float) -> float:
     """MACs of one :class:`KeepPredictor` over ``tokens`` tokens (its linear layers; pooling is a sum)."""
     return sum(linear_macs(layer, tokens) for layer in predictor.modules() if isinstance(layer, nn.Linear))
-
-
-def default_prune_locations(depth: int) -> list[int]:
-    """Blocks before which tokens are pruned: at 1/4, 1/2 and 3/4 of the depth, rounded down.
-
-    Depth 12 gives the paper's ``[3, 6, 9]``, depth 6 ``[1, 3, 4]``. Never before block 0 (the predictor needs
-    some context), duplicates of shallow models removed (depth 2 gives ``[1]``).
-    """
-    if depth < 2:
-        raise ValueError(f"DynamicViT needs a backbone of depth >= 2 to prune between blocks, got depth {depth}")
-    return sorted({max(1, depth * quarter // 4) for quarter in (1, 2, 3)})
-
-
-def keep_attention_mask(keep: Tensor) -> Tensor:
-    """Additive float32 attention mask (B, 1, N, N) for a (B, N) 0/1 keep mask over all tokens.
-
-    Query ``i`` ignores every dropped key ``j`` and always sees itself (the paper's mask
-    ``G_ij = 1 if i == j else D_j``), so kept tokens never read dropped ones and no row is empty. The mask is
-    ``log(D_j + eps)``: adding it before the softmax multiplies the exponentials by ``D_j + eps`` exactly like
-    the official masked softmax, and its gradient with respect to ``D_j`` is the same, so the task loss
-    reaches the predictors through the straight-through decisions. Every entry is finite: no NaN, whatever
-    the keep ratio and the dtype the attention runs in.
-    """
-    keep = keep.float()
-    num_tokens = keep.shape[1]
-    bias = torch.log(keep + _DROPPED_WEIGHT)[:, None, None, :].expand(-1, 1, num_tokens, -1)
-    itself = torch.eye(num_tokens, dtype=torch.bool, device=keep.device)
-    return bias.masked_fill(itself, 0.0)
 
 
 def hard_gumbel_keep(log_probs: Tensor) -> Tensor:
@@ -162,13 +129,13 @@ class DynamicViT(SingleViT):
                  distill_weight: float = 0.5, token_distill_weight: float = 0.5, backbone_lr_scale: float = 0.01,
                  predictor_warmup: float = 5 / 30) -> None:
         vit = backbone.build()
-        locations = _check_locations(prune_locations, len(vit.blocks))
+        locations = check_prune_locations(prune_locations, len(vit.blocks))
         if not 0.0 <= predictor_warmup < 1.0:
             raise ValueError(f"predictor_warmup is a share of training in [0, 1), got {predictor_warmup}")
         super().__init__(backbone, keep_ratio=keep_ratio, prune_locations=locations, ratio_weight=ratio_weight,
                          distill_weight=distill_weight, token_distill_weight=token_distill_weight,
                          backbone_lr_scale=backbone_lr_scale, predictor_warmup=predictor_warmup)
-        _check_pooling(vit)
+        check_pooling(vit, "DynamicViT")
         self.vit = vit
         self.predictors = nn.ModuleList(KeepPredictor(vit.embed_dim) for _ in locations)
         self.prune_locations = tuple(locations)
@@ -363,23 +330,3 @@ def _kept_token_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
     """Mean squared error over the channels of the tokens ``keep`` marks (0 when none is kept)."""
     per_token = (student.float() - teacher.float()).pow(2).mean(dim=-1)
     return (per_token * keep).sum() / keep.sum().clamp_min(1.0)
-
-
-def _check_locations(locations: Sequence[int] | None, depth: int) -> list[int]:
-    if locations is None:
-        return default_prune_locations(depth)
-    locations = [int(location) for location in locations]
-    increasing = all(a < b for a, b in zip(locations, locations[1:]))
-    if not locations or not increasing or locations[0] < 0 or locations[-1] >= depth:
-        raise ValueError(f"prune_locations must be strictly increasing block indices in [0, {depth - 1}], "
-                         f"got {locations}")
-    return locations
-
-
-def _check_pooling(vit: nn.Module) -> None:
-    """Pruning needs a head that reads the class token, or an average it can restrict to the kept tokens."""
-    pools_kept_only = vit.global_pool == "token" or (
-        vit.global_pool == "avg" and not getattr(vit, "pool_include_prefix", False))
-    if getattr(vit, "attn_pool", None) is not None or not pools_kept_only:
-        raise ValueError(f"DynamicViT supports backbones pooling by class token or by average "
-                         f"(global_pool='token' or 'avg'), got global_pool={vit.global_pool!r}")

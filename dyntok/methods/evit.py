@@ -23,10 +23,9 @@ from ..measure.macs import attention_macs, head_macs, mlp_macs, patch_embed_macs
 from ..models.vit import BackboneSpec, embed_tokens
 from .base import Prediction, SingleViT
 from .budget import Interval, KnobSpace
-from .dynamicvit import _check_locations
 from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              class_attention, gather_tokens, mlp_half, pooled_head)
+                              check_prune_locations, class_attention, gather_tokens, mlp_half, pooled_head)
 
 __all__ = ["EViT", "fuse_inattentive", "kept_count"]
 
@@ -84,7 +83,7 @@ class EViT(SingleViT):
         if not 0.0 <= shrink_start <= shrink_end <= 1.0:
             raise ValueError(f"shrink_start <= shrink_end are shares of training in [0, 1]; "
                              f"got {shrink_start}, {shrink_end}")
-        locations = _check_locations(prune_locations, len(vit.blocks))
+        locations = check_prune_locations(prune_locations, len(vit.blocks))
         super().__init__(backbone, keep_rate=keep_rate, prune_locations=locations, shrink_start=shrink_start,
                          shrink_end=shrink_end)
         self.vit = vit

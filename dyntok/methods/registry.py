@@ -1,4 +1,4 @@
-"""Method registry and ``create_model``: one way to build any dyntok model by name.
+"""Method registry, ``create_model`` and model files: one way to build, save and rebuild any dyntok model.
 
 A model name is ``<method>_<backbone>`` (``dynamicvit_vit_cifar_tiny``, ``dvt_deit_small_patch16_224``) or a
 bare backbone name for the dense model (``vit_cifar_tiny``, ``vit_small_patch16_224``).
@@ -6,11 +6,18 @@ bare backbone name for the dense model (``vit_cifar_tiny``, ``vit_small_patch16_
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 from typing import Any, TypeVar
 
-from ..models.vit import BACKBONE_OVERRIDES, PRESETS, BackboneSpec, list_backbones
+import torch
+from torch import Tensor, nn
 
-__all__ = ["register_method", "create_model", "list_models", "list_methods", "get_method", "split_model_name"]
+from ..fileio import CheckpointError, load_tensors, save_tensors, tensors_under
+from ..models.vit import BACKBONE_OVERRIDES, PRESETS, BackboneSpec, list_backbones
+from ..pretrained import REFERENCE, PretrainedError, reference_state_dict, refuse_architecture_changes, resolve_weights
+
+__all__ = ["register_method", "create_model", "list_models", "list_methods", "get_method", "split_model_name",
+           "model_name", "create_model_from_config", "save_model", "load_model", "config_mismatch"]
 
 _METHODS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
@@ -47,6 +54,11 @@ def split_model_name(name: str) -> tuple[str, str]:
     return "dense", name
 
 
+def model_name(method: str, backbone: str) -> str:
+    """The inverse of :func:`split_model_name`: ``('dvt', 'vit_cifar_tiny')`` -> ``'dvt_vit_cifar_tiny'``."""
+    return backbone if method == "dense" else f"{method}_{backbone}"
+
+
 def create_model(name: str, pretrained: bool | str = False, pretrained_file: str | None = None, **kwargs: Any):
     """Build a model by name, like ``timm.create_model``.
 
@@ -62,11 +74,66 @@ def create_model(name: str, pretrained: bool | str = False, pretrained_file: str
     method, backbone_name = split_model_name(name)
     overrides = {key: kwargs.pop(key) for key in BACKBONE_OVERRIDES if key in kwargs}
     if pretrained and backbone_name in PRESETS:
-        from ..pretrained import load_pretrained
-
-        return load_pretrained(name, overrides, kwargs, pretrained_file or pretrained)
+        return _create_pretrained(method, backbone_name, overrides, kwargs, pretrained_file or pretrained)
     spec = BackboneSpec(backbone_name, overrides, pretrained=bool(pretrained), pretrained_file=pretrained_file)
     return get_method(method)(spec, **kwargs)
+
+
+def _create_pretrained(method: str, preset: str, overrides: dict[str, Any], method_kwargs: dict[str, Any],
+                       source: bool | str | Path):
+    """``create_model`` with ``pretrained=source`` on a dyntok preset.
+
+    A dense preset is its reference. For a method, the file found for its name holds either the method's own
+    trained weights, loaded as they are (budget knobs and training-only settings may be changed), or a dense
+    reference (a file given for a method), from which the method starts through ``init_from_dense``;
+    ``source="reference"`` starts it from the backbone's packaged reference.
+    """
+    reference_source = True if source == REFERENCE else source
+    if method != "dense" and source != REFERENCE:
+        path = resolve_weights(model_name(method, preset), source)
+        trained = _load_shipped(path, preset)
+        if trained.config["method"] == method:
+            return _with_settings(trained, path, overrides, method_kwargs)
+        if trained.config["method"] != "dense":
+            raise PretrainedError(f"{path} holds {trained.config['method']} weights, not {method} weights or a "
+                                  f"dense reference")
+        reference_source = path
+    model = get_method(method)(BackboneSpec(preset, overrides), **method_kwargs)
+    model.init_from_dense(reference_state_dict(preset, overrides, reference_source))
+    return model
+
+
+def _load_shipped(path: Path, preset: str):
+    """The model in ``path``, which must be built on ``preset``."""
+    try:
+        model = load_model(path)
+    except CheckpointError as error:
+        raise PretrainedError(f"weights for {preset!r} are unusable: {error}") from None
+    if model.config["backbone"]["name"] != preset:
+        raise PretrainedError(f"{path} holds {model.config['method']} weights for "
+                              f"{model.config['backbone']['name']!r}, not for {preset!r}")
+    return model
+
+
+def _with_settings(trained, path: Path, overrides: dict[str, Any], method_kwargs: dict[str, Any]):
+    """``trained`` rebuilt with the asked settings: budget knobs and training-only settings may change,
+    anything that would change the weights' shapes is refused by name."""
+    if not overrides and not method_kwargs:
+        return trained
+    config = trained.config
+    refuse_architecture_changes(config["backbone"], overrides, str(path))
+    budget = trained.get_budget()
+    spec = BackboneSpec(config["backbone"]["name"], {**config["backbone"]["overrides"], **overrides})
+    model = type(trained)(spec, **{**config["method_kwargs"], **method_kwargs})
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError:
+        changed = ", ".join(f"{key}={value!r}" for key, value in config["method_kwargs"].items()
+                            if key in method_kwargs and method_kwargs[key] != value)
+        raise PretrainedError(f"{path} was trained with {changed}; these settings shape its weights, so they "
+                              f"cannot differ from the file's") from None
+    model.set_budget(**{key: value for key, value in budget.items() if key not in method_kwargs})
+    return model
 
 
 def create_model_from_config(config: dict[str, Any]):
@@ -80,5 +147,61 @@ def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
     """Model names ``create_model`` accepts: every method on every preset (and timm ViTs if asked)."""
     names = []
     for backbone in list_backbones(include_timm):
-        names += [backbone if method == "dense" else f"{method}_{backbone}" for method in list_methods()]
+        names += [model_name(method, backbone) for method in list_methods()]
     return [name for name in names if fnmatch.fnmatch(name, pattern)]
+
+
+# ------------------------------------------------------------------------------------------ model files
+def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save weights, the config that rebuilds the model, and its budget knobs."""
+    meta = {"kind": "model", "config": model.config, "budget": model.get_budget(), **(extra or {})}
+    return save_tensors(path, model.state_dict(), meta)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild a model saved by :func:`save_model` (or the model inside a training checkpoint)."""
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") == "training":
+        tensors = tensors_under(tensors, "model.")  # a training checkpoint keeps the model's weights there
+    elif meta.get("kind") != "model":
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a model")
+    try:
+        model = create_model_from_config(meta["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} describes a model dyntok cannot build ({type(error).__name__}: {error}); "
+                              f"it was written by another dyntok version or edited") from None
+    problems = _weight_mismatch(model.state_dict(), tensors)
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not fit the model its header describes "
+                              f"({meta['config'].get('method')} on {meta['config'].get('backbone', {}).get('name')}): "
+                              f"{problems}; the file is damaged or was edited")
+    model.load_state_dict(tensors)
+    if meta.get("budget"):
+        model.set_budget(**meta["budget"])
+    return model.to(map_location)
+
+
+def _weight_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str:
+    """Missing, unexpected and misshapen weights in a few words ('' when they fit)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshapen = [f"{name} {tuple(found[name].shape)} instead of {tuple(tensor.shape)}"
+                 for name, tensor in expected.items() if name in found and found[name].shape != tensor.shape]
+    parts = [f"{label}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+             if items]
+    return "; ".join(parts)
+
+
+def config_mismatch(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    """How two ``model.config`` dicts differ, setting by setting: ``'num_classes: 100 in the file, 10 here'``."""
+    def settings(config: dict[str, Any]) -> dict[str, Any]:
+        backbone = config.get("backbone", {})
+        arch, kwargs = BackboneSpec(backbone.get("name", "?"), dict(backbone.get("overrides", {}))).resolved_kwargs()
+        return {"method": config.get("method"), "backbone": arch, **kwargs, **config.get("method_kwargs", {})}
+
+    found_settings, expected_settings = settings(found), settings(expected)
+    differences = [f"{key}: {found_settings.get(key)!r} in the file, {expected_settings.get(key)!r} here"
+                   for key in sorted(set(found_settings) | set(expected_settings), key=str)
+                   if found_settings.get(key) != expected_settings.get(key)]
+    return "; ".join(differences)

@@ -31,8 +31,8 @@ from ..measure.oracle import exit_correctness, first_correct_exit
 from ..models.vit import BackboneSpec
 from .base import Criterion, LossOutput, Prediction, SingleViT, TrainingPhase, split_weight_decay
 from .budget import Choice, Interval, KnobSpace
-from .dvt import default_grids
 from .registry import register_method
+from .token_reduction import default_grids
 
 __all__ = ["ReViT", "ReViTOutput", "TokenLengthAssigner", "resize_images", "vit_macs_at_grid", "SWEEP_BIASES"]
 

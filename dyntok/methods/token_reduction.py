@@ -1,8 +1,12 @@
-"""Pieces shared by the methods that shrink the token sequence inside a block (ToMe, EViT).
+"""Pieces several methods share, so that no method imports another.
 
-Both act between the attention and the MLP of a timm ``Block``, so a block is run as its two residual halves
-(:func:`attention_half`, :func:`mlp_half`), built from the block's own sub-modules (``norm1``, ``attn``,
-``ls1``, ``drop_path1``...). LayerScale, qk-norm, fused attention and stochastic depth therefore come from
+Token grids (DVT, ReViT); where to prune and the training-time keep mask (DynamicViT, EViT, AdaViT); and, for
+the methods that shrink the token sequence inside a block (ToMe, EViT), the block's two residual halves and
+what its attention computed.
+
+ToMe and EViT both act between the attention and the MLP of a timm ``Block``, so a block is run as its two
+residual halves (:func:`attention_half`, :func:`mlp_half`), built from the block's own sub-modules (``norm1``,
+``attn``, ``ls1``, ``drop_path1``...). LayerScale, qk-norm, fused attention and stochastic depth therefore come from
 timm itself; ``tests/test_tome.py`` holds the two halves to timm's ``Block.forward``.
 
 Both also need what the attention computed: ToMe matches tokens by their keys, EViT ranks them by the class
@@ -14,14 +18,71 @@ fused kernel included, and checkpoints keep timm's parameter names.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from timm.models.vision_transformer import Block
 
-__all__ = ["attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "pooled_head",
+__all__ = ["default_grids", "default_prune_locations", "check_prune_locations", "keep_attention_mask",
+           "attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "pooled_head",
            "gather_tokens", "AttentionTap", "class_attention", "PatchGroups"]
+
+
+#: Attention weight a dropped token keeps in training, relative to a kept one (its additive mask is the log
+#: of this). Small enough that nothing measurable leaks, large enough that the attention probabilities of
+#: dropped tokens stay normal floats in float32/bfloat16, so the gradient that tells the predictor what
+#: keeping a dropped token would have changed survives (see :func:`keep_attention_mask`).
+_DROPPED_WEIGHT = 1e-20
+
+
+def default_grids(full_grid: int) -> list[int]:
+    """Half-, three-quarter- and full-resolution grids of a backbone whose grid is ``full_grid``.
+
+    Python's ``round`` (ties to even): 8 -> [4, 6, 8] (32px CIFAR, patch 4); 14 -> [7, 10, 14] (224px, patch 16),
+    the published ImageNet grids.
+    """
+    return [max(1, round(full_grid / 2)), max(1, round(full_grid * 0.75)), full_grid]
+
+
+def default_prune_locations(depth: int) -> list[int]:
+    """Blocks before which tokens are pruned: at 1/4, 1/2 and 3/4 of the depth, rounded down.
+
+    Depth 12 gives the paper's ``[3, 6, 9]``, depth 6 ``[1, 3, 4]``. Never before block 0 (the predictor needs
+    some context), duplicates of shallow models removed (depth 2 gives ``[1]``).
+    """
+    if depth < 2:
+        raise ValueError(f"DynamicViT needs a backbone of depth >= 2 to prune between blocks, got depth {depth}")
+    return sorted({max(1, depth * quarter // 4) for quarter in (1, 2, 3)})
+
+
+def keep_attention_mask(keep: Tensor) -> Tensor:
+    """Additive float32 attention mask (B, 1, N, N) for a (B, N) 0/1 keep mask over all tokens.
+
+    Query ``i`` ignores every dropped key ``j`` and always sees itself (the paper's mask
+    ``G_ij = 1 if i == j else D_j``), so kept tokens never read dropped ones and no row is empty. The mask is
+    ``log(D_j + eps)``: adding it before the softmax multiplies the exponentials by ``D_j + eps`` exactly like
+    the official masked softmax, and its gradient with respect to ``D_j`` is the same, so the task loss
+    reaches the predictors through the straight-through decisions. Every entry is finite: no NaN, whatever
+    the keep ratio and the dtype the attention runs in.
+    """
+    keep = keep.float()
+    num_tokens = keep.shape[1]
+    bias = torch.log(keep + _DROPPED_WEIGHT)[:, None, None, :].expand(-1, 1, num_tokens, -1)
+    itself = torch.eye(num_tokens, dtype=torch.bool, device=keep.device)
+    return bias.masked_fill(itself, 0.0)
+
+
+def check_prune_locations(locations: Sequence[int] | None, depth: int) -> list[int]:
+    """``locations`` as block indices, checked against ``depth``; :func:`default_prune_locations` when None."""
+    if locations is None:
+        return default_prune_locations(depth)
+    locations = [int(location) for location in locations]
+    increasing = all(a < b for a, b in zip(locations, locations[1:]))
+    if not locations or not increasing or locations[0] < 0 or locations[-1] >= depth:
+        raise ValueError(f"prune_locations must be strictly increasing block indices in [0, {depth - 1}], "
+                         f"got {locations}")
+    return locations
 
 
 def attention_half(block: Block, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:

@@ -112,7 +112,9 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     if pretrained and name in PRESETS and pretrained_file is None:
-        raise ValueError(f"preset {name!r} has no published weights; train it, or pass pretrained_file=")
+        # dyntok's own references are dyntok checkpoints of a whole model, loaded one floor up (dyntok.pretrained).
+        raise ValueError(f"preset {name!r} has no timm weights: load dyntok's reference with "
+                         f"dyntok.create_model({name!r}, pretrained=True), or pass pretrained_file=")
     model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "

@@ -16,7 +16,9 @@ from torch import Tensor
 from ..data import DataConfig, ImageTensorDataset, build_loaders, load_dataset, normalize
 from ..data.folder import decode_images, scan_split
 from ..data.transforms import default_normalization
-from ..methods.base import AdaptiveViT, Prediction
+from ..methods import AdaptiveViT, Prediction, load_model
+from ..methods.budget import format_knobs
+from ..methods.registry import model_name
 from .pictures import Shown, draw_figures, evenly_spaced
 
 __all__ = ["collect", "concat_predictions", "load_images", "show", "write_figures", "entry_gallery",
@@ -117,7 +119,6 @@ def show(model: AdaptiveViT | str | os.PathLike, images: str | os.PathLike | Ima
     >>> figures["exits"]  # a matplotlib Figure: displays in a notebook, or .savefig("exits.png")
     """
     if not isinstance(model, AdaptiveViT):
-        from ..checkpoint import load_model
         model = load_model(model)
     model = model.to(device).eval()
     if budget:
@@ -140,10 +141,7 @@ def _normalised_batches(data: ImageTensorDataset, mean, std, side: int, batch_si
 
 
 def _model_label(model: AdaptiveViT) -> str:
-    from ..bench.spec import format_knobs  # imported here: the benchmark imports this module
-
-    backbone = model.config["backbone"]["name"]
-    name = backbone if model.method_name == "dense" else f"{model.method_name}_{backbone}"
+    name = model_name(model.method_name, model.config["backbone"]["name"])
     budget = model.get_budget()
     return f"{name} ({format_knobs(budget)})" if budget else name
 

@@ -27,14 +27,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import (check_dense_init, config_mismatch, load_model, load_tensors, optimizer_state_from_tensors,
-                          optimizer_state_to_tensors, save_model, save_tensors)
+from ..fileio import load_tensors, prefixed, save_tensors, tensors_under
 from ..data import DataConfig, build_loaders
-from ..measure.evaluate import evaluate
+from ..evaluation import evaluate
 from ..methods import AdaptiveViT, create_model
+from ..methods.registry import config_mismatch, load_model, save_model
 from .distributed import init_distributed, stop_cleanly_on_sigterm
 from .lock import claim_output_dir
 from .schedule import warmup_cosine
+from .state import check_dense_init, optimizer_state_from_tensors, optimizer_state_to_tensors
 from .validation import check_train_settings
 
 __all__ = ["TrainConfig", "TrainResult", "train", "PRETRAINED_INIT"]
@@ -61,7 +62,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # the loss's; folded into mixup's soft targets when mixup is on
     clip_grad: float | None = 1.0
     ema_decay: float | None = None
     init: str | None = None
@@ -82,7 +83,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         values = dict(values)
-        values["data"] = DataConfig(**values.get("data", {}))
+        values["data"] = DataConfig.from_dict(values.get("data", {}))
         return cls(**values)
 
 
@@ -119,7 +120,7 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.ctx, self.device = init_distributed(config.device)
         self.loaders = build_loaders(_per_rank(config.data, self.ctx.world_size), rank=self.ctx.rank,
-                                     world_size=self.ctx.world_size)
+                                     world_size=self.ctx.world_size, label_smoothing=config.label_smoothing)
         _require_a_full_batch(self.loaders["train"], self.ctx.world_size)
         torch.manual_seed(config.seed)
         model_kwargs = {"num_classes": self.loaders["num_classes"], **config.model_kwargs}
@@ -193,10 +194,9 @@ class Trainer:
         if not self.ctx.is_main:
             return
         optim_tensors, optim_meta = optimizer_state_to_tensors(optimizer.state_dict())
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
+        tensors = {**prefixed(self.model.state_dict(), "model."), **prefixed(optim_tensors, "optim.")}
         if self.ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+            tensors.update(prefixed(self.ema.module.state_dict(), "ema."))
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"kind": "training", "config": self.model.config, "budget": self.model.get_budget(),
                 "train_config": self.config.to_dict(), "progress": self.progress.as_dict(),
@@ -214,17 +214,16 @@ class Trainer:
             raise ValueError(f"{self.out}/last.safetensors stopped in a later training phase of a run whose "
                              f"learning-rate schedule restarted at each phase (older dyntok); it cannot be "
                              f"continued exactly: drop --resume to train again")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model.load_state_dict(tensors_under(tensors, "model."))
         torch.set_rng_state(tensors["rng.torch"])
         self.progress = _Progress(**meta["progress"])
         self._optimizer_meta = meta["optimizer"]
         return tensors
 
     def _restore_optimizer_and_ema(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-        optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
-        optimizer.load_state_dict(optimizer_state_from_tensors(optim, self._optimizer_meta))
+        optimizer.load_state_dict(optimizer_state_from_tensors(tensors_under(tensors, "optim."), self._optimizer_meta))
         if self.ema is not None:
-            self.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            self.ema.module.load_state_dict(tensors_under(tensors, "ema."))
 
     # ------------------------------------------------------------------ the loop
     def _train_step(self, module: nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> dict:

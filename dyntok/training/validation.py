@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..methods.budget import Interval
+from ..ranges import Interval, check_ranges
 
-__all__ = ["check_train_settings", "option_name"]
+__all__ = ["TRAIN_RANGES", "OPTIONAL_SETTINGS", "check_train_settings", "option_name"]
 
 _POSITIVE = Interval(0.0, low_open=True)
 _NON_NEGATIVE = Interval(0.0)
 
-#: Setting -> accepted values; ``None`` is also accepted for the ones in ``_OPTIONAL``.
-_RANGES: dict[str, Interval] = {
+#: Setting -> accepted values; ``None`` is also accepted for the ones in ``OPTIONAL_SETTINGS``. The benchmark
+#: spec checks its ``train:`` fields with these same declarations.
+TRAIN_RANGES: dict[str, Interval] = {
     "epochs": _NON_NEGATIVE,  # 0: save and evaluate the model as built or as init gave it (ToMe)
     "lr": _POSITIVE,
     "min_lr": _NON_NEGATIVE,
@@ -24,7 +25,7 @@ _RANGES: dict[str, Interval] = {
     "clip_grad": _POSITIVE,
     "ema_decay": Interval(0.0, 1.0, low_open=True, high_open=True),
 }
-_OPTIONAL = {"clip_grad", "ema_decay"}
+OPTIONAL_SETTINGS = frozenset({"clip_grad", "ema_decay"})
 
 
 def option_name(setting: str) -> str:
@@ -34,8 +35,4 @@ def option_name(setting: str) -> str:
 
 def check_train_settings(config: Any) -> None:
     """``ValueError`` for the first setting of ``config`` (a ``TrainConfig``) outside its range."""
-    for setting, accepted in _RANGES.items():
-        value = getattr(config, setting)
-        if value is None and setting in _OPTIONAL:
-            continue
-        accepted.check(option_name(setting), value)
+    check_ranges(config, TRAIN_RANGES, OPTIONAL_SETTINGS, option_name)

@@ -1,4 +1,5 @@
-"""Accuracy and executed MACs of any method over a data split."""
+"""Accuracy and executed MACs of any method over a data split: the floor above the methods, below training,
+the benchmark and the command line."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,8 +9,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..methods.base import AdaptiveViT
-from .speed import inference_context, precision
+from .measure.speed import inference_context, precision
+from .methods import AdaptiveViT
 
 __all__ = ["EvalResult", "evaluate"]
 
