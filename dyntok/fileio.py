@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "atomic_write", "save_tensors", "load_tensors", "load_meta",
-           "file_sha256", "tensors_under", "prefixed"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "FolderNotWritableError", "WRITE_ERRORS", "atomic_write",
+           "check_writable_folder", "save_tensors", "load_tensors", "load_meta", "file_sha256", "tensors_under",
+           "prefixed"]
 
 _FORMAT = "dyntok/1"
 
@@ -31,6 +32,33 @@ class CheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, no permission); any previous file is left as it was."""
+
+
+class FolderNotWritableError(OSError):
+    """An output folder that cannot be created or written; the message names the option that chose it."""
+
+
+#: What a failed write raises: the OS's errors, and safetensors' own class for the I/O errors it meets.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def check_writable_folder(folder: str | Path, option: str) -> Path:
+    """Create ``folder`` if needed and make sure a file can be written in it, before any work is done.
+
+    ``option`` names where the folder came from (``--output-dir``) for the message. The probe file is
+    removed at once; root passes permission checks, so this also catches a read-only file system.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dyntok-write-test.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except WRITE_ERRORS as error:
+        cause = getattr(error, "strerror", None) or error
+        raise FolderNotWritableError(getattr(error, "errno", None), f"{option} {folder} cannot be written ({cause}); "
+                                     f"choose a writable folder with {option}") from None
+    return folder
 
 
 @contextmanager
@@ -73,9 +101,10 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, A
     try:
         with atomic_write(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-    except OSError as error:
+    except WRITE_ERRORS as error:
         kept = f"the previous {path.name} is intact" if had_previous else f"no {path.name} was written"
-        raise CheckpointWriteError(error.errno, f"could not write {path} ({error.strerror or error}); {kept}. "
+        cause = getattr(error, "strerror", None) or error
+        raise CheckpointWriteError(getattr(error, "errno", None), f"could not write {path} ({cause}); {kept}. "
                                    f"Free some space or fix the folder's permissions, then run again") from error
     return path
 
@@ -107,7 +136,7 @@ def load_meta(path: str | Path) -> dict[str, Any]:
                               f"{metadata.get('format')!r}); load raw timm weights with pretrained_file=")
     try:
         meta = json.loads(metadata["meta"])
-    except (KeyError, json.JSONDecodeError) as error:
+    except (KeyError, json.JSONDecodeError, RecursionError) as error:  # deep nesting exhausts json's recursion
         raise CheckpointError(f"{path} has a damaged dyntok header ({type(error).__name__}: {error}); "
                               f"use another copy of the checkpoint") from None
     if not isinstance(meta, dict):

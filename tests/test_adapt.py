@@ -132,6 +132,19 @@ def test_adapted_model_round_trips_through_save_and_load(method, tmp_path):
     assert torch.equal(loaded.predict(images).logits, model.predict(images).logits)
 
 
+def test_every_timm_setting_adapt_records_rebuilds_the_model_from_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=24, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=3,
+                            qk_norm=True, proj_bias=False, init_values=1e-4, no_embed_class=True, reg_tokens=1,
+                            pre_norm=True, attn_drop_rate=0.1).eval()
+    model = dyntok.adapt(vit, "tome", r=2)
+    assert set(model.config["backbone"]["overrides"]) >= {"in_chans", "qk_norm", "proj_bias", "init_values",
+                                                          "no_embed_class", "reg_tokens", "pre_norm"}
+    loaded = dyntok.load_model(dyntok.save_model(model, tmp_path / "mine.safetensors")).eval()
+    images = torch.randn(2, 1, 24, 24)
+    assert torch.equal(loaded.predict(images).logits, model.predict(images).logits)
+
+
 def test_a_timm_model_is_described_by_its_architecture_and_what_differs():
     with torch.device("meta"):
         vit = timm.create_model("deit_small_patch16_224", num_classes=10, drop_path_rate=0.1)

@@ -79,7 +79,7 @@ def stub_training(monkeypatch):
 # ------------------------------------------------------------------------------------------ keys
 def keys(values: dict) -> dict[str, str]:
     spec = parse_spec(values)
-    return {name: cache.key for name, cache in entry_caches(spec, list(spec.runnable), "cache").items()}
+    return {name: cache.key for name, cache in entry_caches(spec, list(spec.entries), "cache").items()}
 
 
 def test_key_is_stable_and_follows_training_settings(tmp_path):
@@ -137,7 +137,7 @@ def test_finished_entries_are_not_retrained_and_evaluations_are_reused(tiny_data
     spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
     first = runner.run_benchmark(spec, tmp_path / "report", progress=False)
     assert [config.model for config in stub_training] == [entry.model for entry in spec.entries]
-    dense_cache = entry_caches(spec, list(spec.runnable), tmp_path / "report" / "cache")["dense"]
+    dense_cache = entry_caches(spec, list(spec.entries), tmp_path / "report" / "cache")["dense"]
     assert stub_training[1].init == str(dense_cache.model_path)  # dynamicvit starts from the cached dense model
     assert all(config.resume for config in stub_training)
 
@@ -168,7 +168,7 @@ def test_adding_an_entry_trains_only_that_entry(tiny_dataset, tmp_path, stub_tra
 def test_interrupted_entry_is_resumed_in_its_folder(tiny_dataset, tmp_path, stub_training):
     spec = parse_spec(tiny_spec(tiny_dataset, tmp_path / "decoded"))
     report = tmp_path / "report"
-    cache = entry_caches(spec, list(spec.runnable), report / "cache")["dense"]
+    cache = entry_caches(spec, list(spec.entries), report / "cache")["dense"]
     cache.folder.mkdir(parents=True)
     (cache.folder / "last.safetensors").write_bytes(b"a checkpoint of a killed run")
     plan, _ = runner.prepare(spec, report, only=["dense"])

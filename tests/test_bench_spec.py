@@ -36,14 +36,14 @@ def error_for(values: dict) -> str:
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_builtin_specs_parse(profile):
     spec = load_spec(builtin_spec_path(profile))
-    assert spec.runnable and spec.reference in {entry.name for entry in spec.runnable}
+    assert spec.entries and spec.reference in {entry.name for entry in spec.entries}
     assert all(entry.train["epochs"] > 0 or entry.init or entry.pretrained for entry in spec.entries)
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_every_registered_method_is_in_the_builtin_spec(profile):
     spec = load_spec(builtin_spec_path(profile))
-    benchmarked = {entry.method for entry in spec.runnable}
+    benchmarked = {entry.method for entry in spec.entries}
     missing = set(dyntok.list_methods()) - benchmarked
     assert not missing, f"add an entry for {sorted(missing)} to {builtin_spec_path(profile).name}"
 
@@ -54,9 +54,9 @@ def test_builtin_cpu_spec_starts_every_method_from_the_shipped_reference_beside_
     spec = load_spec(builtin_spec_path("cpu"))
     reference = spec.entry(spec.reference)
     assert reference.pretrained and reference.model == spec.backbone
-    adaptive = [entry for entry in spec.runnable if entry.method != "dense"]
+    adaptive = [entry for entry in spec.entries if entry.method != "dense"]
     assert adaptive and all(entry.init == spec.reference for entry in adaptive)
-    static = [entry for entry in spec.runnable if entry.method == "dense" and entry.name != spec.reference]
+    static = [entry for entry in spec.entries if entry.method == "dense" and entry.name != spec.reference]
     assert all(entry.pretrained for entry in static)
     shapes = {key: PRESETS[spec.backbone][key] for key in ("patch_size", "embed_dim", "depth")}
     assert any(PRESETS[entry.model]["patch_size"] > shapes["patch_size"] for entry in static), "fewer tokens"
@@ -180,14 +180,33 @@ def test_unknown_method_options_fail_at_parse_time():
     assert "entries[1].model_kwargs: DynamicViT does not take 'keep_ratoi'" in message and "keep_ratio" in message
 
 
-def test_unregistered_method_is_skipped_with_a_note_not_an_error():
+def test_unknown_methods_are_errors_not_skipped_entries():
     values = minimal_spec()
-    values["entries"].append({"name": "future", "model": "future_{backbone}"})
-    values["entries"].append({"name": "after-future", "model": "{backbone}", "init": "future"})
-    spec = parse_spec(values)
-    assert "method 'future' is not registered" in spec.entry("future").skipped
-    assert "starts from entry 'future'" in spec.entry("after-future").skipped
-    assert [entry.name for entry in spec.runnable] == ["dense", "dynamicvit", "dvt"]
+    values["entries"].append({"name": "future", "model": "dyanmicvit_{backbone}"})
+    message = error_for(values)
+    assert "entries[3].model: unknown method 'dyanmicvit'" in message and "dynamicvit" in message
+
+
+def test_impossible_budget_points_and_targets_fail_at_parse_time():
+    values = minimal_spec()
+    values["entries"][1]["budgets"] = [{"keep_ratio": 0.5}, {"keep_ratio": 1.5}]
+    assert "entries[1].budgets[1]: keep_ratio must be a number in (0, 1]; got 1.5" in error_for(values)
+    values["entries"][1]["budgets"] = [{"keep_rate": 0.5}]
+    assert "entries[1].budgets[0]: DynamicViT has no budget knob keep_rate" in error_for(values)
+    values = minimal_spec()
+    values["entries"][2]["budgets"] = [{"calibrate": {"gmac": 0.1}}]
+    assert "entries[2].budgets[0].calibrate: DVT.calibrate takes gmacs, q; got 'gmac'" in error_for(values)
+    values["entries"][2]["budgets"] = [{"calibrate": {"q": -1}}]
+    assert "entries[2].budgets[0].calibrate.q: expected a positive number" in error_for(values)
+
+
+def test_models_too_large_or_malformed_fail_at_parse_time():
+    values = minimal_spec()
+    values["entries"][0]["model_kwargs"] = {"depth": 1000, "embed_dim": 8192, "num_heads": 8}
+    message = error_for(values)
+    assert message.startswith("entries[0].model_kwargs: ") and "--allow-large-model" in message
+    values["entries"][0]["model_kwargs"] = {"embed_dim": 100, "num_heads": 3}
+    assert "embed_dim 100 is not divisible by num_heads 3" in error_for(values)
 
 
 def test_load_spec_reports_the_file_and_yaml_errors(tmp_path):

@@ -69,9 +69,9 @@ def test_train_seed_seeds_data_order_and_augmentation(image_folder, tmp_path, mo
     assert not torch.equal(order, other_order)
 
 
-def test_calibration_uses_the_held_out_split_the_model_was_trained_beside(image_folder, tmp_path, capsys,
-                                                                          monkeypatch):
-    from dyntok.cli import evaluate as evaluate_command
+@pytest.fixture
+def dvt_run(image_folder, tmp_path, monkeypatch):
+    """A DVT trained beside 6 held-out images (seed 3): its folder and the loaders it was trained with."""
     from dyntok.data import build_loaders
 
     monkeypatch.setenv("DYNTOK_CACHE", str(tmp_path / "cache"))
@@ -79,14 +79,29 @@ def test_calibration_uses_the_held_out_split_the_model_was_trained_beside(image_
     assert main(["train", "--method", "dvt", "--dataset", str(image_folder), "--batch-size", "8",
                  "--holdout-size", "6", "--seed", "3", "--epochs", "1", "--output-dir", str(out), "--no-progress",
                  *TINY_ARGS]) == 0
-    trained_on = build_loaders(TrainConfig.from_dict(json.loads((out / "train_config.json").read_text())).data)
+    return out, build_loaders(TrainConfig.from_dict(json.loads((out / "train_config.json").read_text())).data)
+
+
+def record_loaders(monkeypatch, module) -> list:
+    """Every ``build_loaders`` result of ``module``, in order."""
+    from dyntok.data import build_loaders
+
     seen = []
 
     def recording(config, *args, **kwargs):
         seen.append(build_loaders(config, *args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(evaluate_command, "build_loaders", recording)
+    monkeypatch.setattr(module, "build_loaders", recording)
+    return seen
+
+
+def test_calibration_uses_the_held_out_split_the_model_was_trained_beside(dvt_run, image_folder, capsys,
+                                                                          monkeypatch):
+    from dyntok.cli import evaluate as evaluate_command
+
+    out, trained_on = dvt_run
+    seen = record_loaders(monkeypatch, evaluate_command)
     for checkpoint in ("model.safetensors", "last.safetensors"):
         capsys.readouterr()
         code = main(["eval", str(out / checkpoint), "--dataset", str(image_folder), "--batch-size", "8",
@@ -99,6 +114,34 @@ def test_calibration_uses_the_held_out_split_the_model_was_trained_beside(image_
     code = main(["eval", str(out / "model.safetensors"), "--dataset", str(image_folder), "--holdout-size", "9",
                  "--calibrate-gmacs", "1", "--no-speed", "--no-progress"])
     assert code == 2 and "trained beside a held-out split of 6 images (seed 3)" in capsys.readouterr().err
+
+
+def test_show_calibrates_on_the_recorded_split_and_another_training_set_is_refused(dvt_run, image_folder, tmp_path,
+                                                                                    capsys, monkeypatch):
+    from dyntok.fileio import load_meta
+    from dyntok.report import gallery
+
+    from .conftest import make_image_folder
+
+    out, trained_on = dvt_run
+    for checkpoint in ("model.safetensors", "last.safetensors"):
+        assert load_meta(out / checkpoint)["holdout_split"]["fingerprint"] == trained_on["fingerprint"]
+    seen = record_loaders(monkeypatch, gallery)
+    show = ["show", str(out / "model.safetensors"), "--dataset", str(image_folder), "--calibrate-gmacs", "1",
+            "--n", "2", "--out", str(tmp_path / "pictures")]
+    assert main(show) == 0, capsys.readouterr().err
+    assert torch.equal(seen[-1]["holdout"].dataset.indices, trained_on["holdout"].dataset.indices)
+    capsys.readouterr()
+    assert main([*show, "--holdout-size", "9"]) == 2
+    assert "trained beside a held-out split of 6 images (seed 3)" in capsys.readouterr().err
+    # Another training set (other labels) with the same split settings is not the model's held-out split.
+    other = make_image_folder(tmp_path / "other", classes=3, per_class=9)
+    for command in (["show", *show[1:2], "--dataset", str(other), *show[4:]],
+                    ["eval", str(out / "model.safetensors"), "--dataset", str(other), "--calibrate-gmacs", "1",
+                     "--no-speed", "--no-progress"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"--dataset {other} is not the training set" in err and "Traceback" not in err
 
 
 def test_show_writes_the_figures_of_a_saved_model(image_folder, tmp_path, capsys):

@@ -94,6 +94,23 @@ def test_methods_start_from_a_dense_checkpoint(method):
     model.init_from_dense(dense.state_dict())
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "dense"])
+def test_what_starting_and_training_settle_is_saved_and_rebuilt(method, images, tmp_path):
+    """``init_from_dense`` and ``begin_training`` may settle options (EViT's keep-rate schedule, ToMe's
+    proportional attention): the saved config rebuilds that very model, and a resumed run settles the same."""
+    def started_for_training():
+        model = tiny_model(method)
+        model.init_from_dense(tiny_model("dense").state_dict())
+        model.begin_training()
+        return model.eval()
+
+    model = started_for_training()
+    assert started_for_training().config == model.config
+    loaded = load_model(save_model(model, tmp_path / "model.safetensors")).eval()
+    assert loaded.config == model.config
+    assert torch.equal(model.predict(images).logits, loaded.predict(images).logits)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_exit_gives_logits_for_every_image(method, images):
     exits = tiny_model(method).eval().predict_all_exits(images)

@@ -8,7 +8,7 @@ import torch
 
 import dyntok
 from dyntok.measure.macs import count_macs_with_torch
-from dyntok.methods.evit import EViT, fuse_inattentive, kept_count
+from dyntok.methods.evit import EViT, kept_count, reorganise
 from dyntok.models import BackboneSpec
 
 from . import vit_reference as ref
@@ -39,12 +39,15 @@ def reference_evit(model: EViT, images: torch.Tensor) -> torch.Tensor:
             x = x + branch
             patches = x[prefix:]
             keep = math.ceil(round(model.keep_rate * len(patches), 6))
-            if index in model.prune_locations and keep < len(patches):
+            # Like the official code, a block drops or fuses whenever it keeps fewer than all; except that
+            # fusing a single token into one would not shorten the sequence, so dyntok leaves that block be.
+            shortens = keep < len(patches) - 1 if model.fuse_inattentive else keep < len(patches)
+            if index in model.prune_locations and shortens:
                 scores = attention_map[:, 0, prefix:].mean(0)  # the class token's row, mean over heads
                 ranked = sorted(range(len(patches)), key=lambda i: -float(scores[i]))
                 top, rest = sorted(ranked[:keep]), ranked[keep:]
-                fused = sum(scores[i] * patches[i] for i in rest)
-                x = torch.cat([x[:prefix], patches[top], fused[None]])
+                fused = [sum(scores[i] * patches[i] for i in rest)[None]] if model.fuse_inattentive else []
+                x = torch.cat([x[:prefix], patches[top], *fused])
             x = x + ref.mlp(block, x)
         logits.append(ref.head(vit, x))
     return torch.stack(logits)
@@ -57,11 +60,12 @@ def test_keep_rate_one_gives_the_dense_logits(variant, images):
     assert model.predict(images).macs[0].item() == pytest.approx(model.dense_macs())
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "drop"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("keep_rate, locations", [(0.7, None), (0.5, [0, 2]), (0.3, [3])])
-def test_matches_an_independent_reference(variant, fused, keep_rate, locations, images):
-    model = evit_on(variant, keep_rate=keep_rate, prune_locations=locations)
+@pytest.mark.parametrize("keep_rate, locations", [(0.7, None), (0.5, [0, 2]), (0.3, [3]), (0.9, None)])
+def test_matches_an_independent_reference(variant, fused, fuse, keep_rate, locations, images):
+    model = evit_on(variant, keep_rate=keep_rate, prune_locations=locations, fuse_inattentive=fuse)
     ref.set_fused_attention(model.vit, fused)
     torch.testing.assert_close(model.predict(images).logits, reference_evit(model, images), rtol=1e-4, atol=1e-5)
 
@@ -69,10 +73,18 @@ def test_matches_an_independent_reference(variant, fused, keep_rate, locations, 
 def test_fusion_keeps_the_top_tokens_in_order_and_sums_the_rest_by_attention():
     tokens = torch.arange(12.0).view(1, 6, 2)
     scores = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.1, 0.05]])
-    reorganised, destination = fuse_inattentive(tokens, scores, keep=2)
+    reorganised, destination = reorganise(tokens, scores, keep=2)
     torch.testing.assert_close(reorganised[0, :2], tokens[0, [1, 3]])
     torch.testing.assert_close(reorganised[0, 2], (scores[0, [0, 2, 4, 5], None] * tokens[0, [0, 2, 4, 5]]).sum(0))
     assert destination.tolist() == [[2, 0, 2, 1, 2, 2]]
+
+
+def test_dropping_keeps_the_top_tokens_in_order_and_nothing_else():
+    tokens = torch.arange(12.0).view(1, 6, 2)
+    scores = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.1, 0.05]])
+    reorganised, destination = reorganise(tokens, scores, keep=2, fuse=False)
+    torch.testing.assert_close(reorganised, tokens[:, [1, 3]])
+    assert destination.tolist() == [[-1, 0, -1, 1, -1, -1]]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -88,6 +100,26 @@ def test_reported_macs_match_torch_flop_counter(variant, keep_rate, images):
         torch.testing.assert_close(model.predict(images[:1]).logits, dense)
     else:
         assert reported < model.dense_macs()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("keep_rate", [0.5, 0.9])
+def test_reported_macs_without_fusing_match_torch_flop_counter(variant, keep_rate, images):
+    model = evit_on(variant, keep_rate=keep_rate, fuse_inattentive=False)
+    reported = model.predict(images[:1]).macs.item()
+    assert reported == pytest.approx(count_macs_with_torch(model.predict, images[:1]), rel=1e-9)
+    # Dropping shortens the sequence even where fusing would not (0.9 of 16 patches keeps 15).
+    assert reported < evit_on(variant, keep_rate=keep_rate).predict(images[:1]).macs.item() <= model.dense_macs()
+
+
+def test_dropping_reports_the_patches_kept_and_no_groups(images):
+    model = evit_on("plain", keep_rate=0.5, fuse_inattentive=False)  # 16 -> 8 -> 4 -> 2 patch tokens
+    extras = model.predict(images).extras
+    assert "patch_groups" not in extras  # every token left is one source patch
+    assert [mask.sum(1).tolist() for mask in extras["kept_patches"]] == [[8] * 6, [4] * 6, [2] * 6]
+    kept = extras["kept_patches"]
+    assert all((later <= earlier).all() for earlier, later in zip(kept, kept[1:]))  # once dropped, gone
+    assert (extras["token_length"] == 2).all()
 
 
 def patches_alone(index):
@@ -109,14 +141,60 @@ def test_kept_patches_and_groups_follow_the_fusion(images):
     assert all((later <= earlier).all() for earlier, later in zip(kept, kept[1:]))  # once fused, always fused
 
 
-def test_keep_rate_schedule_follows_the_published_cosine():
-    model = tiny_model("evit", keep_rate=0.5)
+def test_keep_rate_schedule_from_scratch_follows_the_published_cosine():
+    model = tiny_model("evit", keep_rate=0.5)  # not started from a trained model: the warm-up
+    assert model.keep_rate_schedule == "warmup"
     start, end = 10 / 300, 110 / 300
     assert model.training_keep_rate() == 0.5  # no trainer: the target
     for progress, expected in [(0.0, 1.0), (start - 1e-6, 1.0), (start, 1.0), ((start + end) / 2, 0.75),
                                (end, 0.5), (0.9, 0.5)]:
         model.set_training_progress(progress)
         assert model.training_keep_rate() == pytest.approx(expected)
+
+
+def test_a_model_started_from_a_trained_one_fine_tunes_at_the_target_keep_rate():
+    dense = tiny_model("dense")
+    model = tiny_model("evit", keep_rate=0.5)
+    model.init_from_dense(dense.state_dict())
+    assert model.config["method_kwargs"]["keep_rate_schedule"] == "constant"
+    for progress in (0.0, 0.2, 0.9):
+        model.set_training_progress(progress)
+        assert model.training_keep_rate() == 0.5
+    chosen = tiny_model("evit", keep_rate=0.5, keep_rate_schedule="warmup")
+    chosen.init_from_dense(dense.state_dict())
+    chosen.set_training_progress(0.0)
+    assert chosen.training_keep_rate() == 1.0 and chosen.config["method_kwargs"]["keep_rate_schedule"] == "warmup"
+
+
+def test_a_backbone_built_with_trained_weights_fine_tunes_at_the_target_keep_rate(tmp_path):
+    from safetensors.torch import save_file
+
+    from dyntok.models import create_backbone
+
+    weights = tmp_path / "vit.safetensors"
+    save_file(create_backbone("vit_cifar_tiny", **TINY).state_dict(), weights)
+    model = EViT(BackboneSpec("vit_cifar_tiny", TINY, pretrained_file=str(weights)), keep_rate=0.5)
+    assert model.config["method_kwargs"]["keep_rate_schedule"] == "constant"
+    model.set_training_progress(0.0)
+    assert model.training_keep_rate() == 0.5
+
+
+def test_fine_tune_from_a_dense_checkpoint_trains_at_the_target_from_the_first_step(image_folder, tmp_path,
+                                                                                     monkeypatch):
+    from dyntok.methods import load_model
+    from dyntok.data import DataConfig
+    from dyntok.training import TrainConfig, train
+
+    model_kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    data = DataConfig(dataset=str(image_folder), batch_size=8, holdout_size=0, cache_dir=str(tmp_path / "cache"))
+    dense = train(TrainConfig(model="vit_cifar_tiny", model_kwargs=model_kwargs, data=data, epochs=0,
+                              output_dir=str(tmp_path / "dense"), progress=False))
+    seen, scheduled = [], EViT.training_keep_rate
+    monkeypatch.setattr(EViT, "training_keep_rate", lambda self: seen.append(scheduled(self)) or seen[-1])
+    evit = train(TrainConfig(model="evit_vit_cifar_tiny", model_kwargs={**model_kwargs, "keep_rate": 0.5}, data=data,
+                             epochs=1, init=str(dense.model_path), output_dir=str(tmp_path / "evit"), progress=False))
+    assert seen == [0.5] * 3  # 24 images, batch 8
+    assert load_model(evit.model_path).config["method_kwargs"]["keep_rate_schedule"] == "constant"
 
 
 def test_trainer_reports_progress_to_the_schedule(image_folder, tmp_path, monkeypatch):
@@ -152,6 +230,8 @@ def test_constructor_checks():
         tiny_model("evit", prune_locations=[4])
     with pytest.raises(ValueError, match="shares of training"):
         tiny_model("evit", shrink_start=0.5, shrink_end=0.2)
+    with pytest.raises(ValueError, match="keep_rate_schedule is one of warmup, constant"):
+        tiny_model("evit", keep_rate_schedule="cosine")
 
 
 def test_default_locations_scale_with_depth():

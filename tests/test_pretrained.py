@@ -121,9 +121,13 @@ def test_a_hub_id_goes_through_huggingface_hub(weights_dir, tmp_path, monkeypatc
 def test_an_unreachable_hub_says_what_to_do_offline(weights_dir, monkeypatch):
     import huggingface_hub
 
+    from dyntok.models import hub
+
     def offline(repo_id, filename):
         raise OSError("network is unreachable")
 
+    # The hub answers the reachability check, then the download fails (test_cli_robustness.py covers no network).
+    monkeypatch.setattr(hub, "offline_reason", lambda: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(PretrainedError, match="could not fetch .*network is unreachable.*offline"):
         dyntok.create_model(PRESET, pretrained="hf-hub:someone/dyntok-refs")

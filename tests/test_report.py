@@ -34,7 +34,6 @@ def made_up_results() -> dict:
             {"name": "small", "kind": "static", "model": "vit_cifar_micro", "train": {"epochs": 3},
              "points": [point("default", 0.70, 0.6, 1.5, 1.6)]},
         ],
-        "skipped": [{"name": "tome", "model": "tome_vit_cifar_micro", "reason": "method 'tome' is not registered"}],
     }
 
 
@@ -88,7 +87,6 @@ def test_render_report_writes_leaderboard_and_both_plots(report_dir):
     leaderboard = written[0].read_text()
     assert leaderboard.startswith("# Benchmark `made-up`: cifar10, vit_cifar_micro")
     assert "Test CPU, 2 cores" in leaderboard and "torch 2.x" in leaderboard
-    assert "Skipped: tome (`tome_vit_cifar_micro`): method 'tome' is not registered." in leaderboard
     assert "![accuracy vs gmacs](accuracy_vs_gmacs.png)" in leaderboard
     assert "| dyn | `dynamicvit_vit_cifar_micro` | dense | 1 | 0.001 |" in leaderboard
 

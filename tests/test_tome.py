@@ -29,20 +29,37 @@ def tome_on(variant: str, **kwargs) -> ToMe:
 
 
 # --------------------------------------------------------------------------------------------- the reference
-def reference_merge(tokens: torch.Tensor, sizes: torch.Tensor, keys: torch.Tensor, r: int):
-    """One image's ToMe step, written with loops: (n, C) tokens, (n,) sizes, (n, d) mean keys."""
-    a_ids, b_ids = list(range(0, len(tokens), 2)), list(range(1, len(tokens), 2))
+def official_merges(keys: torch.Tensor, r: int, protected: int) -> dict[int, int]:
+    """The official matching rule on one image's whole sequence, written with loops: {A position: B position}.
+
+    ``keys`` (n, d) holds every token, the ``protected`` prefix tokens first. Set A is the even positions of
+    the sequence, B the odd ones (the class token, at 0, is in A). A protected token in A never merges (its
+    scores are -inf) and one in B never receives a merge (its column is -inf). Each A token picks its most
+    similar B token (cosine; the first among equals) and the r A tokens with the most similar partners merge.
+    """
     unit = keys / keys.norm(dim=-1, keepdim=True)
+    b_ids = [b for b in range(1, len(keys), 2) if b >= protected]
     best = {}
-    for a in a_ids:
-        similarities = [float(unit[a] @ unit[b]) for b in b_ids]
-        best[a] = (max(similarities), b_ids[similarities.index(max(similarities))])
-    # The r A tokens with the most similar partners merge (the first in order among equals).
-    merging = sorted(a_ids, key=lambda a: -best[a][0])[:r]
-    members = {b: [b] for b in b_ids}
-    for a in merging:
-        members[best[a][1]].append(a)
-    groups = [[a] for a in a_ids if a not in merging] + [members[b] for b in b_ids]
+    for a in range(0, len(keys), 2):
+        if a >= protected:
+            similarities = [float(unit[a] @ unit[b]) for b in b_ids]
+            best[a] = (max(similarities), b_ids[similarities.index(max(similarities))])
+    merging = sorted(best, key=lambda a: -best[a][0])[:r]
+    return {a: best[a][1] for a in merging}
+
+
+def reference_merge(tokens: torch.Tensor, sizes: torch.Tensor, keys: torch.Tensor, r: int, protected: int):
+    """One image's ToMe step over its whole sequence: (n, C) tokens, (n,) sizes, (n, d) mean keys.
+
+    The result is the protected tokens, the unmerged A tokens, then the B tokens, each in its order (the
+    official order: class and distillation tokens first).
+    """
+    merges = official_merges(keys, r, protected)
+    members = {b: [b] for b in range(protected, len(tokens)) if b % 2 == 1}
+    for a, b in merges.items():
+        members[b].append(a)
+    unmerged_a = [[a] for a in range(protected, len(tokens)) if a % 2 == 0 and a not in merges]
+    groups = [[p] for p in range(protected)] + unmerged_a + list(members.values())
     new_sizes = torch.stack([sizes[g].sum() for g in groups])
     new_tokens = torch.stack([(tokens[g] * sizes[g, None]).sum(0) for g in groups]) / new_sizes[:, None]
     return new_tokens, new_sizes
@@ -60,8 +77,7 @@ def reference_tome(model: ToMe, images: torch.Tensor) -> torch.Tensor:
             branch, _, keys = ref.attention(block, x, key_bias=sizes.log())
             x = x + branch
             if r:
-                patches, patch_sizes = reference_merge(x[prefix:], sizes[prefix:], keys.mean(0)[prefix:], r)
-                x, sizes = torch.cat([x[:prefix], patches]), torch.cat([sizes[:prefix], patch_sizes])
+                x, sizes = reference_merge(x, sizes, keys.mean(0), r, protected=prefix)
             x = x + ref.mlp(block, x)
         logits.append(ref.head(vit, x, sizes[prefix:]))
     return torch.stack(logits)
@@ -97,6 +113,18 @@ def test_proportional_attention_changes_the_result_and_can_be_switched_off(image
     assert not torch.allclose(with_sizes, without)
 
 
+def test_training_turns_proportional_attention_off_unless_chosen(images):
+    without = tome_on("plain", r=3, proportional_attention=False).predict(images).logits
+    model = tome_on("plain", r=3)
+    assert model.proportional_attention  # off the shelf: on
+    model.begin_training()
+    assert model.config["method_kwargs"]["proportional_attention"] is False
+    torch.testing.assert_close(model.predict(images).logits, without, rtol=0, atol=0)
+    chosen = tome_on("plain", r=3, proportional_attention=True)
+    chosen.begin_training()
+    assert chosen.proportional_attention and chosen.config["method_kwargs"]["proportional_attention"] is True
+
+
 def test_merging_preserves_the_size_weighted_mean():
     torch.manual_seed(0)
     tokens, sizes = torch.randn(3, 9, 5), torch.randint(1, 5, (3, 9)).float()
@@ -108,20 +136,28 @@ def test_merging_preserves_the_size_weighted_mean():
     torch.testing.assert_close((merged * merged_sizes[..., None]).sum(1) / merged_sizes.sum(1, keepdim=True), mean)
 
 
-def test_matching_sends_r_tokens_of_a_to_their_most_similar_b_token():
-    torch.manual_seed(0)
-    metric = torch.randn(2, 11, 4)
-    destination = bipartite_soft_matching(metric, r=4)
-    unit = metric / metric.norm(dim=-1, keepdim=True)
-    for image in range(2):
-        kept_a = 6 - 4
-        # B tokens (odd positions) stay, in order, after the unmerged A tokens.
-        assert destination[image, 1::2].tolist() == list(range(kept_a, kept_a + 5))
-        moved = [a for a in range(0, 11, 2) if destination[image, a] >= kept_a]
-        assert len(moved) == 4
-        for a in moved:
-            partner = 1 + 2 * (destination[image, a].item() - kept_a)
-            assert partner == 1 + 2 * (unit[image, a] @ unit[image, 1::2].T).argmax().item()
+@pytest.mark.parametrize("protected", [0, 1, 2, 5])
+@pytest.mark.parametrize("num_patches, r", [(11, 0), (11, 4), (10, 5), (16, 3)])
+def test_matching_sets_follow_the_official_split_of_the_whole_sequence(protected, num_patches, r):
+    torch.manual_seed(protected * 100 + num_patches)
+    keys = torch.randn(3, protected + num_patches, 4)
+    destination = bipartite_soft_matching(keys[:, protected:], r, offset=protected)
+    for image in range(3):
+        position = {j: protected + j for j in range(num_patches)}  # patch j's place in the whole sequence
+        in_b = [j for j in range(num_patches) if position[j] % 2 == 1]
+        kept_a = num_patches - len(in_b) - r
+        # B tokens (odd positions of the whole sequence) stay, in order, after the unmerged A tokens.
+        assert destination[image, in_b].tolist() == list(range(kept_a, kept_a + len(in_b)))
+        slot_of_b = {destination[image, j].item(): position[j] for j in in_b}
+        merges = {position[j]: slot_of_b[destination[image, j].item()]
+                  for j in range(num_patches) if j not in in_b and destination[image, j] >= kept_a}
+        assert merges == official_merges(keys[image], r, protected)
+
+
+def test_with_a_class_token_the_first_patch_token_is_in_set_b():
+    keys = torch.randn(1, 6, 4)
+    assert bipartite_soft_matching(keys, 0, offset=1)[0].tolist() == [3, 0, 4, 1, 5, 2]
+    assert bipartite_soft_matching(keys, 0, offset=0)[0].tolist() == [0, 3, 1, 4, 2, 5]
 
 
 @pytest.mark.parametrize("variant", ["plain", "layerscale_qknorm", "registers"])
@@ -149,8 +185,23 @@ def test_patch_groups_say_which_token_each_patch_became(images):
 def test_schedules_of_r():
     assert r_schedule(4, "constant", 3) == [4, 4, 4]
     assert r_schedule(4, "decreasing", 3) == [8, 4, 0]
+    assert r_schedule(5, "decreasing", 6) == [10, 8, 6, 4, 2, 0]  # 2 computed in floats is 1.99...
     assert r_schedule([1, 2, 3], "constant", 3) == [1, 2, 3]
     assert largest_constant_r(16, 4) == 3 and largest_constant_r(196, 12) == 15
+
+
+def official_decreasing(r: int, depth: int) -> list[int]:
+    """The official ``parse_r`` for ``(r, -1)``: from ``2r`` to 0 in equal float steps, truncated."""
+    low = int(r * (1.0 - -1))
+    high = 2 * r - low
+    step = (high - low) / (depth - 1)
+    return [int(low + step * i) for i in range(depth)]
+
+
+def test_decreasing_schedule_is_the_official_one_for_every_r_and_depth():
+    for depth in range(2, 25):
+        for r in range(17):
+            assert r_schedule(r, "decreasing", depth) == official_decreasing(r, depth), (r, depth)
 
 
 @pytest.mark.parametrize("knobs, message", [
@@ -198,6 +249,7 @@ def test_zero_epochs_evaluates_the_dense_checkpoint_without_training(image_folde
                              init=str(dense.model_path), output_dir=str(tmp_path / "tome"), progress=False))
     trained, merged = load_model(dense.model_path), load_model(tome.model_path)
     assert tome.metrics["steps"] == 0 and "test" in tome.metrics
+    assert merged.proportional_attention  # not trained: used off the shelf
     for (name, a), (_, b) in zip(trained.state_dict().items(), merged.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -225,3 +277,16 @@ def test_benchmark_entry_with_zero_epochs_evaluates_its_init(image_folder, tmp_p
     assert unmerged["top1"] == dense["points"][0]["top1"]
     assert unmerged["mean_gmacs"] == pytest.approx(dense["points"][0]["mean_gmacs"])
     assert merged["mean_gmacs"] < unmerged["mean_gmacs"]
+
+
+def test_a_trained_tome_keeps_proportional_attention_off(image_folder, tmp_path):
+    from dyntok.methods import load_model
+    from dyntok.data import DataConfig
+    from dyntok.training import TrainConfig, train
+
+    model_kwargs = {**{k: v for k, v in TINY.items() if k != "num_classes"}, "r": 2}
+    data = DataConfig(dataset=str(image_folder), batch_size=8, holdout_size=0, cache_dir=str(tmp_path / "cache"))
+    trained = train(TrainConfig(model="tome_vit_cifar_tiny", model_kwargs=model_kwargs, data=data, epochs=1,
+                                output_dir=str(tmp_path / "tome"), progress=False))
+    model = load_model(trained.model_path)
+    assert model.config["method_kwargs"]["proportional_attention"] is False and not model.proportional_attention

@@ -39,24 +39,22 @@ def train_config(spec: BenchSpec, entry: Entry, output_dir: str | Path = "", ini
 
 
 def select_entries(spec: BenchSpec, only: list[str] | tuple[str, ...] = ()) -> list[Entry]:
-    """The runnable entries to run: all of them, or those in ``only`` plus what they need.
+    """The entries to run: all of them, or those in ``only`` plus what they need.
 
     An entry needs the entry it starts from (recursively) and the reference every speed is measured against.
     """
     if not only:
-        return list(spec.runnable)
+        return list(spec.entries)
     known = {entry.name: entry for entry in spec.entries}
     wanted = set()
     for name in only:
         if name not in known:
             raise ValueError(f"--only {name!r}: no such entry; entries: {', '.join(known)}")
-        if known[name].skipped:
-            raise ValueError(f"--only {name!r}: this entry cannot run here ({known[name].skipped})")
         while name is not None and name not in wanted:
             wanted.add(name)
             name = known[name].init
     wanted.add(spec.reference)
-    return [entry for entry in spec.runnable if entry.name in wanted]
+    return [entry for entry in spec.entries if entry.name in wanted]
 
 
 def entry_caches(spec: BenchSpec, entries: list[Entry], root: str | Path) -> dict[str, EntryCache]:
@@ -190,9 +188,6 @@ class Plan:
             lines.append(f"{entry.name:<{name_width}}{entry.model:<{model_width}}{entry.init or '-':<{init_width}}"
                          f"{entry.train['epochs']:>7g}  {item.status:<8}{format_duration(item.train_seconds):>9}"
                          f"{item.points:>8}{format_duration(item.calibrate_seconds + item.points * item.point_seconds):>12}")
-        for entry in spec.entries:
-            if entry.skipped:
-                lines.append(f"{entry.name:<{name_width}}{entry.model:<{model_width}}skipped: {entry.skipped}")
         lines += ["", f"{self.steps_per_epoch} training steps per epoch at batch size {spec.data.batch_size}; "
                       f"estimated total: {format_duration(self.seconds)} (from a short probe of each model "
                       f"on this machine)"]

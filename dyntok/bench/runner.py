@@ -224,9 +224,6 @@ def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[s
     output = Path(output)
     started = datetime.datetime.now(datetime.timezone.utc)
     plan, loaders = prepare(spec, output, only, cache_dir)
-    for entry in spec.entries:
-        if entry.skipped:
-            log.warning("skipping entry %r (%s): %s", entry.name, entry.model, entry.skipped)
     device = plan.device
     bar = StageBar(plan.seconds, progress)
     try:
@@ -250,7 +247,6 @@ def run_benchmark(spec: BenchSpec, output: str | Path, only: list[str] | tuple[s
         "started": started.isoformat(timespec="seconds"),
         "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
         "entries": records,
-        "skipped": [{"name": e.name, "model": e.model, "reason": e.skipped} for e in spec.entries if e.skipped],
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2))

@@ -38,9 +38,10 @@ import yaml
 
 from ..data import DataConfig
 from ..data.config import DATA_RANGES, OPTIONAL_DATA
+from ..methods import AdaptiveViT
 from ..methods.budget import format_knobs
-from ..methods.registry import get_method, list_methods, split_model_name
-from ..models.vit import BACKBONE_OVERRIDES, PRESETS
+from ..methods.registry import check_model, list_methods, split_model_name
+from ..models.vit import PRESETS
 from ..ranges import Interval
 from ..training.recipes import RECIPES
 from ..training.validation import OPTIONAL_SETTINGS, TRAIN_RANGES
@@ -53,9 +54,6 @@ PROFILES = {"cpu": "cpu.yaml", "full": "cpu_full.yaml", "gpu": "gpu.yaml"}
 
 #: Placeholder in an entry's ``model`` replaced by the spec's ``backbone``.
 BACKBONE_PLACEHOLDER = "{backbone}"
-
-#: Keyword arguments ``create_model`` itself takes besides backbone overrides and method options.
-_CREATE_MODEL_ARGUMENTS = ("pretrained", "pretrained_file")
 
 
 class SpecError(ValueError):
@@ -224,7 +222,6 @@ class Entry:
     ``train`` holds the spec's training defaults with the entry's own settings on top. ``budgets`` is None
     when the model's own ``budget_sweep()`` decides the points, after a calibration on the held-out split
     (with the ``calibrate`` targets, if given).
-    ``skipped`` says why the entry cannot run here (its method is not registered), else None.
     ``pretrained`` entries are dyntok's shipped reference of their preset, evaluated without training
     (``dyntok bench --from-scratch`` trains them with the recipe that made the shipped weights instead).
     """
@@ -236,7 +233,6 @@ class Entry:
     init: str | None = None
     budgets: tuple[BudgetPoint, ...] | None = None
     calibrate: dict[str, Any] | None = None
-    skipped: str | None = None
     pretrained: bool = False
 
     @property
@@ -274,10 +270,6 @@ class BenchSpec:
                 return entry
         raise KeyError(f"no entry {name!r}; entries: {', '.join(e.name for e in self.entries)}")
 
-    @property
-    def runnable(self) -> tuple[Entry, ...]:
-        return tuple(entry for entry in self.entries if entry.skipped is None)
-
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "source": self.source,
                 "data": self.data.to_dict(), "backbone": self.backbone, "reference": self.reference,
@@ -305,6 +297,8 @@ def load_spec(path: str | Path) -> BenchSpec:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise SpecError(f"{path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise SpecError(f"{path} is nested too deeply to be a benchmark spec") from None
     try:
         return parse_spec(values, source=str(path))
     except SpecError as error:
@@ -328,8 +322,6 @@ def parse_spec(values: Any, source: str = "") -> BenchSpec:
     by_name = {entry.name: entry for entry in entries}
     if reference not in by_name:
         raise SpecError(f"reference: no entry named {reference!r}; entries: {', '.join(by_name)}")
-    if by_name[reference].skipped:
-        raise SpecError(f"reference: entry {reference!r} cannot run here ({by_name[reference].skipped})")
     return BenchSpec(
         name=text(values["name"], "name"), description=str(values.get("description") or ""),
         data=_parse_data(values.get("data")), backbone=backbone, entries=tuple(entries), reference=reference,
@@ -373,17 +365,13 @@ def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], 
     if name in earlier:
         raise SpecError(f"{where}.name: {name!r} is used by an earlier entry")
     model = text(raw["model"], f"{where}.model").replace(BACKBONE_PLACEHOLDER, backbone)
-    skipped = _unregistered_method(model, f"{where}.model")
-    model_kwargs = mapping(raw.get("model_kwargs"), f"{where}.model_kwargs")
-    if skipped is None:
-        _check_method_kwargs(model, model_kwargs, f"{where}.model_kwargs")
+    _check_model_name(model, f"{where}.model")
+    model_kwargs = _json_value(mapping(raw.get("model_kwargs"), f"{where}.model_kwargs"), f"{where}.model_kwargs")
+    shapes = _shapes_only(model, model_kwargs, f"{where}.model_kwargs")
     init = optional(text)(raw.get("init"), f"{where}.init")
-    if init is not None:
-        if init not in earlier:
-            raise SpecError(f"{where}.init: {init!r} is not an earlier entry; entries it may start from: "
-                            f"{', '.join(earlier) or 'none'}")
-        if skipped is None and earlier[init].skipped:
-            skipped = f"it starts from entry {init!r}, which is skipped"
+    if init is not None and init not in earlier:
+        raise SpecError(f"{where}.init: {init!r} is not an earlier entry; entries it may start from: "
+                        f"{', '.join(earlier) or 'none'}")
     pretrained = boolean(raw.get("pretrained", False), f"{where}.pretrained")
     if pretrained:
         _check_shipped_reference(model, model_kwargs, init, where)
@@ -395,10 +383,9 @@ def _parse_entry(raw: Any, where: str, backbone: str, defaults: dict[str, Any], 
     if train["epochs"] == 0 and init is None and not pretrained:
         raise SpecError(f"{where}.train.epochs: 0 trains nothing, so the entry needs init: (the entry whose "
                         f"weights it evaluates)")
-    return Entry(name=name, model=model, model_kwargs=_json_value(model_kwargs, f"{where}.model_kwargs"),
-                 train=train, init=init, budgets=_parse_budgets(raw.get("budgets"), f"{where}.budgets"),
-                 calibrate=_parse_targets(raw.get("calibrate"), f"{where}.calibrate"), skipped=skipped,
-                 pretrained=pretrained)
+    return Entry(name=name, model=model, model_kwargs=model_kwargs, train=train, init=init,
+                 budgets=_parse_budgets(raw.get("budgets"), f"{where}.budgets", shapes),
+                 calibrate=_parse_targets(raw.get("calibrate"), f"{where}.calibrate", shapes), pretrained=pretrained)
 
 
 def _check_shipped_reference(model: str, model_kwargs: dict[str, Any], init: str | None, where: str) -> None:
@@ -437,7 +424,8 @@ def _reference_entry(earlier: list[Entry], entry: Entry) -> str:
                     f"trains it; add one before it (model: {backbone}, pretrained: true)")
 
 
-def _parse_budgets(values: Any, where: str) -> tuple[BudgetPoint, ...] | None:
+def _parse_budgets(values: Any, where: str, model: AdaptiveViT) -> tuple[BudgetPoint, ...] | None:
+    """The budget points, each checked against ``model.budget_space()`` (or its calibration targets)."""
     if values is None:
         return None
     if not isinstance(values, list) or not values:
@@ -452,47 +440,54 @@ def _parse_budgets(values: Any, where: str) -> tuple[BudgetPoint, ...] | None:
                             f"calibrate: {{targets}}")
         if "calibrate" in value:
             _check_keys(value, ["calibrate"], point_where)
-            points.append(BudgetPoint(calibrate=_parse_targets(value["calibrate"], f"{point_where}.calibrate")))
+            points.append(BudgetPoint(calibrate=_parse_targets(value["calibrate"], f"{point_where}.calibrate",
+                                                               model)))
         else:
-            points.append(BudgetPoint(knobs=_json_value(value, point_where)))
+            knobs = _json_value(value, point_where)
+            try:
+                model.checked_budget(knobs)
+            except ValueError as error:
+                raise SpecError(f"{point_where}: {error}") from None
+            points.append(BudgetPoint(knobs=knobs))
     return tuple(points)
 
 
-def _parse_targets(value: Any, where: str) -> dict[str, Any] | None:
+def _parse_targets(value: Any, where: str, model: AdaptiveViT) -> dict[str, Any] | None:
+    """Calibration targets: positive numbers, named as ``model.calibrate`` takes them."""
     if value is None:
         return None
-    return _json_value(mapping(value, where), where)
+    targets = _json_value(mapping(value, where), where)
+    try:
+        inspect.signature(model.calibrate).bind(None, **targets)
+    except TypeError:
+        accepted = [name for name in inspect.signature(model.calibrate).parameters if name != "loader"]
+        raise SpecError(f"{where}: {type(model).__name__}.calibrate takes {', '.join(accepted) or 'no targets'}; "
+                        f"got {', '.join(map(repr, targets))}") from None
+    for name, target in targets.items():
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+            raise SpecError(f"{where}.{name}: expected a positive number, got {_describe(target)}")
+    return targets
 
 
 def _is_backbone(name: str) -> bool:
     return name in PRESETS or timm.is_model(name)
 
 
-def _unregistered_method(model: str, where: str) -> str | None:
-    """Why ``model`` cannot be built here (its method is not registered), None if it can.
-
-    Raises for names that are no model at all, so typos in the backbone part fail at parse time.
-    """
+def _check_model_name(model: str, where: str) -> None:
+    """A :class:`SpecError` for a name that is no model: a typo in the method or the backbone part."""
     _, backbone = split_model_name(model)
     if _is_backbone(backbone):
-        return None
+        return
     prefix, _, rest = model.partition("_")
     if rest and _is_backbone(rest):
-        return f"method {prefix!r} is not registered here (registered: {', '.join(list_methods())})"
+        raise SpecError(f"{where}: unknown method {prefix!r} in {model!r}; methods: {', '.join(list_methods())}")
     raise SpecError(f"{where}: unknown model {model!r}; a model is <method>_<backbone> or a bare backbone, with "
                     f"methods {', '.join(list_methods())} and backbones {', '.join(PRESETS)} or a timm ViT name")
 
 
-def _check_method_kwargs(model: str, kwargs: dict[str, Any], where: str) -> None:
-    """Method options must be arguments of the method's ``__init__``; backbone overrides always are."""
-    cls = get_method(split_model_name(model)[0])
-    method_kwargs = {key: value for key, value in kwargs.items()
-                     if key not in BACKBONE_OVERRIDES and key not in _CREATE_MODEL_ARGUMENTS}
+def _shapes_only(model: str, kwargs: dict[str, Any], where: str) -> AdaptiveViT:
+    """The entry's model built on the meta device: its options, size and budget space checked for free."""
     try:
-        inspect.signature(cls).bind(None, **method_kwargs)
-    except TypeError:
-        accepted = [name for name in inspect.signature(cls).parameters if name != "backbone"]
-        unknown = sorted(set(method_kwargs) - set(accepted))
-        raise SpecError(f"{where}: {cls.__name__} does not take {', '.join(map(repr, unknown))}; it takes "
-                        f"{', '.join(accepted) or 'no options'}, plus backbone overrides "
-                        f"({', '.join(BACKBONE_OVERRIDES)})") from None
+        return check_model(model, kwargs)
+    except ValueError as error:
+        raise SpecError(f"{where}: {error}") from None

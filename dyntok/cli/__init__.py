@@ -4,9 +4,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DEBUG_ENV"]
+
+#: Environment variable that, like ``--debug``, shows tracebacks instead of one-line errors.
+DEBUG_ENV = "DYNTOK_DEBUG"
+#: Exit code after Ctrl-C, as a shell reports a process ended by SIGINT.
+INTERRUPTED = 128 + signal.SIGINT
 
 #: Sub-command name -> module (relative to this package). Modules are imported lazily so that
 #: ``dyntok --help`` stays fast.
@@ -34,8 +41,15 @@ def _available_subcommands() -> dict[str, object]:
     return modules
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option answered in one line (and where to read more) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dyntok",
         description="Input-adaptive Vision Transformers: train, evaluate and benchmark DVT, DynamicViT and "
                     "friends against dense and static baselines, with compute and speed measured for real.",
@@ -44,32 +58,54 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in _available_subcommands().items():
         sub = module.add_parser(subparsers, name)
+        _add_general_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "fix the input and run again": one line for each, never a traceback."""
-    from ..fileio import CheckpointWriteError
-    from ..training.lock import RunLockedError
+def _add_general_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..models.limits import ALLOW_LARGE_ENV, ALLOW_LARGE_OPTION, MAX_PARAMETERS
 
-    return ValueError, FileNotFoundError, CheckpointWriteError, RunLockedError, FloatingPointError
+    group = parser.add_argument_group("general")
+    group.add_argument("--debug", action="store_true",
+                       help=f"show the full traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
+    group.add_argument(ALLOW_LARGE_OPTION, action="store_true",
+                       help=f"build models beyond dyntok's size bound ({MAX_PARAMETERS / 1e9:g} billion parameters; "
+                            f"or set {ALLOW_LARGE_ENV}=1): the bound guards against sizes from files and typos")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Every failure a user can cause ends in one line naming the cause and the fix and a
+    non-zero exit code; ``--debug`` (or ``DYNTOK_DEBUG=1``) shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    user_errors = _user_errors()
+    from ..models.limits import ALLOW_LARGE_ENV
     from ..training.distributed import RunStopped
+    from ._errors import explain
+
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    allowed = os.environ.get(ALLOW_LARGE_ENV)
+    if args.allow_large_model:  # through the environment, which every model build reads (bench entries too)
+        os.environ[ALLOW_LARGE_ENV] = "1"
     try:
         return args.run(args) or 0
-    except user_errors as error:
-        # User errors (bad paths, impossible budgets, broken checkpoints) get one clear line, not a traceback.
-        print(f"dyntok {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except RunStopped as stopped:  # its message was printed when it happened
         return stopped.exit_code
+    except KeyboardInterrupt:
+        print(f"dyntok {args.command}: interrupted (Ctrl-C); files already written are complete", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as error:
+        if debug:
+            raise
+        message, code = explain(error)
+        print(f"dyntok {args.command}: error: {message}", file=sys.stderr)
+        return code
+    finally:  # main() also runs in-process (tests, notebooks): leave the environment as it was
+        if allowed is None:
+            os.environ.pop(ALLOW_LARGE_ENV, None)
+        else:
+            os.environ[ALLOW_LARGE_ENV] = allowed
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from ..data import DataConfig
+from ..data.recorded_split import DEFAULT_HOLDOUT
 
-
-#: Training images the CLI holds out for calibration unless told otherwise.
-DEFAULT_HOLDOUT = 5000
+#: ``--holdout-size`` of the commands that fit knobs on a saved model's held-out split.
+RECORDED_HOLDOUT_HELP = (f"training images held out for calibration. Default: the split the model was trained "
+                         f"beside, as its checkpoint records it (another one is refused, and so is another "
+                         f"training set); {DEFAULT_HOLDOUT} for a checkpoint that does not say")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, holdout_help: str | None = None) -> None:
@@ -29,8 +32,16 @@ def add_data_arguments(parser: argparse.ArgumentParser, holdout_help: str | None
 
 def holdout_size(text: str) -> int | float:
     """``--holdout-size``: a count (``5000``) or a fraction below 1 (``0.1``)."""
-    value = float(text)
-    return value if 0 < value < 1 else int(value)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0 < value < 1:
+        return value
+    if not (value >= 0 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a count of images (a whole number >= 0) or a share in (0, 1), "
+                                         f"got {text!r}")
+    return int(value)
 
 
 def data_config(args: argparse.Namespace, **extra: Any) -> DataConfig:
@@ -50,4 +61,6 @@ def parse_knobs(pairs: list[str]) -> dict[str, Any]:
             knobs[key] = json.loads(value)
         except json.JSONDecodeError:
             knobs[key] = value
+        except RecursionError:
+            raise ValueError(f"the value of {key} is nested too deeply to be a setting: {pair[:40]}...") from None
     return knobs

@@ -58,6 +58,7 @@ def _spec_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.runner import prepare, run_benchmark
+    from ..fileio import check_writable_folder
 
     spec = _spec_from_args(args)
     output = args.output or Path("reports") / (spec.name if args.spec is not None else args.profile)
@@ -65,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
         plan, _ = prepare(spec, output, args.only, args.cache_dir)
         print(plan.describe(output))
         return 0
+    # Before any data is read or entry trained: a folder that cannot be written fails now, named by its option.
+    check_writable_folder(output, "--output")
+    if args.cache_dir is not None:
+        check_writable_folder(args.cache_dir, "--cache-dir")
     results = run_benchmark(spec, output, args.only, cache_dir=args.cache_dir)
     print(f"{len(results['entries'])} entries measured in {results['seconds'] / 60:.1f} min; "
           f"report: {output / 'leaderboard.md'}")
-    for skipped in results["skipped"]:
-        print(f"skipped {skipped['name']}: {skipped['reason']}")
     return 0

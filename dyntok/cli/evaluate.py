@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..fileio import load_meta
-from ..data import DataConfig, build_loaders
+from ..data import build_loaders
+from ..data.recorded_split import calibration_split, check_training_set
 from ..evaluation import evaluate
+from ..fileio import load_meta
 from ..measure.speed import compare_speed, inference_context
 from ..methods import create_model_from_config, load_model
 from ..training.distributed import select_device
-from ._common import DEFAULT_HOLDOUT, add_data_arguments, data_config, parse_knobs
-
-log = logging.getLogger(__name__)
+from ._common import RECORDED_HOLDOUT_HELP, add_data_arguments, data_config, parse_knobs
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -32,9 +29,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         help="set a budget knob before evaluating, e.g. keep_ratio=0.7 (repeatable)")
     parser.add_argument("--calibrate-gmacs", type=float, default=None,
                         help="fit the budget knobs on the held-out split to this mean GMACs first")
-    add_data_arguments(parser, holdout_help="training images held out for calibration. Default: the split the "
-                                            "model was trained beside, as its checkpoint records it (another "
-                                            f"one is refused); {DEFAULT_HOLDOUT} for a checkpoint that does not say")
+    add_data_arguments(parser, holdout_help=RECORDED_HOLDOUT_HELP)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--no-speed", action="store_true", help="skip throughput and latency")
     speed.add_argument("--speed-batch-size", type=int, default=None, help="default: 64 on CPU, 256 on GPU")
@@ -61,47 +56,19 @@ def speed_report(model, dense, images: torch.Tensor, device: torch.device, args:
     return {"batch_size": batch_size, **speed}
 
 
-def recorded_holdout_split(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The held-out split a checkpoint's model was trained beside, if the checkpoint says."""
-    if "holdout_split" in meta:
-        return meta["holdout_split"]
-    data = meta.get("train_config", {}).get("data")  # training checkpoints of older dyntok
-    return None if data is None else DataConfig.from_dict(data).holdout_split()
-
-
-def calibration_split(checkpoint: str, requested: int | float | None) -> dict[str, Any]:
-    """``holdout_size`` and ``seed`` of the split to calibrate on: the one the model was trained beside.
-
-    Any other split could hold images the model was trained on, so asking for one is an error.
-    """
-    recorded = recorded_holdout_split(load_meta(checkpoint))
-    if recorded is None:
-        size = DEFAULT_HOLDOUT if requested is None else requested
-        log.warning("%s does not record the held-out split it was trained beside; calibrating on %s images held "
-                    "out with seed 0, which may include images it was trained on", checkpoint, size)
-        return {"holdout_size": size, "seed": 0}
-    size, seed = recorded["holdout_size"], recorded["seed"]
-    if requested is not None and requested != size:
-        raise ValueError(f"{checkpoint} was trained beside a held-out split of {size} images (seed {seed}); "
-                         f"calibrating on --holdout-size {requested} would fit on images it was trained on. "
-                         f"Leave --holdout-size out to use its own split")
-    if not size:
-        raise ValueError(f"{checkpoint} was trained on the whole training set (no held-out split): there are no "
-                         f"unseen training images to calibrate on; train with --holdout-size N")
-    return {"holdout_size": size, "seed": seed}
-
-
 def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model = load_model(args.checkpoint, map_location=device).eval()
     image_size = model.backbone_spec.resolved_kwargs()[1].get("img_size")
     # The held-out split only matters for calibration, which must use the model's own.
     split = (calibration_split(args.checkpoint, args.holdout_size) if args.calibrate_gmacs is not None
-             else {"holdout_size": 0})
+             else {"holdout_size": 0, "seed": 0})
     # A converted official checkpoint records the normalisation its own evaluation used (ImageNet's).
     preprocessing = load_meta(args.checkpoint).get("preprocessing", {})
     normalisation = {key: preprocessing[key] for key in ("mean", "std") if key in preprocessing}
-    loaders = build_loaders(data_config(args, image_size=image_size, **normalisation, **split))
+    loaders = build_loaders(data_config(args, image_size=image_size, holdout_size=split["holdout_size"],
+                                        seed=split["seed"], **normalisation))
+    check_training_set(split.get("fingerprint"), loaders["fingerprint"], args.checkpoint, args.dataset)
     if loaders["num_classes"] != model.num_classes:
         raise ValueError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
                          f"{loaders['num_classes']}: evaluate it on the dataset it was trained for")

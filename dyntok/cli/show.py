@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_data_arguments, data_config, parse_knobs
+from ._common import RECORDED_HOLDOUT_HELP, add_data_arguments, parse_knobs
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         help="set a budget knob first, e.g. keep_ratio=0.7 (repeatable)")
     parser.add_argument("--calibrate-gmacs", type=float, default=None,
                         help="fit the budget knobs on the held-out split of --dataset to this mean GMACs first")
-    add_data_arguments(parser)
+    add_data_arguments(parser, holdout_help=RECORDED_HOLDOUT_HELP)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -37,11 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from ..report.gallery import show, write_figures
     from ..training.distributed import select_device
 
-    data = data_config(args)
     figures = show(args.checkpoint, args.images, n=args.n, budget=parse_knobs(args.budget),
                    calibrate=None if args.calibrate_gmacs is None else {"gmacs": args.calibrate_gmacs},
-                   dataset=data.dataset, data_root=data.data_root, download=data.download,
-                   holdout_size=data.holdout_size, limit=args.limit, batch_size=data.batch_size,
+                   dataset=args.dataset, data_root=args.data_root, download=args.download,
+                   holdout_size=args.holdout_size, limit=args.limit, batch_size=args.batch_size,
                    device=select_device(args.device))
     for path in write_figures(figures, args.out):
         print(f"wrote {path}")

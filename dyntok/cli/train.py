@@ -31,6 +31,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                        help="start from this dense model.safetensors, or 'pretrained' for the backbone's reference "
                             "shipped with dyntok (and use it as the teacher if the method wants one)")
     add_data_arguments(parser)
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="resize every image to NxN (needed for a folder of mixed sizes); build the model for "
+                             "it with --model-arg img_size=N")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=float, default=10.0, help="epochs (fractions allowed)")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
@@ -76,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     backbone, settings = backbone_of(args)
     name = model_name(args.method, backbone)
     data = data_config(args, seed=args.seed, randaugment=args.randaugment, mixup_alpha=args.mixup,
-                       cutmix_alpha=args.cutmix)
+                       cutmix_alpha=args.cutmix, image_size=args.image_size)
     return TrainConfig(
         model=name, model_kwargs={**settings, **parse_knobs(args.model_arg)}, data=data,
         output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,

@@ -30,6 +30,8 @@ DATA_RANGES = {
 }
 OPTIONAL_DATA = frozenset({"eval_batch_size", "image_size"})
 _CLI_NAMES = {"mixup_alpha": "--mixup", "cutmix_alpha": "--cutmix"}
+#: ``randaugment = (num_ops, magnitude)``: torchvision's RandAugment has 31 magnitude bins (0 to 30).
+_RANDAUGMENT = (Interval(0, 16, integer=True), Interval(0, 30, integer=True))
 #: Options that moved elsewhere but that run records written before still carry: ignored when read back.
 #: ``label_smoothing`` is the loss's (``TrainConfig``), handed to :func:`build_loaders` for mixup's targets.
 _RETIRED = frozenset({"label_smoothing"})
@@ -96,6 +98,13 @@ class DataConfig:
             if value is not None:
                 setattr(self, name, tuple(value))
         check_ranges(self, DATA_RANGES, OPTIONAL_DATA, _option_name)
+        _check_holdout_size(self.holdout_size)
+        if self.randaugment is not None:
+            if len(self.randaugment) != 2:
+                raise ValueError(f"randaugment (--randaugment) must be two whole numbers, OPS and MAGNITUDE; "
+                                 f"got {list(self.randaugment)}")
+            for part, accepted, value in zip(("OPS", "MAGNITUDE"), _RANDAUGMENT, self.randaugment):
+                accepted.check(f"randaugment (--randaugment) {part}", value)
 
     @property
     def mixup(self) -> bool:
@@ -128,6 +137,14 @@ class DataConfig:
         return {"dataset": self.dataset, "holdout_size": self.holdout_size, "seed": self.seed}
 
 
+def _check_holdout_size(value: Any) -> None:
+    """An image count (a whole number >= 0) or a share of the training set in (0, 1)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return
+    Interval(0.0, 1.0, high_open=True).check(f"{_option_name('holdout_size')} as a share (a count is a whole number)",
+                                             value)
+
+
 def build_loaders(
     config: DataConfig,
     rank: int = 0,
@@ -145,7 +162,8 @@ def build_loaders(
         ``"holdout"``: the held-out part of the training set, eval transform (None if
         ``holdout_size`` is 0);
         ``"test"``: the test (or val) split, eval transform;
-        ``"num_classes"``, ``"class_names"``, ``"source"`` (where the pixels came from).
+        ``"num_classes"``, ``"class_names"``, ``"source"`` (where the pixels came from), ``"fingerprint"``
+        (of the training set, :meth:`ImageTensorDataset.fingerprint`).
 
     Evaluation loaders are not sharded unless ``shard_eval`` (then every image is seen exactly
     once across ranks, and per-rank results must be gathered): by default each rank scores the
@@ -175,6 +193,7 @@ def build_loaders(
         "num_classes": train_set.num_classes,
         "class_names": list(train_set.classes),
         "source": train_set.source,
+        "fingerprint": train_set.fingerprint(),
     }
 
 

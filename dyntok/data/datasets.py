@@ -7,6 +7,8 @@ Our code never unpickles anything; torchvision's own CIFAR reader does that for 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,17 @@ class ImageTensorDataset:
     def image_size(self) -> tuple[int, int]:
         """Stored (height, width)."""
         return tuple(self.images.shape[2:])
+
+    def fingerprint(self) -> str:
+        """A short hash of the class names and every image's label, in order.
+
+        The held-out split is drawn from the labels (stratified, seeded), so two training sets with the same
+        fingerprint give the same split; one with another fingerprint is not the set a model was trained on.
+        Hashing labels, not pixels, keeps it instant for any dataset size.
+        """
+        digest = hashlib.sha256(json.dumps(list(self.classes)).encode())
+        digest.update(self.labels.numpy().astype("<i8").tobytes())
+        return digest.hexdigest()[:16]
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> "ImageTensorDataset":
         """A copy holding only ``indices`` (in that order); ``.indices`` records where they came from."""
@@ -169,7 +182,8 @@ def _holdout_count(size: int | float, total: int) -> int:
         raise ValueError(f"holdout fraction must be in [0, 1), got {size}")
     count = round(size * total) if isinstance(size, float) else size
     if not 0 <= count < total:
-        raise ValueError(f"holdout size must leave some training data: got {count} of {total} images")
+        raise ValueError(f"holdout_size (--holdout-size) must leave some training data: got {count} of {total} "
+                         f"images; give a smaller count or a share such as 0.1")
     return count
 
 

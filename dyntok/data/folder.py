@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write
+from ..fileio import WRITE_ERRORS, atomic_write
 from .errors import DatasetLayoutError, DatasetNotFoundError, ImageDecodeError, ImageSizeError
 
 __all__ = [
@@ -179,8 +179,8 @@ def _size_mismatch(path, pixels: np.ndarray, first, out: np.ndarray) -> str:
     (h, w), (h0, w0) = pixels.shape[:2], out.shape[2:]
     return (
         f"{path} is {w}x{h} pixels but {first} is {w0}x{h0}. Images are stored as one tensor, "
-        "so they must share a size: pass image_size=N (--image-size N) to resize all of them "
-        "to NxN when decoding."
+        "so they must share a size: pass image_size=N (dyntok train --image-size N, or image_size: N in a "
+        "benchmark spec's data section) to resize all of them to NxN when decoding."
     )
 
 
@@ -233,7 +233,7 @@ def _write_cache(path: Path, images: torch.Tensor, split: FolderSplit) -> None:
     try:
         with atomic_write(path) as tmp:
             save_file({"images": images.contiguous()}, tmp, metadata=metadata)
-    except OSError as error:  # the cache only saves time; a read-only home must not stop a run
+    except WRITE_ERRORS as error:  # the cache only saves time; a read-only home must not stop a run
         warnings.warn(f"Could not write the decode cache {path} ({error}); continuing without it.", stacklevel=3)
         return
     for stale in path.parent.glob(f"{_cache_prefix(split)}*.safetensors"):

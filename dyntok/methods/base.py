@@ -153,6 +153,15 @@ class AdaptiveViT(nn.Module):
         """
         return split_weight_decay(self.named_parameters(), weight_decay)
 
+    def begin_training(self) -> None:
+        """Told by the trainer once, before it builds the optimiser, when it is about to train this model
+        (never for a zero-epoch run, which only saves and evaluates the model as it was built or initialised).
+
+        A method whose trained form differs from its training-free form settles the difference here, in
+        :attr:`config` so that the trained model is rebuilt the same way (ToMe: proportional attention off);
+        it must decide the same on every call, since a resumed run calls it again. By default it does nothing.
+        """
+
     def set_training_progress(self, fraction: float) -> None:
         """Told by the trainer before every step: the share of training done, from 0 to 1.
 

@@ -3,11 +3,13 @@ Expediting Vision Transformers via Token Reorganizations", ICLR 2022).
 
 In a few blocks, after the attention, the patch tokens are ranked by the attention the class token pays them
 (averaged over heads). The top ``ceil(keep_rate * n)`` go on; the others are fused into one token, their sum
-weighted by that attention, appended after the kept ones. The MLP and every later block run on the shorter
-sequence. The fused token is an ordinary token for later blocks (it may be kept or fused again).
+weighted by that attention, appended after the kept ones (or, with ``fuse_inattentive=False``, dropped). The
+MLP and every later block run on the shorter sequence. The fused token is an ordinary token for later blocks
+(it may be kept or fused again).
 
-EViT has no weights of its own: it runs on any dense checkpoint as is, or is fine-tuned with the keep rate
-lowered from 1 to its target on the published schedule (see :meth:`EViT.training_keep_rate`).
+EViT has no weights of its own: it runs on any dense checkpoint as is, or is trained. Fine-tuned from a
+trained model it trains at its target keep rate from the first step (the official fine-tune); trained from
+scratch, its keep rate falls from 1 to the target on the published schedule (:meth:`EViT.training_keep_rate`).
 
 See docs/methods/evit.md for what follows the paper and what is a choice.
 """
@@ -27,10 +29,13 @@ from .registry import register_method
 from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
                               check_prune_locations, class_attention, gather_tokens, mlp_half, pooled_head)
 
-__all__ = ["EViT", "fuse_inattentive", "kept_count"]
+__all__ = ["EViT", "reorganise", "kept_count", "KEEP_RATE_SCHEDULES"]
 
 #: Keep rates the benchmark sweeps by default (the paper reports 0.5 to 0.9 on DeiT-S).
 _SWEEP_KEEP_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+#: The keep rate while training: from 1 down to the target (from scratch), or the target throughout (fine-tune).
+KEEP_RATE_SCHEDULES = ("warmup", "constant")
 
 
 def kept_count(keep_rate: float, num_patches: int) -> int:
@@ -41,20 +46,24 @@ def kept_count(keep_rate: float, num_patches: int) -> int:
     return max(1, math.ceil(keep_rate * num_patches - 1e-9))
 
 
-def fuse_inattentive(patches: Tensor, scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
-    """Keep the ``keep`` patch tokens with the highest scores, fuse the rest into one token.
+def reorganise(patches: Tensor, scores: Tensor, keep: int, fuse: bool = True) -> tuple[Tensor, Tensor]:
+    """Keep the ``keep`` patch tokens with the highest scores; fuse the others into one token, or drop them.
 
-    ``patches`` (B, n, C), ``scores`` (B, n) -> tokens (B, keep + 1, C): the kept tokens in their original
-    order, then the attention-weighted sum of the others; and the destination (B, n) of each input token.
+    ``patches`` (B, n, C), ``scores`` (B, n) -> the kept tokens in their original order, followed when
+    ``fuse`` by the score-weighted sum of the others: (B, keep + 1, C) or (B, keep, C); and the destination
+    (B, n) of each input token: its new position, ``keep`` when fused, -1 when dropped.
     """
     batch, num = scores.shape
     order = scores.argsort(dim=1, descending=True, stable=True)
     top, rest = order[:, :keep].sort(dim=1).values, order[:, keep:]
+    destination = torch.full((batch, num), keep if fuse else -1, dtype=torch.long, device=scores.device)
+    destination.scatter_(1, top, torch.arange(keep, device=scores.device).expand(batch, -1))
+    kept = gather_tokens(patches, top)
+    if not fuse:
+        return kept, destination
     weights = scores.gather(1, rest).to(patches.dtype).unsqueeze(1)
     fused = weights @ gather_tokens(patches, rest)
-    destination = torch.full((batch, num), keep, dtype=torch.long, device=scores.device)
-    destination.scatter_(1, top, torch.arange(keep, device=scores.device).expand(batch, -1))
-    return torch.cat([gather_tokens(patches, top), fused], dim=1), destination
+    return torch.cat([kept, fused], dim=1), destination
 
 
 @register_method
@@ -67,28 +76,43 @@ class EViT(SingleViT):
         keep_rate: share of the patch tokens kept at each reorganising block (a budget knob, in (0, 1]).
         prune_locations: blocks that reorganise after their attention. Default: at 1/4, 1/2 and 3/4 of the depth
             (the paper's 4th, 7th and 10th of 12 blocks; blocks 1, 2, 3 of a 4-block CIFAR preset).
-        shrink_start, shrink_end: shares of training between which the training keep rate falls from 1 to
-            ``keep_rate`` along a cosine (published: epochs 10 to 110 of 300). Before, every token is kept.
+        fuse_inattentive: fuse the inattentive tokens into one (the paper's EViT; the official ``--fuse_token``)
+            or drop them (half of the released DeiT-S checkpoints were trained so).
+        keep_rate_schedule: the keep rate while training. ``constant``: ``keep_rate`` from the first step (the
+            official fine-tune of a trained model); ``warmup``: 1, then a cosine down to ``keep_rate`` between
+            ``shrink_start`` and ``shrink_end`` (the official training from scratch). Default (None):
+            ``constant`` once started from a trained model (:meth:`init_from_dense`, or a backbone built with
+            pretrained weights), ``warmup`` otherwise.
+        shrink_start, shrink_end: shares of training between which the ``warmup`` keep rate falls from 1 to
+            ``keep_rate`` (published: epochs 10 to 110 of 300). Before, every token is kept.
     """
 
     method_name = "evit"
 
     def __init__(self, backbone: BackboneSpec, keep_rate: float = 0.7, prune_locations: Sequence[int] | None = None,
+                 fuse_inattentive: bool = True, keep_rate_schedule: str | None = None,
                  shrink_start: float = 10 / 300, shrink_end: float = 110 / 300) -> None:
         vit = backbone.build()
         check_plain_blocks(vit, "EViT")
         check_pooling(vit, "EViT")
         if getattr(vit, "cls_token", None) is None:
             raise ValueError("EViT ranks tokens by the class token's attention; the backbone has no class token")
+        if keep_rate_schedule not in (None, *KEEP_RATE_SCHEDULES):
+            raise ValueError(f"keep_rate_schedule is one of {', '.join(KEEP_RATE_SCHEDULES)} (or None: constant "
+                             f"when started from a trained model, warmup otherwise); got {keep_rate_schedule!r}")
         if not 0.0 <= shrink_start <= shrink_end <= 1.0:
             raise ValueError(f"shrink_start <= shrink_end are shares of training in [0, 1]; "
                              f"got {shrink_start}, {shrink_end}")
         locations = check_prune_locations(prune_locations, len(vit.blocks))
-        super().__init__(backbone, keep_rate=keep_rate, prune_locations=locations, shrink_start=shrink_start,
-                         shrink_end=shrink_end)
+        super().__init__(backbone, keep_rate=keep_rate, prune_locations=locations, fuse_inattentive=fuse_inattentive,
+                         keep_rate_schedule=keep_rate_schedule, shrink_start=shrink_start, shrink_end=shrink_end)
         self.vit = vit
         self.prune_locations = tuple(locations)
+        self.fuse_inattentive = fuse_inattentive
+        self.keep_rate_schedule = keep_rate_schedule or "warmup"
         self.shrink_start, self.shrink_end = shrink_start, shrink_end
+        if backbone.pretrained or backbone.pretrained_file is not None:
+            self._started_trained()
         self._taps = {index: AttentionTap(vit.blocks[index].attn) for index in locations}
         self._training_progress: float | None = None
         self.keep_rate = 1.0
@@ -99,12 +123,13 @@ class EViT(SingleViT):
         self._training_progress = fraction
 
     def training_keep_rate(self) -> float:
-        """The keep rate of the current training step: 1, then a cosine down to ``keep_rate``, then it.
+        """The keep rate of the current training step.
 
-        Without progress reports from a trainer, training runs at ``keep_rate``.
+        ``constant``: ``keep_rate``. ``warmup``: 1, then a cosine down to ``keep_rate``, then it; without progress
+        reports from a trainer, ``keep_rate``.
         """
         progress = self._training_progress
-        if progress is None or progress >= self.shrink_end:
+        if self.keep_rate_schedule == "constant" or progress is None or progress >= self.shrink_end:
             return self.keep_rate
         if progress < self.shrink_start:
             return 1.0
@@ -116,8 +141,18 @@ class EViT(SingleViT):
         return self._reorganising_forward(x, self.training_keep_rate())[0]
 
     def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
-        """Load a ``DenseViT.state_dict()``: EViT has no weights of its own."""
+        """Load a ``DenseViT.state_dict()`` (EViT has no weights of its own).
+
+        Training from here is a fine-tune (:meth:`_started_trained`).
+        """
         self.load_state_dict(state_dict)
+        self._started_trained()
+
+    def _started_trained(self) -> None:
+        """A model that starts trained needs no warm-up: unless a schedule was chosen, training keeps
+        ``keep_rate`` from the first step, as the official fine-tune does (recorded in :attr:`config`)."""
+        if self.method_kwargs["keep_rate_schedule"] is None:
+            self.method_kwargs["keep_rate_schedule"] = self.keep_rate_schedule = "constant"
 
     # ----------------------------------------------------------------- the forward
     def _reorganising_forward(self, x: Tensor, keep_rate: float) -> tuple[Tensor, PatchGroups, list[Tensor]]:
@@ -127,32 +162,39 @@ class EViT(SingleViT):
         tokens = embed_tokens(vit, x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
         groups = PatchGroups(batch, num_patches, tokens.device)
-        fused = torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)
+        set_aside = torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)  # fused or dropped
         kept_patches = []
         for index, block in enumerate(vit.blocks):
             tokens = attention_half(block, tokens)
             keep = kept_count(keep_rate, tokens.shape[1] - prefix)
             tap = self._taps.get(index)
             query, key = tap.pop() if tap is not None else (None, None)
-            # Reorganise only where it shortens the sequence: keeping all but one token and fusing that one
-            # would cost the class-attention row and the fusion and save nothing (short CIFAR sequences).
-            if tap is not None and keep + 1 < tokens.shape[1] - prefix:
+            if tap is not None and self._shortens(keep, tokens.shape[1] - prefix):
                 scores = class_attention(query, key, tap.scale)[:, prefix:]
-                patches, destination = fuse_inattentive(tokens[:, prefix:], scores, keep)
+                patches, destination = reorganise(tokens[:, prefix:], scores, keep, self.fuse_inattentive)
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
                 groups.move(destination)
-                fused |= groups.index == keep
-                kept_patches.append(~fused)
+                set_aside |= (groups.index == keep) | (groups.index < 0)
+                kept_patches.append(~set_aside)
             tokens = mlp_half(block, tokens)
         return pooled_head(vit, tokens), groups, kept_patches
+
+    def _shortens(self, keep: int, patches: int) -> bool:
+        """Whether keeping ``keep`` of ``patches`` tokens (plus the fused one, when fusing) shortens the sequence.
+
+        Where it would not (keeping all but one token and fusing that one, on short CIFAR sequences), the block
+        is left as it is: reorganising would cost the class-attention row and the fusion and save nothing.
+        """
+        return keep + int(self.fuse_inattentive) < patches
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
         logits, groups, kept_patches = self._reorganising_forward(x, self.keep_rate)
         batch = x.shape[0]
         macs, final_patches = self._macs_and_final_patches()
-        extras = {"patch_groups": groups.history, "kept_patches": kept_patches,
-                  "token_length": torch.full((batch,), final_patches, dtype=torch.long)}
+        extras = {"kept_patches": kept_patches, "token_length": torch.full((batch,), final_patches, dtype=torch.long)}
+        if self.fuse_inattentive:  # only fusing puts several patches in one token; dropping leaves single ones
+            extras["patch_groups"] = groups.history
         return Prediction(logits, torch.full((batch,), macs, dtype=torch.float64), extras)
 
     def _macs_and_final_patches(self) -> tuple[float, int]:
@@ -162,10 +204,11 @@ class EViT(SingleViT):
         for index, block in enumerate(self.vit.blocks):
             macs += attention_macs(block.attn, patches + prefix)
             keep = kept_count(self.keep_rate, patches)
-            if index in self.prune_locations and keep + 1 < patches:
-                attn_dim = block.attn.qkv.out_features // 3
-                macs += (patches + prefix) * attn_dim + (patches - keep) * block.attn.proj.out_features
-                patches = keep + 1
+            if index in self.prune_locations and self._shortens(keep, patches):
+                macs += (patches + prefix) * (block.attn.qkv.out_features // 3)  # the class token's attention row
+                if self.fuse_inattentive:
+                    macs += (patches - keep) * block.attn.proj.out_features  # the weighted sum into one token
+                patches = keep + int(self.fuse_inattentive)
             macs += mlp_macs(block.mlp, patches + prefix)
         return macs, patches
 

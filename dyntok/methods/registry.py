@@ -6,6 +6,7 @@ bare backbone name for the dense model (``vit_cifar_tiny``, ``vit_small_patch16_
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,11 @@ from ..models.vit import BACKBONE_OVERRIDES, PRESETS, BackboneSpec, list_backbon
 from ..pretrained import REFERENCE, PretrainedError, reference_state_dict, refuse_architecture_changes, resolve_weights
 
 __all__ = ["register_method", "create_model", "list_models", "list_methods", "get_method", "split_model_name",
-           "model_name", "create_model_from_config", "save_model", "load_model", "config_mismatch"]
+           "model_name", "create_model_from_config", "save_model", "load_model", "config_mismatch", "check_model",
+           "check_model_options", "weight_mismatch"]
+
+#: Keyword arguments ``create_model`` itself takes besides backbone overrides and method options.
+CREATE_MODEL_ARGUMENTS = ("pretrained", "pretrained_file")
 
 _METHODS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
@@ -136,11 +141,60 @@ def _with_settings(trained, path: Path, overrides: dict[str, Any], method_kwargs
     return model
 
 
+def check_model_options(name: str, kwargs: dict[str, Any]) -> None:
+    """A ``ValueError`` listing what the method takes when ``kwargs`` holds a name it does not."""
+    _check_options(get_method(split_model_name(name)[0]), kwargs)
+
+
+def _check_options(cls: type, kwargs: dict[str, Any]) -> None:
+    options = {key: value for key, value in kwargs.items()
+               if key not in BACKBONE_OVERRIDES and key not in CREATE_MODEL_ARGUMENTS}
+    accepted = [option for option in inspect.signature(cls).parameters if option != "backbone"]
+    unknown = sorted(set(options) - set(accepted), key=str)
+    if unknown:
+        raise ValueError(f"{cls.__name__} does not take {', '.join(map(repr, unknown))}; it takes "
+                         f"{', '.join(accepted) or 'no options'}, plus backbone overrides "
+                         f"({', '.join(BACKBONE_OVERRIDES)})")
+
+
+def check_model(name: str, kwargs: dict[str, Any]):
+    """Build ``create_model(name, **kwargs)`` on the meta device, without pretrained weights: every option is
+    checked (names, values, size bound) and nothing is allocated. Returns the shapes-only model, whose
+    ``budget_space()`` checks budget knobs; ``ValueError`` names what cannot be built."""
+    check_model_options(name, kwargs)
+    buildable = {key: value for key, value in kwargs.items() if key not in CREATE_MODEL_ARGUMENTS}
+    try:
+        with torch.device("meta"):
+            return create_model(name, **buildable)
+    except (TypeError, AssertionError, RuntimeError) as error:  # a method given an option of the wrong type
+        raise ValueError(f"{name} cannot be built with {buildable} ({type(error).__name__}: {error})") from None
+
+
 def create_model_from_config(config: dict[str, Any]):
-    """Rebuild a model from ``model.config`` (as saved in checkpoints), without pretrained downloads."""
-    backbone = config["backbone"]
-    spec = BackboneSpec(backbone["name"], dict(backbone.get("overrides", {})))
-    return get_method(config["method"])(spec, **config.get("method_kwargs", {}))
+    """Rebuild a model from ``model.config`` (as saved in checkpoints), without pretrained downloads.
+
+    The config may come from an untrusted file: its layout is checked here, its values by the method and
+    the backbone (:mod:`dyntok.models.limits`), before anything is allocated.
+    """
+    backbone = _field(config, "backbone", dict)
+    overrides = dict(_field(backbone, "overrides", dict, {}))
+    unknown = sorted(set(overrides) - set(BACKBONE_OVERRIDES), key=str)
+    if unknown:
+        raise ValueError(f"backbone overrides {unknown} are not backbone settings ({', '.join(BACKBONE_OVERRIDES)})")
+    method_kwargs = dict(_field(config, "method_kwargs", dict, {}))
+    spec = BackboneSpec(_field(backbone, "name", str), overrides)
+    cls = get_method(_field(config, "method", str))
+    _check_options(cls, method_kwargs)
+    return cls(spec, **method_kwargs)
+
+
+def _field(values: Any, key: str, kind: type, default: Any = None) -> Any:
+    if not isinstance(values, dict) or (key not in values and default is None):
+        raise ValueError(f"the config has no {key!r}")
+    value = values.get(key, default)
+    if not isinstance(value, kind):
+        raise ValueError(f"the config's {key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
@@ -167,10 +221,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a model")
     try:
         model = create_model_from_config(meta["config"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as error:
         raise CheckpointError(f"{path} describes a model dyntok cannot build ({type(error).__name__}: {error}); "
                               f"it was written by another dyntok version or edited") from None
-    problems = _weight_mismatch(model.state_dict(), tensors)
+    problems = weight_mismatch(model.state_dict(), tensors)
     if problems:
         raise CheckpointError(f"{path}: the weights do not fit the model its header describes "
                               f"({meta['config'].get('method')} on {meta['config'].get('backbone', {}).get('name')}): "
@@ -181,14 +235,22 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     return model.to(map_location)
 
 
-def _weight_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str:
-    """Missing, unexpected and misshapen weights in a few words ('' when they fit)."""
+def weight_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str:
+    """Missing, unexpected, misshapen and mistyped weights in a few words ('' when they fit).
+
+    A weight stored in another dtype is refused rather than cast: ``load_state_dict`` would silently round
+    float64 or reinterpret integer tensors, and dyntok never writes one (the file was converted or edited).
+    """
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshapen = [f"{name} {tuple(found[name].shape)} instead of {tuple(tensor.shape)}"
-                 for name, tensor in expected.items() if name in found and found[name].shape != tensor.shape]
+    common = [name for name in expected if name in found]
+    misshapen = [f"{name} {tuple(found[name].shape)} instead of {tuple(expected[name].shape)}"
+                 for name in common if found[name].shape != expected[name].shape]
+    mistyped = [f"{name} {found[name].dtype} instead of {expected[name].dtype}"
+                for name in common if found[name].dtype != expected[name].dtype]
     parts = [f"{label}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
-             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen),
+                                  ("wrong dtype", mistyped))
              if items]
     return "; ".join(parts)
 

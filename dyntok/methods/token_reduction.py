@@ -172,10 +172,10 @@ def class_attention(query: Tensor, key: Tensor, scale: float) -> Tensor:
 
 
 class PatchGroups:
-    """Which token each source patch is part of, as the patch tokens are merged or fused.
+    """Which token each source patch is part of, as the patch tokens are merged, fused or dropped.
 
     ``index`` (B, num_patches) holds, for each source patch, the position among the current patch tokens of
-    the token it has become part of (prefix tokens are not counted).
+    the token it has become part of (prefix tokens are not counted), or -1 once its token has been dropped.
     """
 
     def __init__(self, batch: int, num_patches: int, device: torch.device) -> None:
@@ -183,6 +183,8 @@ class PatchGroups:
         self.history: list[Tensor] = []
 
     def move(self, destination: Tensor) -> None:
-        """Apply a reduction: ``destination`` (B, n) is the new position of each of the n current tokens."""
-        self.index = destination.gather(1, self.index)
+        """Apply a reduction: ``destination`` (B, n) is the new position of each of the n current tokens, -1
+        for a token dropped."""
+        dropped = self.index < 0
+        self.index = destination.gather(1, self.index.clamp(min=0)).masked_fill(dropped, -1)
         self.history.append(self.index)

@@ -1,15 +1,17 @@
 """ToMe: token merging, training-free (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023).
 
-Between the attention and the MLP of every block, the patch tokens are split into two alternating sets A and
-B; each A token is matched to its most similar B token (cosine similarity of the attention keys, averaged over
-heads) and the ``r`` best-matched A tokens are merged into their B partners by size-weighted averaging. The
-sequence really gets shorter, so every later layer costs less. Merged tokens keep their size (how many source
-patches they hold) and proportional attention adds ``log(size)`` to the attention logits, so a token made of
-``s`` patches weighs in attention as those ``s`` patches did. Prefix tokens (class, registers) never merge.
+Between the attention and the MLP of every block, the tokens are split into two alternating sets A and B
+(over the whole sequence, the class token first in A, as the official code does); each A token is matched to
+its most similar B token (cosine similarity of the attention keys, averaged over heads) and the ``r``
+best-matched A tokens are merged into their B partners by size-weighted averaging. The sequence really gets
+shorter, so every later layer costs less. Merged tokens keep their size (how many source patches they hold)
+and proportional attention adds ``log(size)`` to the attention logits, so a token made of ``s`` patches weighs
+in attention as those ``s`` patches did. Prefix tokens (class, registers) never merge and receive no merge.
 
 It needs no training: ``init_from_dense`` takes any trained dense checkpoint (or build it from a timm model
 with ``pretrained=True``), and ``r`` is a budget knob that can change at any time. Training with merging
-switched on is possible too (the same forward runs in training mode).
+switched on is possible too (the same forward runs in training mode); a model trained so does without
+proportional attention, as the official code trains (:meth:`ToMe.begin_training`).
 
 See docs/methods/tome.md for what follows the paper and what is a choice.
 """
@@ -30,7 +32,8 @@ from .token_reduction import (AttentionTap, PatchGroups, attention_half, check_p
 
 __all__ = ["ToMe", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
 
-#: How ``r`` (an int) spreads over the blocks: the same in every block, or from ``2r`` down to 0 (same total).
+#: How ``r`` (an int) spreads over the blocks: the same in every block, or from ``2r`` down to 0 (about the
+#: same total, never more).
 SCHEDULES = ("constant", "decreasing")
 
 #: The benchmark's default points: these shares of the largest constant ``r`` the backbone allows.
@@ -39,16 +42,22 @@ _SWEEP_SHARES = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 # --------------------------------------------------------------------------------------------- merging
 @torch.no_grad()
-def bipartite_soft_matching(metric: Tensor, r: int) -> Tensor:
+def bipartite_soft_matching(metric: Tensor, r: int, offset: int = 0) -> Tensor:
     """Where each token goes when ``r`` of them are merged: (B, n) positions in ``[0, n - r)``.
 
-    ``metric`` (B, n, d) describes the n tokens. Tokens at even positions form set A, odd positions set B;
-    every A token picks its most similar B token (cosine similarity) and the ``r`` A tokens with the most
-    similar partners go to that partner. The merged sequence is the unmerged A tokens (in their order), then
-    the B tokens (in theirs). Needs ``r <= n // 2``, which is at most the size of A.
+    ``metric`` (B, n, d) describes the n tokens that may merge; ``offset`` tokens that may not (the prefix)
+    come before them in the sequence. Set A is the tokens at even positions of the whole sequence, set B
+    those at odd positions, so with one class token the first patch token is in B. Every A token picks its
+    most similar B token (cosine similarity) and the ``r`` A tokens with the most similar partners go to that
+    partner. The merged sequence is the unmerged A tokens (in their order), then the B tokens (in theirs).
+    Needs ``r <= n // 2``, which is at most the size of A.
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    set_a, set_b = metric[:, ::2], metric[:, 1::2]
+    # The official split keeps the class token (position 0, in A) but never merges it; leaving every prefix
+    # token out of the matching protects it the same way, and the prefix's length still decides which patch
+    # tokens are in A.
+    first_a, first_b = offset % 2, 1 - offset % 2
+    set_a, set_b = metric[:, first_a::2], metric[:, first_b::2]
     size_a, size_b = set_a.shape[1], set_b.shape[1]
     best_score, partner = (set_a @ set_b.transpose(-1, -2)).max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
@@ -58,8 +67,8 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> Tensor:
     destination_a.scatter_(1, unmerged, torch.arange(kept_a, device=metric.device).expand(len(metric), -1))
     destination_a.scatter_(1, merged, kept_a + partner.gather(1, merged))
     destination = torch.empty(metric.shape[:2], dtype=torch.long, device=metric.device)
-    destination[:, ::2] = destination_a
-    destination[:, 1::2] = kept_a + torch.arange(size_b, device=metric.device)
+    destination[:, first_a::2] = destination_a
+    destination[:, first_b::2] = kept_a + torch.arange(size_b, device=metric.device)
     return destination
 
 
@@ -78,11 +87,15 @@ def merge_by_size(tokens: Tensor, sizes: Tensor, destination: Tensor, num_out: i
 
 # --------------------------------------------------------------------------------------------- schedules of r
 def r_schedule(r: int | Sequence[int], schedule: str, depth: int) -> list[int]:
-    """Tokens merged in each block: ``r`` everywhere, ``2r`` decreasing linearly to 0, or a list as given."""
+    """Tokens merged in each block: ``r`` everywhere, ``2r`` decreasing linearly to 0, or a list as given.
+
+    The decreasing schedule is ``floor(2r * (depth - 1 - i) / (depth - 1))`` in block ``i``, computed in
+    integers: a float expression truncates 2.0 computed as 1.9999... to 1 and loses merges.
+    """
     if not isinstance(r, int):
         return list(r)
     if schedule == "decreasing" and depth > 1:
-        return [int(2 * r * (1 - index / (depth - 1))) for index in range(depth)]
+        return [2 * r * (depth - 1 - index) // (depth - 1) for index in range(depth)]
     return [r] * depth
 
 
@@ -143,22 +156,24 @@ class ToMe(SingleViT):
         r: tokens merged per block (a budget knob). An int follows ``schedule``; a list gives each block its
             own count. Default: half the largest constant ``r`` the backbone allows.
         schedule: ``constant`` (r in every block) or ``decreasing`` (2r in the first block down to 0 in the
-            last, the same total). A budget knob.
-        proportional_attention: add ``log(size)`` to the attention logits of merged tokens (the paper's
-            default for ViTs).
+            last, about the same total). A budget knob.
+        proportional_attention: add ``log(size)`` to the attention logits of merged tokens. Default (None):
+            on for a model used as its dense weights were trained (off the shelf, the paper's setting), off
+            once dyntok's trainer trains it with merging (:meth:`begin_training`), as the official code trains
+            and then evaluates what it trained.
     """
 
     method_name = "tome"
 
     def __init__(self, backbone: BackboneSpec, r: int | Sequence[int] | None = None, schedule: str = "constant",
-                 proportional_attention: bool = True) -> None:
+                 proportional_attention: bool | None = None) -> None:
         vit = backbone.build()
         check_plain_blocks(vit, "ToMe")
         check_pooling(vit, "ToMe")
         super().__init__(backbone, r=list(r) if isinstance(r, tuple) else r, schedule=schedule,
                          proportional_attention=proportional_attention)
         self.vit = vit
-        self.proportional_attention = proportional_attention
+        self.proportional_attention = proportional_attention is not False
         self._taps = [AttentionTap(block.attn) for block in vit.blocks]
         default_r = largest_constant_r(self.num_patches, len(vit.blocks)) // 2
         self.r: int | list[int] = 0
@@ -167,6 +182,15 @@ class ToMe(SingleViT):
 
     def r_per_block(self) -> list[int]:
         return r_schedule(self.r, self.schedule, len(self.vit.blocks))
+
+    def begin_training(self) -> None:
+        """Train (and from then on evaluate) without proportional attention, unless it was chosen explicitly.
+
+        The official code turns it off for training: a model that learns with merged tokens learns to weigh
+        them itself. The choice is recorded in :attr:`config`, so the trained model is rebuilt the same way.
+        """
+        if self.method_kwargs["proportional_attention"] is None:
+            self.method_kwargs["proportional_attention"] = self.proportional_attention = False
 
     # ----------------------------------------------------------------- the forward (training and inference)
     def _merge_forward(self, x: Tensor) -> tuple[Tensor, PatchGroups]:
@@ -184,7 +208,8 @@ class ToMe(SingleViT):
             tokens = attention_half(block, tokens, attn_mask=bias)
             _, keys = tap.pop()
             if r > 0:
-                destination = bipartite_soft_matching(keys.mean(dim=1)[:, prefix:], r)  # mean over heads
+                metric = keys.mean(dim=1)[:, prefix:]  # the patch tokens' keys, averaged over heads
+                destination = bipartite_soft_matching(metric, r, offset=prefix)
                 patches, patch_sizes = merge_by_size(tokens[:, prefix:], sizes[:, prefix:], destination,
                                                      tokens.shape[1] - prefix - r)
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)

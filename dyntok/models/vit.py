@@ -16,12 +16,19 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from .hub import hub_access
+from .limits import check_backbone
+
 __all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "embed_tokens", "list_backbones"]
 
 #: Keyword arguments of ``create_model`` that shape the backbone rather than the method.
 BACKBONE_OVERRIDES = (
     "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes",
     "drop_path_rate", "drop_rate", "class_token", "global_pool", "qkv_bias",
+    # the rest of timm's VisionTransformer settings with JSON values, which describe any ViT dyntok.adapt takes
+    "in_chans", "qk_norm", "proj_bias", "init_values", "no_embed_class", "reg_tokens", "pos_embed", "pre_norm",
+    "final_norm", "fc_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "pos_drop_rate",
+    "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
 )
 
 #: Presets sized for 32x32 CIFAR that train from scratch on 2 CPU cores in minutes.
@@ -100,7 +107,8 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
     """Build a timm plain ViT by preset or timm name.
 
     Raises ``ValueError`` for names that are neither, or that timm builds as something other than a plain
-    ``VisionTransformer`` (the methods rewrite its token flow and need its block structure).
+    ``VisionTransformer`` (the methods rewrite its token flow and need its block structure), and for
+    settings out of range or too large to build (:mod:`dyntok.models.limits`), before allocating anything.
     """
     spec = BackboneSpec(name, overrides)
     arch, kwargs = spec.resolved_kwargs()
@@ -115,10 +123,12 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
         # dyntok's own references are dyntok checkpoints of a whole model, loaded one floor up (dyntok.pretrained).
         raise ValueError(f"preset {name!r} has no timm weights: load dyntok's reference with "
                          f"dyntok.create_model({name!r}, pretrained=True), or pass pretrained_file=")
-    model = timm.create_model(arch, pretrained=pretrained, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{name!r} builds a {type(model).__name__}; dyntok methods need a plain timm "
-                         f"VisionTransformer (vit_*, deit_*)")
+    check_backbone(arch, kwargs, label=name)
+    if pretrained and pretrained_file is None:
+        with hub_access(f"timm's weights for {name}", "pretrained_file=PATH (--model-arg pretrained_file=PATH)"):
+            model = timm.create_model(arch, pretrained=True, **kwargs)
+    else:
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     return model
 
 

@@ -103,8 +103,14 @@ def _download(repo_id: str, filename: str) -> Path:
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         raise PretrainedError("loading weights from a hub needs huggingface_hub "
                               "(pip install huggingface_hub)") from None
+    from ..models.hub import HubUnavailableError, hub_access
+
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+        with hub_access(f"{filename} from hub repository {repo_id!r}", "pretrained=True (the packaged weights) or "
+                                                                         "the path of a local file"):
+            return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except HubUnavailableError:
+        raise
     except Exception as error:  # network, authentication and missing-file errors all end here
         raise PretrainedError(f"could not fetch {filename} from hub repository {repo_id!r} ({type(error).__name__}: "
                               f"{error}); offline, use the packaged weights (pretrained=True) or a local "

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..data import DataConfig, ImageTensorDataset, build_loaders, load_dataset, normalize
 from ..data.folder import decode_images, scan_split
+from ..data.recorded_split import DEFAULT_HOLDOUT, calibration_split, check_training_set
 from ..data.transforms import default_normalization
 from ..methods import AdaptiveViT, Prediction, load_model
 from ..methods.budget import format_knobs
@@ -71,13 +72,16 @@ def collect(model: AdaptiveViT, data: ImageTensorDataset, mean: Sequence[float],
 
 # --------------------------------------------------------------------------------------------- finding images
 def load_images(images: str | os.PathLike | ImageTensorDataset, *, dataset: str = "cifar10",
-                data_root: str | None = None, download: bool = False, holdout_size: int | float = 5000,
-                image_size: int | None = None) -> tuple[ImageTensorDataset, tuple[float, ...], tuple[float, ...]]:
+                data_root: str | None = None, download: bool = False, holdout_size: int | float = DEFAULT_HOLDOUT,
+                seed: int = 0, image_size: int | None = None, trained_on: tuple[str, str | None] | None = None
+                ) -> tuple[ImageTensorDataset, tuple[float, ...], tuple[float, ...]]:
     """The images to show and their normalisation.
 
     ``images`` is ``"test"`` or ``"holdout"`` (a split of ``dataset``, the held-out part drawn as
-    ``dyntok train`` and ``dyntok eval`` draw it), a dataset tree (its test split), a folder laid out as
-    ``folder/<class>/<image>``, or an :class:`ImageTensorDataset`. Folders are normalised like ``dataset``.
+    ``dyntok train`` draws it from ``holdout_size`` and ``seed``), a dataset tree (its test split), a folder
+    laid out as ``folder/<class>/<image>``, or an :class:`ImageTensorDataset`. Folders are normalised like
+    ``dataset``. ``trained_on`` is ``(checkpoint, fingerprint)`` of the training set a model was trained on:
+    held-out images of another training set are refused.
     """
     mean, std = default_normalization(dataset)
     if isinstance(images, ImageTensorDataset):
@@ -87,8 +91,11 @@ def load_images(images: str | os.PathLike | ImageTensorDataset, *, dataset: str 
         return test, mean, std
     if str(images) == "holdout":
         config = DataConfig(dataset=dataset, data_root=data_root, download=download, holdout_size=holdout_size,
-                            image_size=image_size)
-        loader = build_loaders(config)["holdout"]
+                            seed=seed, image_size=image_size)
+        loaders = build_loaders(config)
+        if trained_on is not None:
+            check_training_set(trained_on[1], loaders["fingerprint"], trained_on[0], dataset)
+        loader = loaders["holdout"]
         if loader is None:
             raise ValueError("the holdout split is empty: give a holdout size above 0")
         return loader.dataset, loader.transform.mean, loader.transform.std
@@ -107,7 +114,7 @@ def load_images(images: str | os.PathLike | ImageTensorDataset, *, dataset: str 
 def show(model: AdaptiveViT | str | os.PathLike, images: str | os.PathLike | ImageTensorDataset = "test", *,
          n: int = 32, budget: dict[str, Any] | None = None, calibrate: dict[str, Any] | None = None,
          dataset: str = "cifar10", data_root: str | None = None, download: bool = False,
-         holdout_size: int | float = 5000, limit: int | None = None, batch_size: int = 128,
+         holdout_size: int | float | None = None, limit: int | None = None, batch_size: int = 128,
          device: str | torch.device = "cpu") -> dict[str, Figure]:
     """Figures of what ``model`` did with ``images``, by name (see :mod:`dyntok.report.pictures`).
 
@@ -115,17 +122,27 @@ def show(model: AdaptiveViT | str | os.PathLike, images: str | os.PathLike | Ima
     the held-out split of ``dataset`` (e.g. ``{"gmacs": 0.05}`` for DVT's thresholds). GMACs figures cover
     ``limit`` images spread over the split (all by default); image figures show about ``n`` of them.
 
+    For a saved model, the held-out split (for ``calibrate`` and ``images="holdout"``) is the one its
+    checkpoint records (:mod:`dyntok.data.recorded_split`): another ``holdout_size``, or a training set other
+    than the one it was trained on, is refused. An in-memory model uses ``holdout_size`` (default
+    :data:`~dyntok.data.recorded_split.DEFAULT_HOLDOUT`) with seed 0, as a training run's default would.
+
     >>> figures = dyntok.show("runs/dvt/model.safetensors", "test", calibrate={"gmacs": 0.05}, n=16)
     >>> figures["exits"]  # a matplotlib Figure: displays in a notebook, or .savefig("exits.png")
     """
+    split = {"holdout_size": DEFAULT_HOLDOUT if holdout_size is None else holdout_size, "seed": 0}
+    trained_on = None
     if not isinstance(model, AdaptiveViT):
+        if calibrate is not None or str(images) == "holdout":
+            split = calibration_split(model, holdout_size)
+            trained_on = (str(model), split.pop("fingerprint"))
         model = load_model(model)
     model = model.to(device).eval()
     if budget:
         model.set_budget(**budget)
     side = model.input_size[-1]
-    source = dict(dataset=dataset, data_root=data_root, download=download, holdout_size=holdout_size,
-                  image_size=side)
+    source = dict(dataset=dataset, data_root=data_root, download=download, image_size=side, trained_on=trained_on,
+                  **split)
     if calibrate is not None:
         holdout, mean, std = load_images("holdout", **source)
         model.calibrate(_normalised_batches(holdout, mean, std, side, batch_size, device), **calibrate)

@@ -187,7 +187,7 @@ def _gallery_links(results: dict[str, Any]) -> str | None:
 
 
 def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
-    """The whole ``leaderboard.md``: setup, leaderboard, training summary, skipped entries and plots."""
+    """The whole ``leaderboard.md``: setup, leaderboard, training summary and plots."""
     spec = results.get("spec", {})
     parts = [f"# Benchmark `{spec.get('name', '?')}`: {results.get('dataset', {}).get('name', '?')}, "
              f"{results.get('backbone', '?')}", "", describe_setup(results), "",
@@ -209,9 +209,6 @@ def render_leaderboard(results: dict[str, Any], plots: Sequence[str] = ()) -> st
     if gallery:
         parts += ["", "## Gallery", "", "What each entry did with a few test images, at its middle budget point: "
                   "kept or merged patches, exits, token lengths, and GMACs per image and per class.", "", gallery]
-    skipped = results.get("skipped") or []
-    if skipped:
-        parts += ["", "Skipped: " + "; ".join(f"{s['name']} (`{s['model']}`): {s['reason']}" for s in skipped) + "."]
     for plot in plots:
         parts += ["", f"![{plot.rsplit('.', 1)[0].replace('_', ' ')}]({plot})"]
     return "\n".join(parts) + "\n"

@@ -17,7 +17,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "RunStopped", "WorkerLost", "init_distributed", "select_device", "stop_cleanly_on_sigterm"]
+__all__ = ["DistributedContext", "RunStopped", "WorkerLost", "Interrupted", "init_distributed", "select_device",
+           "stop_cleanly"]
 
 
 class RunStopped(RuntimeError):
@@ -31,6 +32,12 @@ class WorkerLost(RunStopped):
     """Another DDP worker died or stopped answering while this one waited for it."""
 
     exit_code = 1
+
+
+class Interrupted(RunStopped):
+    """Ctrl-C (``KeyboardInterrupt``): stopped like SIGTERM, with the shell's exit code for SIGINT."""
+
+    exit_code = 128 + signal.SIGINT
 
 
 #: Fragments of the errors gloo and nccl raise when a peer is gone (they raise plain RuntimeErrors).
@@ -96,41 +103,48 @@ def init_distributed(device_request: str = "auto") -> tuple[DistributedContext, 
 
 
 @contextmanager
-def stop_cleanly_on_sigterm(checkpoint: Path, rank: int = 0) -> Iterator[None]:
-    """Turn SIGTERM into :class:`RunStopped`, whose message says what happened and how to resume.
+def stop_cleanly(checkpoint: Path, rank: int = 0, resumes: bool = False) -> Iterator[None]:
+    """Turn SIGTERM, Ctrl-C and a lost DDP peer into :class:`RunStopped`, whose message says what happened,
+    which checkpoint is intact and how to resume (``resumes``: the same command already resumes).
 
     When one torchrun worker dies, the agent sends SIGTERM to the others and reports the failed rank; each
     survivor then says which checkpoint is intact instead of dying silently. Only the main thread can
-    install signal handlers; elsewhere this does nothing.
+    install signal handlers; elsewhere SIGTERM keeps its default.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    hint = _resume_hint(checkpoint, resumes)
 
     def stop(signum, frame):
         raise _announced(RunStopped(f"rank {rank} stopped by SIGTERM (torchrun sends it to every worker when "
-                                    f"one fails: see its report for the failed rank); {_resume_hint(checkpoint)}"))
+                                    f"one fails: see its report for the failed rank); {hint()}"))
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
     try:
         yield
+    except KeyboardInterrupt:
+        raise _announced(Interrupted(f"rank {rank} interrupted (Ctrl-C); {hint()}")) from None
     except RuntimeError as error:
         if isinstance(error, RunStopped) or not dist.is_initialized() or not _is_peer_failure(error):
             raise
         raise _announced(WorkerLost(f"rank {rank} lost another worker ({str(error).splitlines()[0][:200]}); "
-                                    f"{_resume_hint(checkpoint)}")) from error
+                                    f"{hint()}")) from error
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _is_peer_failure(error: RuntimeError) -> bool:
     return isinstance(error, getattr(dist, "DistError", ())) or any(part in str(error) for part in _PEER_FAILURES)
 
 
-def _resume_hint(checkpoint: Path) -> str:
-    if checkpoint.exists():
-        return f"the last complete checkpoint {checkpoint} is intact: run the same command with --resume"
-    return "no checkpoint had been written yet: run the same command again"
+def _resume_hint(checkpoint: Path, resumes: bool):
+    """What to say when the run stops, worked out then (the checkpoint may appear meanwhile)."""
+    def hint() -> str:
+        if not checkpoint.exists():
+            return "no checkpoint had been written yet: run the same command again"
+        how = "run the same command again" if resumes else "run the same command with --resume"
+        return f"the last complete checkpoint {checkpoint} is intact: {how} to continue from it"
+    return hint
 
 
 def _announced(error: RunStopped) -> RunStopped:

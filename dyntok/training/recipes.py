@@ -115,6 +115,12 @@ RECIPES: dict[str, Recipe] = {
         source="No official code; the reconstruction trains the ViT at every length (cross-entropy summed, "
                "distilled from the longest) for 80% of the run, then the length assigner on the frozen ViT's "
                "labels for 20%. 10 epochs, the methods' shared CPU budget."),
+    "evit_vit_cifar_micro": _method_recipe(
+        10, lr=8e-5, min_lr=8e-6, weight_decay=1e-6, warmup_epochs=0,
+        source="EViT's fine-tune from a trained DeiT (finetune.sh: 30 epochs, lr 2e-5 per 512 images falling to "
+               "2e-6, weight decay 1e-6, no warm-up, the target keep rate from the first step, which "
+               "init_from_dense settles). Its lr is 1/25 of the from-scratch recipe's 5e-4, so 1/25 of the "
+               "reference's 2e-3 here; 10 epochs, the methods' shared CPU budget."),
 }
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +28,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..fileio import load_tensors, prefixed, save_tensors, tensors_under
+from ..fileio import check_writable_folder, load_tensors, prefixed, save_tensors, tensors_under
 from ..data import DataConfig, build_loaders
 from ..evaluation import evaluate
 from ..methods import AdaptiveViT, create_model
-from ..methods.registry import config_mismatch, load_model, save_model
-from .distributed import init_distributed, stop_cleanly_on_sigterm
+from ..methods.registry import config_mismatch, load_model, save_model, weight_mismatch
+from .distributed import init_distributed, stop_cleanly
 from .lock import claim_output_dir
 from .schedule import warmup_cosine
 from .state import check_dense_init, optimizer_state_from_tensors, optimizer_state_to_tensors
-from .validation import check_train_settings
+from .validation import check_model_settings, check_train_settings
 
 __all__ = ["TrainConfig", "TrainResult", "train", "PRETRAINED_INIT"]
 
@@ -76,6 +77,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_train_settings(self)
+        check_model_settings(self.model, self.model_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,6 +133,9 @@ class Trainer:
         self.progress = _Progress()
         self._nonfinite_steps = 0
         self._start_from_dense()
+        if config.epochs > 0:
+            # Before the optimiser, the EMA copy and a resumed run's config check: all see the trained form.
+            self.model.begin_training()
 
     # ------------------------------------------------------------------ setup
     def _start_from_dense(self) -> None:
@@ -200,8 +205,12 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"kind": "training", "config": self.model.config, "budget": self.model.get_budget(),
                 "train_config": self.config.to_dict(), "progress": self.progress.as_dict(),
-                "schedule": _SCHEDULE, "optimizer": optim_meta, "holdout_split": self.config.data.holdout_split()}
+                "schedule": _SCHEDULE, "optimizer": optim_meta, "holdout_split": self._holdout_record()}
         save_tensors(self.out / "last.safetensors", tensors, meta)
+
+    def _holdout_record(self) -> dict[str, Any]:
+        """What rebuilds the held-out split, and the training set's fingerprint that tells it is the same set."""
+        return {**self.config.data.holdout_split(), "fingerprint": self.loaders["fingerprint"]}
 
     def _restore_state(self) -> dict[str, torch.Tensor]:
         """Load weights, RNG and position from ``last.safetensors``; returns its tensors for the optimiser."""
@@ -214,7 +223,12 @@ class Trainer:
             raise ValueError(f"{self.out}/last.safetensors stopped in a later training phase of a run whose "
                              f"learning-rate schedule restarted at each phase (older dyntok); it cannot be "
                              f"continued exactly: drop --resume to train again")
-        self.model.load_state_dict(tensors_under(tensors, "model."))
+        weights = tensors_under(tensors, "model.")
+        problems = weight_mismatch(self.model.state_dict(), weights)
+        if problems:
+            raise ValueError(f"{self.out}/last.safetensors: the weights do not fit the model ({problems}); the file "
+                             f"is damaged or was edited: use another --output-dir or drop --resume")
+        self.model.load_state_dict(weights)
         torch.set_rng_state(tensors["rng.torch"])
         self.progress = _Progress(**meta["progress"])
         self._optimizer_meta = meta["optimizer"]
@@ -344,13 +358,7 @@ class Trainer:
         return optimizer
 
     def fit(self) -> TrainResult:
-        """Train (or resume) to the end; the output folder is locked against a second run meanwhile."""
-        with claim_output_dir(self.out, enabled=self.ctx.is_main), \
-                stop_cleanly_on_sigterm(self.out / "last.safetensors", self.ctx.rank):
-            return self._fit()
-
-    def _fit(self) -> TrainResult:
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Train (or resume) to the end. Use :func:`train`, which locks the output folder first."""
         resume_tensors = None
         if self.config.resume and (self.out / "last.safetensors").exists():
             resume_tensors = self._restore_state()
@@ -372,7 +380,7 @@ class Trainer:
         model_path = self.out / "model.safetensors"
         metrics: dict[str, Any] = {}
         if self.ctx.is_main:
-            save_model(final, model_path, extra={"holdout_split": self.config.data.holdout_split()})
+            save_model(final, model_path, extra={"holdout_split": self._holdout_record()})
             result = evaluate(final, self.loaders["test"], self.device, progress=self.config.progress,
                               desc="test")
             metrics = {"test": result.summary(), "steps": self.progress.step}
@@ -398,5 +406,14 @@ def _require_a_full_batch(loader, world_size: int) -> None:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` and return where its weights and metrics were written."""
-    return Trainer(config).fit()
+    """Train ``config.model`` and return where its weights and metrics were written.
+
+    The output folder is checked and locked against a second run before any data is read, so a read-only
+    or busy folder fails at once; SIGTERM and Ctrl-C stop the run naming the intact checkpoint.
+    """
+    out, rank = Path(config.output_dir), int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        check_writable_folder(out, "--output-dir")
+    with claim_output_dir(out, enabled=rank == 0), \
+            stop_cleanly(out / "last.safetensors", rank, resumes=config.resume):
+        return Trainer(config).fit()

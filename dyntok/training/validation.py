@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..methods.registry import check_model
 from ..ranges import Interval, check_ranges
 
-__all__ = ["TRAIN_RANGES", "OPTIONAL_SETTINGS", "check_train_settings", "option_name"]
+__all__ = ["TRAIN_RANGES", "OPTIONAL_SETTINGS", "check_train_settings", "check_model_settings", "option_name"]
 
 _POSITIVE = Interval(0.0, low_open=True)
 _NON_NEGATIVE = Interval(0.0)
@@ -36,3 +37,18 @@ def option_name(setting: str) -> str:
 def check_train_settings(config: Any) -> None:
     """``ValueError`` for the first setting of ``config`` (a ``TrainConfig``) outside its range."""
     check_ranges(config, TRAIN_RANGES, OPTIONAL_SETTINGS, option_name)
+
+
+def check_model_settings(model: str, model_kwargs: Any) -> None:
+    """``ValueError`` naming ``--model``/``--model-arg`` when the model cannot be built or is too large.
+
+    The model is built on the meta device (shapes only), so this costs no memory and runs before any data
+    is read; the class count the data will give is not known yet, so the model's own default stands in.
+    """
+    if not isinstance(model_kwargs, dict):
+        raise ValueError(f"model_kwargs (--model-arg) must be a mapping of option names to values; "
+                         f"got {model_kwargs!r}")
+    try:
+        check_model(model, model_kwargs)
+    except ValueError as error:
+        raise ValueError(f"model {model!r} (--model, --method, --model-arg): {error}") from None
