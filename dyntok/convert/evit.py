@@ -52,4 +52,4 @@ def _drop_locations(text: str | None) -> list[int] | None:
     try:
         return [int(location) for location in ast.literal_eval(str(text))]
     except (ValueError, SyntaxError, TypeError):
-        raise ConversionError(f"the saved --drop_loc {text!r} is not a tuple of block indices") from None
+        raise ConversionError(f"the file's saved training argument drop_loc={text!r} is not a tuple of block indices") from None
