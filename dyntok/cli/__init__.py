@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "labels": ".labels",
     "show": ".show",
     "pretrain": ".pretrain",
+    "export": ".export",
     "convert": ".convert",
 }
 

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..data import build_loaders
 from ..data.recorded_split import calibration_split, check_training_set
+from ..deploy import runtime
+from ..deploy.export import export
 from ..evaluation import evaluate
 from ..fileio import load_meta
+from ..measure.latency_budget import wall_clock_timer
 from ..measure.speed import compare_speed, inference_context
 from ..methods import create_model_from_config, load_model
 from ..training.distributed import select_device
@@ -29,6 +34,12 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         help="set a budget knob before evaluating, e.g. keep_ratio=0.7 (repeatable)")
     parser.add_argument("--calibrate-gmacs", type=float, default=None,
                         help="fit the budget knobs on the held-out split to this mean GMACs first")
+    parser.add_argument("--calibrate-latency", type=milliseconds, default=None, metavar="MS",
+                        help="fit the budget knobs to this latency per batch of --batch-size images, timed on this "
+                             "machine (e.g. 5ms); the eager model is timed, whatever the backend")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                        help="evaluate the eager model, or its ONNX export (made at the final budget) run by "
+                             "onnxruntime on CPU; the dense reference runs on the same backend")
     add_data_arguments(parser, holdout_help=RECORDED_HOLDOUT_HELP)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--no-speed", action="store_true", help="skip throughput and latency")
@@ -40,6 +51,14 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="write the results as JSON here (default: print only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def milliseconds(text: str) -> float:
+    """``"5ms"`` or ``"5"`` -> 5.0."""
+    value = float(text.strip().removesuffix("ms"))
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a latency target must be positive, got {text!r}")
+    return value
 
 
 def dense_reference(model):
@@ -56,13 +75,22 @@ def speed_report(model, dense, images: torch.Tensor, device: torch.device, args:
     return {"batch_size": batch_size, **speed}
 
 
+def on_onnxruntime(model, dense, device: torch.device, card: dict[str, Any] | None):
+    """The model and the dense reference exported at their budgets and loaded back with onnxruntime."""
+    if device.type != "cpu":
+        raise ValueError("--backend onnxruntime runs on CPU: pass --device cpu")
+    with tempfile.TemporaryDirectory(prefix="dyntok-eval-") as exports:  # sessions hold the graphs once loaded
+        return (runtime.load(export(model, Path(exports) / "model", card=card)),
+                runtime.load(export(dense, Path(exports) / "dense")))
+
+
 def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model = load_model(args.checkpoint, map_location=device).eval()
     image_size = model.backbone_spec.resolved_kwargs()[1].get("img_size")
     # The held-out split only matters for calibration, which must use the model's own.
-    split = (calibration_split(args.checkpoint, args.holdout_size) if args.calibrate_gmacs is not None
-             else {"holdout_size": 0, "seed": 0})
+    calibrating = args.calibrate_gmacs is not None or args.calibrate_latency is not None
+    split = calibration_split(args.checkpoint, args.holdout_size) if calibrating else {"holdout_size": 0, "seed": 0}
     # A converted official checkpoint records the normalisation its own evaluation used (ImageNet's).
     preprocessing = load_meta(args.checkpoint).get("preprocessing", {})
     normalisation = {key: preprocessing[key] for key in ("mean", "std") if key in preprocessing}
@@ -77,11 +105,17 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate_gmacs is not None:
         with inference_context(device):  # fit the thresholds in the arithmetic the model is evaluated and timed in
             model.calibrate(loaders["holdout"], gmacs=args.calibrate_gmacs)
-    result = evaluate(model, loaders["test"], device, progress=not args.no_progress)
+    if args.calibrate_latency is not None:
+        model.calibrate_latency(loaders["holdout"], args.calibrate_latency, batch_size=args.batch_size,
+                                timer=wall_clock_timer(device=device))
     # Savings are against the dense ViT of the same backbone, whatever the method runs internally.
     dense = dense_reference(model).to(device).eval()
+    if args.backend == "onnxruntime":
+        model, dense = on_onnxruntime(model, dense, device, load_meta(args.checkpoint).get("card"))
+    result = evaluate(model, loaders["test"], device, progress=not args.no_progress)
     dense_gmacs = dense.dense_macs() / 1e9
-    report = {"checkpoint": args.checkpoint, "config": model.config, "budget": model.get_budget(),
+    report = {"checkpoint": args.checkpoint, "backend": args.backend, "config": model.config,
+              "budget": model.get_budget(),
               **result.summary(), "dense_gmacs": dense_gmacs, "mac_reduction": dense_gmacs / result.mean_gmacs}
     if not args.no_speed:
         images = torch.cat([batch for batch, _ in loaders["test"]])

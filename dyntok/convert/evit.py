@@ -46,10 +46,11 @@ def convert(path: str | Path, out: str | Path, keep_rate: float | None = None, f
 
 
 def _drop_locations(text: str | None) -> list[int] | None:
-    """``--drop_loc`` as main.py saved it, the text of a tuple: ``'(3, 6, 9)'``."""
+    """The official ``drop_loc`` training argument as main.py saved it, the text of a tuple: ``'(3, 6, 9)'``."""
     if text is None:
         return None
     try:
         return [int(location) for location in ast.literal_eval(str(text))]
     except (ValueError, SyntaxError, TypeError):
-        raise ConversionError(f"the file's saved training argument drop_loc={text!r} is not a tuple of block indices") from None
+        raise ConversionError(f"the file's saved training argument drop_loc={text!r} is not a tuple of block "
+                              f"indices") from None

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ..models.vit import BackboneSpec
 from .budget import Choice, KnobSpace
+
+if TYPE_CHECKING:
+    from .export_plan import ExportPlan
+    from ..measure.latency_budget import Timer
 
 __all__ = ["Prediction", "LossOutput", "TrainingPhase", "AdaptiveViT", "SingleViT", "Criterion"]
 
@@ -90,6 +94,10 @@ class AdaptiveViT(nn.Module):
     method_name: ClassVar[str] = ""
     #: Whether :meth:`compute_loss` needs a frozen teacher (set with :meth:`attach_teacher`).
     wants_teacher: ClassVar[bool] = False
+    #: Whether :meth:`predict` fills ``Prediction.extras`` (kept patches, patch groups...: explanations).
+    #: Set ``model.explain = False`` where nobody reads them (serving, timing): methods then skip the work of
+    #: recording them. Logits and MACs are the same either way.
+    explain: bool = True
 
     def __init__(self, backbone: BackboneSpec, **method_kwargs: Any) -> None:
         super().__init__()
@@ -196,11 +204,36 @@ class AdaptiveViT(nn.Module):
         """MACs per image when nothing is skipped: the upper end of this model's budget range."""
         raise NotImplementedError
 
+    def per_budget(self, name: str, compute: Callable[[], Any], *key: Any) -> Any:
+        """``compute()`` once per budget (and ``key``, e.g. an input size), then from a cache.
+
+        For what depends only on the budget and shapes, such as the per-image MAC formulas of a fixed-budget
+        method: walking the layers on every ``predict`` costs more than pruning saves at batch 1. The cache
+        is keyed by :meth:`get_budget`, so a new budget is never served a stale value.
+        """
+        cache = self.__dict__.setdefault("_per_budget_cache", {})
+        full_key = (name, repr(sorted(self.get_budget().items())), *key)
+        if full_key not in cache:
+            cache[full_key] = compute()
+        return cache[full_key]
+
     def exit_macs(self) -> list[float] | None:
         """MACs per image of answering at each exit of :meth:`predict_all_exits`, for a router that sends an
         image straight there (cumulative for a cascade); None where exits are not routes (one exit, or costs
         that vary by image). Used for the oracle curve (:mod:`dyntok.measure.oracle`)."""
         return None
+
+    def export_plan(self, example_images: Tensor) -> "ExportPlan":
+        """The graphs that deploy this model at its current budget (:mod:`dyntok.deploy`).
+
+        Default: :meth:`predict` as one graph with a dynamic batch axis, which is right for a method without
+        per-image control flow (the exporter refuses a ``predict`` whose path depends on the data, so a
+        method that needs one is told, never exported wrong). Methods whose images take different paths
+        override this with a few graphs and a runner (DVT, ReViT).
+        """
+        from .export_plan import single_graph_plan
+
+        return single_graph_plan(self, example_images)
 
     # ----------------------------------------------------------------- budget knobs
     def get_budget(self) -> dict[str, Any]:
@@ -268,6 +301,22 @@ class AdaptiveViT(nn.Module):
         current budget unchanged.
         """
         return self.get_budget()
+
+    def calibrate_latency(self, loader: Iterable[tuple[Tensor, Tensor]], latency_ms: float, batch_size: int = 1,
+                          timer: "Timer | None" = None) -> dict[str, Any]:
+        """Fit the budget so that a batch of ``batch_size`` images takes at most ``latency_ms`` here; returns it.
+
+        Generic over methods (:func:`dyntok.measure.latency_budget.fit_latency_budget`): :meth:`calibrate`
+        first collects what the method fits on (DVT's held-out confidences for its sweep), then every budget
+        of :meth:`budget_sweep` is timed on the loader's first images and the slowest within the target kept,
+        refined between sweep points. ``timer`` replaces the wall clock (tests use a fake one).
+        """
+        from ..measure.latency_budget import TIMED_BATCHES, fit_latency_budget
+
+        loader = list(loader)
+        self.calibrate(loader)
+        images = torch.cat([batch for batch, _ in loader])[:batch_size * TIMED_BATCHES]
+        return fit_latency_budget(self, images, latency_ms, batch_size, timer)
 
     # ----------------------------------------------------------------- explanations
     def kept_patches(self, prediction: Prediction) -> list[Tensor] | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from .base import AdaptiveViT, Criterion, LossOutput, Prediction
 from .budget import Choice, Interval, KnobSpace
 from .dvt_reuse import (RESAMPLING_MODES, FeatureReuse, RelationReuse, block_forward, check_block_supported,
                         widen_mlp_input)
+from .export_plan import ExportPlan, Graph, GraphFn
 from .registry import register_method
 from .token_reduction import default_grids
 
@@ -115,12 +116,17 @@ class StageMemory:
     """What a stage hands to the next: its final tokens (before the norm) and, when the next stage reuses
     relations, the pre-softmax attention logits of all its layers, (B, L*H, N, N)."""
 
-    tokens: Tensor
+    tokens: Tensor | None
     relations: Tensor | None = None
 
     def select(self, keep: Tensor) -> StageMemory:
         """The memory of the images in ``keep`` (a bool mask or indices over the batch)."""
-        return StageMemory(self.tokens[keep], None if self.relations is None else self.relations[keep])
+        return StageMemory(*(None if part is None else part[keep] for part in (self.tokens, self.relations)))
+
+    def feeds(self, images: Tensor) -> dict[str, Tensor]:
+        """The next stage's inputs by name, as an exported stage takes them (:class:`StageGraph`)."""
+        parts = {"images": images, "tokens": self.tokens, "relations": self.relations}
+        return {name: part for name, part in parts.items() if part is not None}
 
 
 class DVTStage(nn.Module):
@@ -333,31 +339,21 @@ class DVT(AdaptiveViT):
         (B, K) its max softmax probability at each exit it reached (NaN at the exits it never ran).
         """
         self.check_images(x)
-        last = len(self.stages) - 1
-        exit_stage = torch.full((len(x),), last, dtype=torch.long, device=x.device)
-        exit_confidence = torch.full((len(x), len(self.stages)), math.nan, device=x.device)
-        running = torch.arange(len(x), device=x.device)  # input positions of the images still running
-        images, memory, logits = x, None, None
-        for k, stage in enumerate(self.stages):
-            stage_logits, memory = stage(images, memory)
-            if logits is None:
-                logits = stage_logits.new_empty(len(x), stage_logits.shape[-1])
-            confidence = _confidence(stage_logits)
-            exit_confidence[running, k] = confidence
-            if k == last:
-                logits[running] = stage_logits
-                break
-            leaving = confidence >= self.thresholds[k]
-            logits[running[leaving]] = stage_logits[leaving]
-            exit_stage[running[leaving]] = k
-            staying = ~leaving
-            still = int(staying.sum())
-            if still == 0:
-                break
-            if still < len(running):
-                images, memory, running = images[staying], memory.select(staying), running[staying]
-        macs = self._exit_macs[exit_stage.cpu()]
-        return Prediction(logits, macs, {"exit_stage": exit_stage, "exit_confidence": exit_confidence})
+        return run_cascade(list(self.stages), x, self.thresholds, self._exit_macs)
+
+    def export_plan(self, example_images: Tensor) -> ExportPlan:
+        """One graph per stage, ``stage0``...: images and the previous stage's memory in, logits and this
+        stage's memory out; :func:`run_exported` exits between them with the thresholds of the settings."""
+        graphs, memory = {}, None
+        with torch.no_grad():
+            for k, stage in enumerate(self.stages):
+                graph = StageGraph(stage, feeds_next=k < len(self.stages) - 1)
+                inputs = {"images": example_images} if memory is None else memory.feeds(example_images)
+                inputs = {name: inputs[name] for name in graph.input_names}
+                graphs[f"stage{k}"] = Graph(graph, tuple(inputs.values()), graph.input_names, graph.output_names)
+                _, memory = stage(example_images, memory)
+        settings = {"thresholds": list(self.thresholds), "exit_macs": self._exit_macs.tolist()}
+        return ExportPlan(graphs, "dyntok.methods.dvt:run_exported", settings, runtime_knobs=("thresholds",))
 
     def dense_macs(self) -> float:
         """MACs per image when every stage runs (nobody exits early): the top of the budget range."""
@@ -456,6 +452,82 @@ class DVT(AdaptiveViT):
 def _confidence(logits: Tensor) -> Tensor:
     """Max softmax probability, computed in float32 whatever the logits' dtype."""
     return logits.float().softmax(dim=-1).amax(dim=-1)
+
+
+#: A stage as :func:`run_cascade` calls it: (images, previous memory or None) -> (logits, memory for the next).
+StageFn = Callable[[Tensor, "StageMemory | None"], "tuple[Tensor, StageMemory]"]
+
+
+def run_cascade(stages: Sequence[StageFn], x: Tensor, thresholds: Sequence[float], exit_macs: Tensor) -> Prediction:
+    """The early-exit loop of :meth:`DVT.predict`, over eager stages or exported ones (:func:`run_exported`).
+
+    Each stage runs only on the images still undecided; ``exit_macs`` (K,) is the cumulative cost of leaving
+    at each stage.
+    """
+    last = len(stages) - 1
+    exit_stage = torch.full((len(x),), last, dtype=torch.long, device=x.device)
+    exit_confidence = torch.full((len(x), len(stages)), math.nan, device=x.device)
+    running = torch.arange(len(x), device=x.device)  # input positions of the images still running
+    images, memory, logits = x, None, None
+    for k, stage in enumerate(stages):
+        stage_logits, memory = stage(images, memory)
+        if logits is None:
+            logits = stage_logits.new_empty(len(x), stage_logits.shape[-1])
+        confidence = _confidence(stage_logits)
+        exit_confidence[running, k] = confidence
+        if k == last:
+            logits[running] = stage_logits
+            break
+        leaving = confidence >= thresholds[k]
+        logits[running[leaving]] = stage_logits[leaving]
+        exit_stage[running[leaving]] = k
+        staying = ~leaving
+        still = int(staying.sum())
+        if still == 0:
+            break
+        if still < len(running):
+            images, memory, running = images[staying], memory.select(staying), running[staying]
+    macs = exit_macs[exit_stage.cpu()]
+    return Prediction(logits, macs, {"exit_stage": exit_stage, "exit_confidence": exit_confidence})
+
+
+def run_exported(graphs: Mapping[str, GraphFn], settings: dict[str, Any], images: Tensor) -> Prediction:
+    """The runner of :meth:`DVT.export_plan`: :func:`run_cascade` over the exported stages."""
+    stages = [_ExportedStage(graphs[f"stage{k}"]) for k in range(len(settings["exit_macs"]))]
+    return run_cascade(stages, images, settings["thresholds"], torch.tensor(settings["exit_macs"], dtype=torch.float64))
+
+
+class _ExportedStage:
+    """An exported stage called like a :class:`DVTStage` (the graph takes the inputs it declares)."""
+
+    def __init__(self, graph: GraphFn) -> None:
+        self.graph = graph
+
+    def __call__(self, images: Tensor, memory: StageMemory | None) -> tuple[Tensor, StageMemory]:
+        outputs = self.graph(**({"images": images} if memory is None else memory.feeds(images)))
+        return outputs["logits"], StageMemory(outputs.get("next_tokens"), outputs.get("next_relations"))
+
+
+class StageGraph(nn.Module):
+    """A :class:`DVTStage` with its memory as plain tensors: the inputs are the images plus the previous
+    stage's memory when this stage reuses it, the outputs its logits plus the memory the next stage reads."""
+
+    def __init__(self, stage: DVTStage, feeds_next: bool) -> None:
+        super().__init__()
+        self.stage = stage
+        reuses = stage.feature_reuse is not None or stage.relation_reuse is not None
+        # Tokens always travel with a reused memory (a stage reusing only relations ignores them; they are small).
+        self.input_names = ("images",) + (("tokens",) if reuses else ()) + (
+            ("relations",) if stage.relation_reuse is not None else ())
+        # ONNX names are unique in a graph: what goes out is the next stage's "tokens" and "relations".
+        self.output_names = ("logits",) + (("next_tokens",) if feeds_next else ()) + (
+            ("next_relations",) if stage.exports_relations else ())
+
+    def forward(self, images: Tensor, tokens: Tensor | None = None, relations: Tensor | None = None
+                ) -> tuple[Tensor, ...]:
+        memory = None if tokens is None else StageMemory(tokens, relations)
+        logits, memory = self.stage(images, memory)
+        return (logits, memory.tokens, memory.relations)[:len(self.output_names)]
 
 
 def _build_stages(backbone: BackboneSpec, grids: list[int] | None, padded: bool) -> list[DVTStage]:

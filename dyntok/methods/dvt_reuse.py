@@ -149,8 +149,11 @@ class FeatureReuse(nn.Module):
         """(B, previous_grid², C) -> (B, prefix + grid², C), channel by channel: the outputs of several
         modules concatenated on C go through at once (:meth:`DVTStage` does so for all its blocks)."""
         features = resample_token_axis(features, self.previous_grid, self.grid, 0, self.resampling)
-        prefix = (features.new_zeros(()) if self.class_fill == "zeros" else features.mean(dim=1, keepdim=True))
-        prefix = prefix.expand(len(features), self.num_prefix, features.shape[-1])
+        if self.class_fill == "zeros":
+            prefix = torch.zeros_like(features[:, :1])
+        else:
+            prefix = features.mean(dim=1, keepdim=True)
+        prefix = prefix.expand(-1, self.num_prefix, -1)
         return torch.cat([prefix, features], dim=1)
 
     def macs(self) -> float:

@@ -258,14 +258,17 @@ class DynamicViT(SingleViT):
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
-        """Prune by gathering: after each stage only the top-k patch tokens, in their original order, go on."""
+        """Prune by gathering: after each stage only the top-k patch tokens, in their original order, go on.
+
+        Extras (when :attr:`explain`): ``kept_patches`` per stage and ``kept_tokens``, the patch tokens left.
+        """
         self.check_images(x)
         prefix = self.vit.num_prefix_tokens
         tokens = embed_tokens(self.vit, x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
         counts = self.stage_keep_counts(num_patches)
         # Original position of each patch token still present, to report what was kept.
-        positions = torch.arange(num_patches, device=tokens.device).expand(batch, -1)
+        positions = torch.arange(num_patches, device=tokens.device).expand(batch, -1) if self.explain else None
         kept_patches = []
         for index, block in enumerate(self.vit.blocks):
             stage = self._stage_before(index)
@@ -275,17 +278,24 @@ class DynamicViT(SingleViT):
                     scores = self.predictors[stage](tokens[:, prefix:])[..., 0]
                     chosen = scores.topk(counts[stage], dim=1).indices.sort(dim=1).values
                     tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], chosen)], dim=1)
-                    positions = positions.gather(1, chosen)
-                kept_patches.append(torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)
-                                    .scatter_(1, positions, True))
+                    positions = None if positions is None else positions.gather(1, chosen)
+                if positions is not None:
+                    kept_patches.append(torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)
+                                        .scatter_(1, positions, True))
             tokens = block(tokens)
         logits = self.vit.forward_head(self.vit.norm(tokens))
         macs = torch.full((batch,), self._macs_per_image(num_patches), dtype=torch.float64)
+        if not self.explain:
+            return Prediction(logits, macs)
         kept_tokens = torch.full((batch,), tokens.shape[1] - prefix, dtype=torch.long)
         return Prediction(logits, macs, {"kept_patches": kept_patches, "kept_tokens": kept_tokens})
 
     def _macs_per_image(self, num_patches: int) -> float:
-        """Blocks at the token counts they really see, plus the prediction modules (same for every image)."""
+        """Blocks at the token counts they really see, plus the prediction modules (same for every image),
+        counted once per keep ratio and input size (:meth:`per_budget`)."""
+        return self.per_budget("macs", lambda: self._count_macs(num_patches), num_patches)
+
+    def _count_macs(self, num_patches: int) -> float:
         prefix = self.vit.num_prefix_tokens
         patches_per_block, patches = [], num_patches
         predictor_total = 0.0

@@ -191,7 +191,7 @@ class EViT(SingleViT):
     def predict(self, x: Tensor) -> Prediction:
         logits, groups, kept_patches = self._reorganising_forward(x, self.keep_rate)
         batch = x.shape[0]
-        macs, final_patches = self._macs_and_final_patches()
+        macs, final_patches = self.per_budget("macs", self._macs_and_final_patches)
         extras = {"kept_patches": kept_patches, "token_length": torch.full((batch,), final_patches, dtype=torch.long)}
         if self.fuse_inattentive:  # only fusing puts several patches in one token; dropping leaves single ones
             extras["patch_groups"] = groups.history

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from ..measure.oracle import exit_correctness, first_correct_exit
 from ..models.vit import BackboneSpec
 from .base import Criterion, LossOutput, Prediction, SingleViT, TrainingPhase, split_weight_decay
 from .budget import Choice, Interval, KnobSpace
+from .export_plan import ExportPlan, Graph, GraphFn
 from .registry import register_method
 from .token_reduction import default_grids
 
@@ -219,13 +220,7 @@ class ReViT(SingleViT):
     # ----------------------------------------------------------------- inference
     def choose_lengths(self, x: Tensor) -> Tensor:
         """(B,) index into :attr:`grids` of the length each image runs at (the fixed ``grid`` if set)."""
-        if self.grid is not None:
-            return torch.full((len(x),), self.grids.index(self.grid), dtype=torch.long, device=x.device)
-        return self._biased_choice(self.assigner(x))
-
-    def _biased_choice(self, assigner_logits: Tensor) -> Tensor:
-        steps = torch.arange(len(self.grids), device=assigner_logits.device, dtype=torch.float32)
-        return (assigner_logits.float() + self.bias * steps).argmax(dim=-1)
+        return choose_lengths(x, self.assigner, self.grids, self.grid, self.bias)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
@@ -234,18 +229,18 @@ class ReViT(SingleViT):
         ``extras["token_length"]`` (B,) holds the patch tokens each image ran with.
         """
         self.check_images(x)
-        choice = self.choose_lengths(x)
-        logits = None
-        for index in choice.unique().tolist():
-            members = (choice == index).nonzero().squeeze(1)
-            group_logits = self.logits_at(x[members], self.grids[index])
-            if logits is None:
-                logits = group_logits.new_empty(len(x), group_logits.shape[-1])
-            logits[members] = group_logits
-        choice = choice.cpu()
-        macs = self._length_macs[choice] + (0.0 if self.grid is not None else self._assigner_macs)
-        tokens = torch.tensor(self.grids)[choice] ** 2
-        return Prediction(logits, macs, {"token_length": tokens.to(x.device)})
+        return run_by_length(x, self.choose_lengths(x), lambda images, index: self.logits_at(images, self.grids[index]),
+                             self.grids, self._length_macs, 0.0 if self.grid is not None else self._assigner_macs)
+
+    def export_plan(self, example_images: Tensor) -> ExportPlan:
+        """The assigner as graph ``assigner`` and each length as graph ``length0``...; :func:`run_exported`
+        picks the lengths with the bias and grid of the settings and runs each group at its length."""
+        graphs = {"assigner": Graph(self.assigner, (example_images,), ("images",), ("logits",))}
+        for index, grid in enumerate(self.grids):
+            graphs[f"length{index}"] = Graph(_LengthGraph(self, grid), (example_images,), ("images",), ("logits",))
+        settings = {"grids": list(self.grids), "bias": self.bias, "grid": self.grid,
+                    "length_macs": self._length_macs.tolist(), "assigner_macs": self._assigner_macs}
+        return ExportPlan(graphs, "dyntok.methods.revit:run_exported", settings, runtime_knobs=("bias", "grid"))
 
     @torch.no_grad()
     def predict_all_exits(self, x: Tensor) -> list[Tensor]:
@@ -312,8 +307,7 @@ class ReViT(SingleViT):
         return torch.cat(batches)
 
     def _mean_macs(self, bias: float) -> float:
-        steps = torch.arange(len(self.grids), dtype=torch.float32)
-        choice = (self._held_out_logits + bias * steps).argmax(dim=-1)
+        choice = _biased_choice(self._held_out_logits, bias)
         return self._length_macs[choice].mean().item() + self._assigner_macs
 
     def _bias_for_macs(self, target_macs: float) -> float:
@@ -337,6 +331,58 @@ class ReViT(SingleViT):
 
 #: The largest bias magnitude accepted: far beyond the spread of any assigner's logits.
 _BIAS_LIMIT = 1e4
+
+
+def choose_lengths(images: Tensor, assigner: Callable[[Tensor], Tensor], grids: Sequence[int], grid: int | None,
+                   bias: float) -> Tensor:
+    """(B,) index into ``grids`` of each image's length: ``grid`` for all if set, else the assigner's biased
+    choice (``bias`` added k times to the logit of the k-th length)."""
+    if grid is not None:
+        return torch.full((len(images),), list(grids).index(grid), dtype=torch.long, device=images.device)
+    return _biased_choice(assigner(images), bias)
+
+
+def _biased_choice(assigner_logits: Tensor, bias: float) -> Tensor:
+    steps = torch.arange(assigner_logits.shape[-1], device=assigner_logits.device, dtype=torch.float32)
+    return (assigner_logits.float() + bias * steps).argmax(dim=-1)
+
+
+def run_by_length(x: Tensor, choice: Tensor, logits_at: Callable[[Tensor, int], Tensor], grids: Sequence[int],
+                  length_macs: Tensor, assigner_macs: float) -> Prediction:
+    """The batch split by ``choice`` (index into ``grids``), each group through ``logits_at(images, index)``,
+    the logits back in input order; each image charged its length plus ``assigner_macs`` (the inference of
+    :meth:`ReViT.predict`, over eager modules or exported graphs)."""
+    logits = None
+    for index in choice.unique().tolist():
+        members = (choice == index).nonzero().squeeze(1)
+        group_logits = logits_at(x[members], index)
+        if logits is None:
+            logits = group_logits.new_empty(len(x), group_logits.shape[-1])
+        logits[members] = group_logits
+    choice = choice.cpu()
+    tokens = torch.tensor(list(grids))[choice] ** 2
+    return Prediction(logits, length_macs[choice] + assigner_macs, {"token_length": tokens.to(x.device)})
+
+
+def run_exported(graphs: Mapping[str, GraphFn], settings: dict[str, Any], images: Tensor) -> Prediction:
+    """The runner of :meth:`ReViT.export_plan`: lengths chosen and run as :meth:`ReViT.predict` does."""
+    grids, grid = settings["grids"], settings["grid"]
+    choice = choose_lengths(images, lambda batch: graphs["assigner"](images=batch)["logits"], grids, grid,
+                            settings["bias"])
+    return run_by_length(images, choice, lambda batch, index: graphs[f"length{index}"](images=batch)["logits"], grids,
+                         torch.tensor(settings["length_macs"], dtype=torch.float64),
+                         0.0 if grid is not None else settings["assigner_macs"])
+
+
+class _LengthGraph(nn.Module):
+    """ReViT's backbone at one token length, images resized inside (an exported graph per length)."""
+
+    def __init__(self, model: ReViT, grid: int) -> None:
+        super().__init__()
+        self.model, self.grid = model, grid
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.logits_at(images, self.grid)
 
 
 def _square(size: Sequence[int], what: str) -> int:

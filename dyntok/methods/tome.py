@@ -64,7 +64,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, offset: int = 0) -> Tensor:
     merged, unmerged = order[:, :r], order[:, r:].sort(dim=-1).values
     kept_a = size_a - r
     destination_a = torch.empty_like(partner)
-    destination_a.scatter_(1, unmerged, torch.arange(kept_a, device=metric.device).expand(len(metric), -1))
+    destination_a.scatter_(1, unmerged, torch.arange(kept_a, device=metric.device).expand(metric.shape[0], -1))
     destination_a.scatter_(1, merged, kept_a + partner.gather(1, merged))
     destination = torch.empty(metric.shape[:2], dtype=torch.long, device=metric.device)
     destination[:, first_a::2] = destination_a
@@ -78,10 +78,10 @@ def merge_by_size(tokens: Tensor, sizes: Tensor, destination: Tensor, num_out: i
     ``tokens`` (B, n, C), ``sizes`` (B, n), ``destination`` (B, n) -> (B, num_out, C), (B, num_out). The
     size-weighted mean over all tokens is unchanged by merging.
     """
-    merged_sizes = sizes.new_zeros(len(sizes), num_out).scatter_add(1, destination, sizes)
+    merged_sizes = sizes.new_zeros(sizes.shape[0], num_out).scatter_add(1, destination, sizes)
     weighted = tokens * sizes.unsqueeze(-1)
     index = destination.unsqueeze(-1).expand_as(tokens)
-    summed = tokens.new_zeros(len(tokens), num_out, tokens.shape[-1]).scatter_add(1, index, weighted)
+    summed = tokens.new_zeros(tokens.shape[0], num_out, tokens.shape[-1]).scatter_add(1, index, weighted)
     return summed / merged_sizes.unsqueeze(-1), merged_sizes
 
 
@@ -227,7 +227,7 @@ class ToMe(SingleViT):
     def predict(self, x: Tensor) -> Prediction:
         logits, groups = self._merge_forward(x)
         batch = x.shape[0]
-        macs = torch.full((batch,), self._macs_per_image(), dtype=torch.float64)
+        macs = torch.full((batch,), self.per_budget("macs", self._macs_per_image), dtype=torch.float64)
         final_tokens = self.num_patches - sum(self.r_per_block())
         # Per merging block, which token each patch is part of. Merging drops no patch (each still lives on in
         # some token), so there is no kept_patches mask: pictures tint the merged groups instead of greying any.
