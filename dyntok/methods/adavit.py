@@ -1,17 +1,20 @@
 """AdaViT: per-image choice of patches, attention heads and blocks (Meng et al., "AdaViT: Adaptive Vision
 Transformers for Efficient Image Recognition", CVPR 2022).
 
-Every block after the first gets three small decision modules: a head policy and a block policy read the
-block's input class token (which heads run; whether attention and MLP run), a patch policy reads each normed
-patch token (whether the block computes it; a dropped patch rides the residual and is decided again in the
-next block). The class token is always computed.
+As in the released Ada-DeiT-S, every block has a patch policy, which reads each normed patch token and
+decides whether the block computes it (a dropped patch rides the residual and is decided again in the next
+block); every block after the first also has a head policy and a block policy, which read the block's input
+class token and decide which heads run and whether attention and MLP run. A dropped head also drops its
+share of the MLP's input channels (``fc1``'s columns ``h*D/H .. (h+1)*D/H``). The class token is always
+computed.
 
 * Training masks, so shapes stay fixed: hard Gumbel-sigmoid decisions with straight-through gradients gate
-  the heads before ``attn.proj`` mixes them (a forward pre-hook, timm's seam), hide dropped patches through
-  ``Attention(attn_mask=...)`` and zero the residual updates of dropped patches and skipped sub-blocks.
+  each head's q, k, v, its ``attn.proj`` columns and its ``fc1`` columns (forward hooks, timm's seams), hide
+  dropped patches through ``Attention(attn_mask=...)`` and zero the residual updates of dropped patches and
+  skipped sub-blocks.
 * Inference (:meth:`AdaViT.predict`) really skips: a sub-block runs only for the images that use it, on their
-  kept tokens only, with their kept heads only (qkv and proj sliced to those heads); every image is charged
-  the MACs of what ran for it, decision modules included.
+  kept tokens only, with their kept heads only (qkv, proj and fc1 sliced to those heads); every image is
+  charged the MACs of what ran for it, decision modules included.
 
 See docs/methods/adavit.md for the recipe, the batching strategy and its measurements.
 """
@@ -24,12 +27,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, trunc_normal_
+from timm.layers import Attention, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..measure.macs import (attention_macs, block_macs, head_macs, linear_macs, mlp_macs, patch_embed_macs,
-                            vit_macs)
+from ..measure.macs import attention_macs, block_macs, head_macs, linear_macs, mlp_macs, patch_embed_macs, vit_macs
 from ..models.vit import BackboneSpec, embed_tokens
 from .base import Criterion, LossOutput, Prediction, SingleViT, dense_backbone_state
 from .budget import Interval, KnobSpace
@@ -37,7 +39,7 @@ from .registry import register_method
 from .token_reduction import keep_attention_mask
 
 __all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "hard_decisions",
-           "attention_on_heads", "POLICIES", "ATTENTION_BATCHING"]
+           "attention_on_heads", "mlp_on_channels", "patch_attention_mask", "POLICIES", "ATTENTION_BATCHING"]
 
 #: The three kinds of decision, in the order of every per-policy setting.
 POLICIES = ("patch", "head", "block")
@@ -51,6 +53,8 @@ _DEFAULT_THRESHOLDS = {"patch": 0.6, "head": 0.5, "block": 0.5}
 _SWEEP_SHIFTS = (-0.1, -0.03, 0.0, 0.03, 0.1)
 #: After it, the sweep aims every policy at these usages on the held-out split (plus the trained thresholds).
 _SWEEP_USAGES = (0.8, 0.65, 0.4, 0.3)
+#: Guards the head usage's division when no image of the batch runs any sub-block (the official loss's 1e-6).
+_EMPTY_SHARE_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------- decisions
@@ -86,7 +90,7 @@ def hard_decisions(logits: Tensor, threshold: float, temperature: float) -> Tens
 
 
 class BlockPolicy(nn.Module):
-    """The decision modules of one block; a module is ``None`` when its policy is switched off.
+    """The decision modules of one block; a module is ``None`` when the block does not take that decision.
 
     ``head``: Linear(D, H) and ``block``: Linear(D, 2) (attention, MLP) read the class token entering the
     block; ``patch``: Linear(D, 1) reads each patch token after the block's ``norm1``. Each returns logits.
@@ -111,7 +115,7 @@ class BlockPolicy(nn.Module):
 class Decisions:
     """One block's decisions for a batch, 0/1 floats: ``patches`` (B, N), ``heads`` (B, H), ``blocks`` (B, 2).
 
-    A switched-off policy decides all ones.
+    A decision the block does not take is all ones.
     """
 
     patches: Tensor
@@ -122,31 +126,67 @@ class Decisions:
 
 @dataclass
 class AdaViTOutput:
-    """The training forward's logits and, per decided block (1 .. depth-1), its :class:`Decisions`."""
+    """The training forward's logits and, per block (0 .. depth-1), its :class:`Decisions`."""
 
     logits: Tensor
     decisions: list[Decisions] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------- timm seams
-@contextlib.contextmanager
-def _heads_gated(attn: Attention, heads: Tensor) -> Iterator[None]:
-    """Scale each head's output by ``heads`` (B, H) before ``attn.proj`` mixes the heads.
+def patch_attention_mask(keep: Tensor) -> Tensor:
+    """Additive attention mask (B, 1, N, N) for a (B, N) 0/1 keep mask over all tokens, without gradient.
 
-    A forward pre-hook on ``proj``: its input is the heads' outputs side by side (B, N, H * head_dim).
+    The official mask: kept tokens attend to kept tokens only, a dropped token to itself only (so no row is
+    ever empty). A dropped token's output is then discarded, but it is what the straight-through gradient of
+    its decision sees.
     """
-    gate = heads.repeat_interleave(attn.head_dim, dim=1).unsqueeze(1)
-    handle = attn.proj.register_forward_pre_hook(lambda _, args: (args[0] * gate.to(args[0].dtype),))
+    keep = keep.detach().bool()
+    allowed = (keep[:, :, None] & keep[:, None, :]) | torch.eye(keep.shape[1], dtype=torch.bool, device=keep.device)
+    return torch.zeros(allowed.shape, device=keep.device).masked_fill_(~allowed, -math.inf).unsqueeze(1)
+
+
+def _per_channel(gates: Tensor, width: int) -> Tensor:
+    """(B, G) gates -> (B, 1, G * width): each gate repeated over its ``width`` consecutive channels."""
+    return gates.repeat_interleave(width, dim=1).unsqueeze(1)
+
+
+@contextlib.contextmanager
+def _heads_gated(block: Block, heads: Tensor, gate_mlp: bool) -> Iterator[None]:
+    """Multiply everything a head owns by its decision in ``heads`` (B, H), as the released AdaViT does.
+
+    Forward hooks gate the head's q, k and v (``attn.qkv``'s output, so the decision's gradient flows through
+    them too), its columns of ``attn.proj`` and, with ``gate_mlp``, its input channels of ``mlp.fc1``
+    (:func:`mlp_channels`). They live only for the block's call.
+    """
+    attn, mlp = block.attn, block.mlp
+    head_channels = _per_channel(heads, attn.head_dim)
+    qkv_gate = head_channels.repeat(1, 1, 3)  # qkv's output is q, k, v side by side, each (H, head_dim)
+    hooks = [attn.qkv.register_forward_hook(lambda _, args, out: out * qkv_gate.to(out.dtype)),
+             attn.proj.register_forward_pre_hook(lambda _, args: (args[0] * head_channels.to(args[0].dtype),))]
+    if gate_mlp:
+        fc1_gate = _per_channel(heads, mlp.fc1.in_features // attn.num_heads)
+        hooks.append(mlp.fc1.register_forward_pre_hook(lambda _, args: (args[0] * fc1_gate.to(args[0].dtype),)))
     try:
         yield
     finally:
-        handle.remove()
+        for hook in hooks:
+            hook.remove()
+
+
+def _channels_of(heads: Tensor, width: int) -> Tensor:
+    """Indices of the channels of ``heads`` (1-d index) when head ``h`` owns channels ``h*width .. (h+1)*width``."""
+    return (heads[:, None] * width + torch.arange(width, device=heads.device)).flatten()
+
+
+def mlp_channels(mlp: Mlp, num_heads: int, heads: Tensor) -> Tensor:
+    """The input channels of ``mlp.fc1`` that ``heads`` (1-d index) gate: head ``h`` owns the ``h``-th of
+    ``num_heads`` equal consecutive slices of the embedding, the released AdaViT's mapping."""
+    return _channels_of(heads, mlp.fc1.in_features // num_heads)
 
 
 def _head_rows(attn: Attention, heads: Tensor) -> Tensor:
     """Indices of the q, k and v rows of ``attn.qkv`` (and of the proj columns, first third) for ``heads``."""
-    within = torch.arange(attn.head_dim, device=heads.device)
-    columns = (heads[:, None] * attn.head_dim + within).flatten()
+    columns = _channels_of(heads, attn.head_dim)
     return torch.cat([columns + part * attn.attn_dim for part in range(3)]), columns
 
 
@@ -173,16 +213,38 @@ def attention_on_heads(attn: Attention, x: Tensor, heads: Tensor, key_valid: Ten
     return F.linear(out, proj_weight, attn.proj.bias)
 
 
+def mlp_on_channels(mlp: Mlp, x: Tensor, channels: Tensor) -> Tensor:
+    """timm's ``Mlp`` forward reading only the input ``channels`` (sorted 1-d index): the others cost nothing.
+
+    ``fc1`` is restricted to those columns, so with every channel this is ``mlp(x)`` (a test holds it to
+    timm's output) and with none it is the MLP of ``fc1``'s bias.
+    """
+    if len(channels) == mlp.fc1.in_features:  # every channel: the weights as they are, no copies
+        hidden = mlp.fc1(x)
+    else:
+        hidden = F.linear(x[..., channels], mlp.fc1.weight[:, channels], mlp.fc1.bias)
+    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(hidden)))))
+
+
+def _head_set_key(heads: Tensor) -> Tensor:
+    """(B, H) bool -> (B,) long, equal for images that keep the same heads."""
+    return (heads.long() * 2 ** torch.arange(heads.shape[1], device=heads.device)).sum(dim=1)
+
+
 # --------------------------------------------------------------------------------------------- the method
 @register_method
 class AdaViT(SingleViT):
     """A timm ViT that decides, per image and per block, which patches, heads and sub-blocks to run.
 
     Args:
-        backbone: a timm plain ViT with a class token and standard ``Block`` / ``Attention`` modules.
+        backbone: a timm plain ViT with a class token and standard ``Block`` / ``Attention`` / ``Mlp`` modules.
         patch_policy, head_policy, block_policy: which decisions exist (all by default).
-        patch_target, head_target, block_target: usage each policy is trained towards (share of patches,
-            heads, sub-blocks run in blocks 1 .. depth-1); the training knob.
+        head_gates_mlp: a dropped head also drops its ``fc1`` input channels in the same block's MLP (the
+            released Ada-DeiT-S; False: heads gate the attention only).
+        first_block_patch_policy: the patch policy decides in block 0 too (the released configuration; False:
+            block 0 runs every patch). Head and block policies decide in blocks 1 .. depth-1, as published.
+        patch_target, head_target, block_target: usage each policy is trained towards (share of tokens,
+            heads, sub-blocks run where the policy decides); the training knob.
         patch_weight, head_weight, block_weight: weights of the usage losses (published: 2 each; the patch
             loss is squared, the others absolute).
         temperature: Gumbel-sigmoid temperature (published: 5).
@@ -191,9 +253,12 @@ class AdaViT(SingleViT):
     """
 
     method_name = "adavit"
+    #: Checkpoints saved before these options existed ran heads on the attention only and block 0 in full.
+    defaults_for_old_configs = {"head_gates_mlp": False, "first_block_patch_policy": False}
 
     def __init__(self, backbone: BackboneSpec, patch_policy: bool = True, head_policy: bool = True,
-                 block_policy: bool = True, patch_target: float = 0.5, head_target: float = 0.5,
+                 block_policy: bool = True, head_gates_mlp: bool = True, first_block_patch_policy: bool = True,
+                 patch_target: float = 0.5, head_target: float = 0.5,
                  block_target: float = 0.5, patch_weight: float = 2.0, head_weight: float = 2.0,
                  block_weight: float = 2.0, temperature: float = 5.0,
                  patch_threshold: float = _DEFAULT_THRESHOLDS["patch"],
@@ -208,12 +273,14 @@ class AdaViT(SingleViT):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         super().__init__(backbone, patch_policy=patch_policy, head_policy=head_policy, block_policy=block_policy,
+                         head_gates_mlp=head_gates_mlp, first_block_patch_policy=first_block_patch_policy,
                          patch_target=patch_target, head_target=head_target, block_target=block_target,
                          patch_weight=patch_weight, head_weight=head_weight, block_weight=block_weight,
                          temperature=temperature, patch_threshold=patch_threshold, head_threshold=head_threshold,
                          block_threshold=block_threshold)
         self.vit = backbone.build()
-        _check_backbone(self.vit)
+        self.head_gates_mlp = head_gates_mlp and head_policy
+        _check_backbone(self.vit, self.head_gates_mlp)
         self.policy_names = tuple(name for name in POLICIES if switches[name])
         self.targets = {name: targets[name] for name in self.policy_names}
         self.loss_weights = {"patch": patch_weight, "head": head_weight, "block": block_weight}
@@ -221,6 +288,10 @@ class AdaViT(SingleViT):
         self.thresholds = dict(_DEFAULT_THRESHOLDS)
         self.set_budget(**{f"{name}_threshold": value for name, value in
                            zip(POLICIES, (patch_threshold, head_threshold, block_threshold)) if switches[name]})
+        # Block 0's patch policy lives apart from blocks 1 .. depth-1's, so that checkpoints saved before it
+        # existed keep their parameter names; with no decision it holds no parameter and block 0 runs in full.
+        first_block = ("patch",) if first_block_patch_policy and patch_policy else ()
+        self.first_block_policy = BlockPolicy(self.vit.embed_dim, self.num_heads, first_block)
         self.policies = nn.ModuleList(BlockPolicy(self.vit.embed_dim, self.num_heads, self.policy_names)
                                       for _ in self.vit.blocks[1:])
         self._init_policies()
@@ -231,15 +302,19 @@ class AdaViT(SingleViT):
         self._score_log: dict[str, list[Tensor]] | None = None
 
     def _init_policies(self) -> None:
-        """Small weights, and a bias at which each policy starts at its usage target under training noise.
+        """The official initialisation: truncated-normal weights (std 0.02) and zero biases.
 
-        With logistic noise, P(keep) = sigmoid(bias - temperature * logit(threshold)) for a zero input.
+        Under the training noise a policy then starts by keeping a share ``sigmoid(-T * logit(threshold))``:
+        half the heads and sub-blocks, about 12% of the patches at the patch threshold 0.6.
         """
-        for policy in self.policies:
-            for name, layer in policy.modules_by_policy().items():
+        for policy in self.block_policies():
+            for layer in policy.modules_by_policy().values():
                 trunc_normal_(layer.weight, std=0.02)
-                start = self.temperature * _logit(self.thresholds[name]) + _logit(self.targets[name])
-                nn.init.constant_(layer.bias, max(-10.0, min(10.0, start)))
+                nn.init.zeros_(layer.bias)
+
+    def block_policies(self) -> list[BlockPolicy]:
+        """Each block's decision modules, block 0 first."""
+        return [self.first_block_policy, *self.policies]
 
     @property
     def num_heads(self) -> int:
@@ -278,39 +353,66 @@ class AdaViT(SingleViT):
         eval mode, so this path and the skipping one can be compared.
         """
         self.check_images(x)
-        tokens = self.vit.blocks[0](embed_tokens(self.vit, x))
+        tokens = embed_tokens(self.vit, x)
         decisions = []
-        for policy, block in zip(self.policies, self.vit.blocks[1:]):
+        for policy, block in zip(self.block_policies(), self.vit.blocks):
             normed = block.norm1(tokens)
             decided = self._decide(policy, tokens, normed)
-            tokens = self._masked_block(block, tokens, normed, decided)
+            tokens = self._masked_block(block, policy, tokens, normed, decided)
             decisions.append(decided)
         logits = self.vit.forward_head(self.vit.norm(tokens))
         return AdaViTOutput(logits, decisions)
 
-    def _masked_block(self, block: Block, tokens: Tensor, normed: Tensor, decided: Decisions) -> Tensor:
-        """timm's ``Block.forward`` with each residual update gated per image (sub-block) and per token."""
+    def _masked_block(self, block: Block, policy: BlockPolicy, tokens: Tensor, normed: Tensor,
+                      decided: Decisions) -> Tensor:
+        """timm's ``Block.forward`` with each residual update gated per image (sub-block) and per token.
+
+        As in the official code, the attention mask of dropped patches passes no gradient (the patch policy
+        learns through the gated updates), and a block whose sub-blocks are gated has no drop-path.
+        """
+        if not policy.modules_by_policy():
+            return block(tokens)
         keep = torch.cat([decided.patches.new_ones(tokens.shape[0], self.vit.num_prefix_tokens),
                           decided.patches], dim=1)
-        mask = keep_attention_mask(keep).to(tokens.dtype) if "patch" in self.policy_names else None
-        with _heads_gated(block.attn, decided.heads):
-            update = block.drop_path1(block.ls1(block.attn(normed, attn_mask=mask)))
-        tokens = tokens + update * (decided.blocks[:, :1] * keep).unsqueeze(-1)
-        update = block.drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
+        mask = patch_attention_mask(keep).to(tokens.dtype) if policy.patch is not None else None
+        gated = policy.block is not None
+        drop_path1, drop_path2 = (nn.Identity(), nn.Identity()) if gated else (block.drop_path1, block.drop_path2)
+        heads_gated = (_heads_gated(block, decided.heads, self.head_gates_mlp) if policy.head is not None
+                       else contextlib.nullcontext())
+        with heads_gated:
+            update = drop_path1(block.ls1(block.attn(normed, attn_mask=mask)))
+            tokens = tokens + update * (decided.blocks[:, :1] * keep).unsqueeze(-1)
+            update = drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
         return tokens + update * (decided.blocks[:, 1:] * keep).unsqueeze(-1)
 
     def compute_loss(self, output: AdaViTOutput, target: Tensor, criterion: Criterion) -> LossOutput:
         """Task loss + the usage losses: ``w * |usage - target|`` (heads, blocks), ``w * (usage - target)^2``
-        (patches); usage is the batch's share of decisions that are "on" over blocks 1 .. depth-1."""
+        (patches), each usage a batch mean over the blocks where that policy decides (:meth:`_usage`)."""
         task = criterion(output.logits, target)
         total, terms = task, {"task": task.item()}
         for name in self.policy_names:
-            usage = torch.stack([_decisions_of(decided, name).mean() for decided in output.decisions]).mean()
+            usage = self._usage(name, output.decisions)
             gap = usage - self.targets[name]
             loss = gap.pow(2) if name == "patch" else gap.abs()
             total = total + self.loss_weights[name] * loss
             terms[f"{name}_usage"] = usage.item()
         return LossOutput(total, terms)
+
+    def _usage(self, name: str, decisions: list[Decisions]) -> Tensor:
+        """The share of ``name`` decisions that are on, defined as the official loss does.
+
+        Over the images and the blocks where the policy decides. Patches: the class token counts as a kept
+        token. Heads: blocks in which an image runs neither attention nor MLP are left out for that image.
+        """
+        decided = [d for policy, d in zip(self.block_policies(), decisions) if getattr(policy, name) is not None]
+        if name == "patch":
+            prefix = decided[0].patches.new_ones(decided[0].patches.shape[0], 1)
+            return torch.stack([torch.cat([prefix, d.patches], dim=1) for d in decided]).mean()
+        if name == "block":
+            return torch.stack([d.blocks for d in decided]).mean()
+        heads = torch.stack([d.heads for d in decided])  # (blocks, B, H)
+        running = (torch.stack([d.blocks for d in decided]).sum(dim=-1, keepdim=True) > 0).expand_as(heads)
+        return (heads * running).sum() / (running.sum() + _EMPTY_SHARE_EPS)
 
     def init_from_dense(self, state_dict: dict[str, Tensor]) -> None:
         """Load a ``DenseViT.state_dict()`` into the backbone; the decision modules keep their fresh weights."""
@@ -321,15 +423,16 @@ class AdaViT(SingleViT):
     def predict(self, x: Tensor) -> Prediction:
         """Skip for real: each sub-block runs for the images that use it, on their kept tokens and heads."""
         self.check_images(x)
-        tokens = self.vit.blocks[0](embed_tokens(self.vit, x))
+        tokens = embed_tokens(self.vit, x)
         batch, num_patches = tokens.shape[0], self.num_patches
-        shared_macs = self._fixed_macs()  # what every image of the batch runs, summed as a Python float
+        # What every image of the batch runs, summed as a Python float: patch embedding and head to start.
+        shared_macs = patch_embed_macs(self.vit.patch_embed) + head_macs(self.vit)
         full_patches = torch.ones(batch, num_patches, dtype=torch.bool, device=x.device)
         full_heads = torch.ones(batch, self.num_heads, dtype=torch.bool, device=x.device)
         full_blocks = full_heads.new_ones(batch, 2)
         macs = torch.zeros(batch, dtype=torch.float64)  # what each image ran beyond ``shared_macs``
-        kept_patches, kept_heads, kept_blocks = [full_patches], [full_heads], [full_blocks]
-        for policy, block in zip(self.policies, self.vit.blocks[1:]):
+        kept_patches, kept_heads, kept_blocks = [], [], []
+        for policy, block in zip(self.block_policies(), self.vit.blocks):
             normed = block.norm1(tokens)
             decided = self._decide(policy, tokens, normed, skipping=True)
             shared_macs += policy.macs(num_patches)
@@ -347,7 +450,7 @@ class AdaViT(SingleViT):
             heads = decided.heads
             runs_attention, runs_mlp = decided.blocks.unbind(dim=1)
             macs += self._skipping_attention(block, tokens, normed, keep & runs_attention[:, None], heads)
-            macs += self._skipping_mlp(block, tokens, keep & runs_mlp[:, None])
+            macs += self._skipping_mlp(block, tokens, keep & runs_mlp[:, None], heads)
             runs_attention = runs_attention & heads.any(dim=1)  # an attention without heads computed nothing
             kept_patches.append(decided.patches & (runs_attention | runs_mlp)[:, None])
             kept_heads.append(heads & runs_attention[:, None])
@@ -398,8 +501,7 @@ class AdaViT(SingleViT):
     def _attention_groups(self, keep: Tensor, heads: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """(images, heads they run) for every batch of images whose attention runs together."""
         images = keep.any(dim=1).nonzero().squeeze(1)
-        weights = 2 ** torch.arange(heads.shape[1], device=heads.device)
-        key = (heads[images].long() * weights).sum(dim=1)
+        key = _head_set_key(heads[images])
         if self.attention_batching == "regroup":
             key = key * (keep.shape[1] + 1) + keep[images].sum(dim=1)
         elif self.attention_batching == "per_image":
@@ -410,25 +512,41 @@ class AdaViT(SingleViT):
             group = images[key == value]
             yield group, heads[group[0]].nonzero().squeeze(1)
 
-    @staticmethod
-    def _skipping_mlp(block: Block, tokens: Tensor, keep: Tensor) -> Tensor:
-        """Add the MLP update in place for the (image, token) pairs ``keep`` marks, all packed in one batch."""
+    def _skipping_mlp(self, block: Block, tokens: Tensor, keep: Tensor, heads: Tensor) -> Tensor:
+        """Add the MLP update in place for the (image, token) pairs ``keep`` marks, all packed in one batch;
+        per-image MACs.
+
+        With :attr:`head_gates_mlp`, ``fc1`` reads only the input channels of each image's kept heads: the
+        packed tokens go through it in groups sharing a head set, and on together from its output.
+        """
         counts = keep.sum(dim=1).cpu()
-        if int(counts.min()) == keep.shape[1]:  # every token of every image: no packing
+        gated = self.head_gates_mlp and not bool(heads.all())
+        if int(counts.min()) == keep.shape[1] and not gated:  # every token and channel of every image: timm's
             tokens += block.ls2(block.mlp(block.norm2(tokens))).to(tokens.dtype)
         else:
             packed = tokens[keep]
-            tokens[keep] = (packed + block.ls2(block.mlp(block.norm2(packed)))).to(tokens.dtype)
-        return counts.double() * mlp_macs(block.mlp, 1)
+            normed = block.norm2(packed)
+            update = (self._mlp_by_head_set(block.mlp, normed, keep.nonzero()[:, 0], heads) if gated
+                      else block.mlp(normed))
+            tokens[keep] = (packed + block.ls2(update)).to(tokens.dtype)
+        # The share of fc1's input channels an image's MLP did not read.
+        unread = 1.0 - heads.sum(dim=1).cpu().double() / self.num_heads if gated else 0.0
+        return counts.double() * (mlp_macs(block.mlp, 1) - unread * linear_macs(block.mlp.fc1, 1))
 
-    def _fixed_macs(self) -> float:
-        """What every image runs: patch embedding, the first block and the head."""
-        tokens = self.num_patches + self.vit.num_prefix_tokens
-        return patch_embed_macs(self.vit.patch_embed) + block_macs(self.vit.blocks[0], tokens) + head_macs(self.vit)
+    def _mlp_by_head_set(self, mlp: Mlp, packed: Tensor, owner: Tensor, heads: Tensor) -> Tensor:
+        """The MLP of ``packed`` tokens (T, D), token ``t`` of image ``owner[t]``, reading only the ``fc1``
+        input channels of that image's kept ``heads`` (B, H): one group of tokens per head set."""
+        token_key = _head_set_key(heads)[owner]
+        out = torch.empty_like(packed)
+        for value in token_key.unique():
+            rows = (token_key == value).nonzero().squeeze(1)
+            channels = mlp_channels(mlp, self.num_heads, heads[owner[rows[0]]].nonzero().squeeze(1))
+            out[rows] = mlp_on_channels(mlp, packed[rows], channels).to(out.dtype)
+        return out
 
     def dense_macs(self) -> float:
         """Every patch, head and block run, plus the decision modules: the top of the budget range."""
-        return vit_macs(self.vit) + sum(policy.macs(self.num_patches) for policy in self.policies)
+        return vit_macs(self.vit) + sum(policy.macs(self.num_patches) for policy in self.block_policies())
 
     # ----------------------------------------------------------------- budget knobs
     def get_budget(self) -> dict[str, Any]:
@@ -511,12 +629,9 @@ def _keeps_everything(decided: Decisions) -> bool:
     return all(bool(decisions.all()) for decisions in (decided.blocks, decided.heads, decided.patches))
 
 
-def _decisions_of(decided: Decisions, name: str) -> Tensor:
-    return {"patch": decided.patches, "head": decided.heads, "block": decided.blocks}[name]
-
-
-def _check_backbone(vit: nn.Module) -> None:
-    """Policies read the class token; skipping needs timm's plain ``Block`` and per-head ``Attention``."""
+def _check_backbone(vit: nn.Module, head_gates_mlp: bool) -> None:
+    """Policies read the class token; skipping needs timm's plain ``Block`` and per-head ``Attention`` (and
+    with ``head_gates_mlp``, timm's ``Mlp`` on an embedding the heads split evenly)."""
     if getattr(vit, "cls_token", None) is None:
         raise ValueError("AdaViT's head and block policies read the class token: the backbone needs one")
     for block in vit.blocks:
@@ -527,3 +642,7 @@ def _check_backbone(vit: nn.Module) -> None:
         if not isinstance(attn.norm, nn.Identity) or attn.gate is not None:
             raise ValueError("AdaViT drops heads before attn.proj: attention output norms and gates mix "
                              "heads and are not supported")
+        if head_gates_mlp and (type(block.mlp) is not Mlp or block.mlp.fc1.in_features % attn.num_heads):
+            raise ValueError(f"head_gates_mlp drops each head's share of fc1's input channels: it needs timm's Mlp "
+                             f"on an embedding divisible by the {attn.num_heads} heads, got {type(block.mlp).__name__}"
+                             f" on {block.mlp.fc1.in_features} channels; pass head_gates_mlp=False")

@@ -99,6 +99,10 @@ class AdaptiveViT(nn.Module):
     #: recording them. Logits and MACs are the same either way.
     explain: bool = True
 
+    #: Constructor options added after checkpoints of this method were first saved, each with the value that
+    #: gives the behaviour those checkpoints were trained with: a saved config without one rebuilds the old model.
+    defaults_for_old_configs: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, backbone: BackboneSpec, **method_kwargs: Any) -> None:
         super().__init__()
         self.backbone_spec = backbone

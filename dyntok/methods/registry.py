@@ -185,7 +185,7 @@ def create_model_from_config(config: dict[str, Any]):
     spec = BackboneSpec(_field(backbone, "name", str), overrides)
     cls = get_method(_field(config, "method", str))
     _check_options(cls, method_kwargs)
-    return cls(spec, **method_kwargs)
+    return cls(spec, **{**cls.defaults_for_old_configs, **method_kwargs})
 
 
 def _field(values: Any, key: str, kind: type, default: Any = None) -> Any:
