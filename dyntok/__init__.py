@@ -1,7 +1,8 @@
 """dyntok: input-adaptive Vision Transformers on current PyTorch and timm, measured for real.
 
-A thin face, like timm's: importing it builds the method registry and nothing more. ``dyntok.show`` (matplotlib
-and the data layer), ``dyntok.export`` and ``dyntok.runtime`` (ONNX) are loaded on first use.
+A thin face, like timm's: importing it builds the method registry and its two doors for outside models
+(``adapt``, ``convert``), and nothing more. ``dyntok.show`` (matplotlib and the data layer), ``dyntok.export``
+and ``dyntok.runtime`` (ONNX) are loaded on first use.
 """
 from ._versions import __version__, warn_if_untested
 
@@ -9,9 +10,12 @@ warn_if_untested()
 
 from .methods import (AdaptiveViT, LossOutput, Prediction, TrainingPhase, create_model,  # noqa: E402
                       create_model_from_config, list_methods, list_models, load_model, register_method, save_model)
+from .adapt import adapt  # noqa: E402
+from .convert import convert  # noqa: E402  (the function; the package stays importable as dyntok.convert.*)
 
-__all__ = ["AdaptiveViT", "LossOutput", "Prediction", "TrainingPhase", "create_model",
-           "create_model_from_config", "export", "list_methods", "list_models", "load_model", "register_method", "runtime",
+__all__ = ["AdaptiveViT", "adapt", "convert", "LossOutput", "Prediction", "TrainingPhase", "create_model",
+           "create_model_from_config", "export", "list_methods", "list_models", "load_model", "register_method",
+           "runtime",
            "save_model", "show", "__version__"]
 
 

@@ -41,6 +41,23 @@ def test_grid_and_patch_rule():
     assert [(s.vit.patch_embed.patch_size[0], s.side) for s in model.stages] == [(8, 16), (5, 15), (4, 16)]
 
 
+def test_padded_patches_take_the_whole_image_under_a_larger_kernel(images):
+    """The published DeiT model's middle stage: 23 x 23 kernel, padding 3 -> 10 x 10 tokens on 224px."""
+    assert [stage_geometry(224, g, padded=True) for g in (7, 10, 14)] == [(32, 224), (23, 230), (16, 224)]
+    model = tiny_dvt(padded_patches=True)
+    assert [(s.vit.patch_embed.patch_size[0], s.side) for s in model.stages] == [(8, 16), (6, 18), (4, 16)]
+    assert model.config["method_kwargs"]["padded_patches"] is True
+    assert "padded_patches" not in tiny_dvt().config["method_kwargs"]
+    assert torch.isfinite(model.eval().predict(images).logits).all()
+
+
+def test_unknown_reuse_options_are_rejected():
+    with pytest.raises(ValueError, match="reuse_resampling"):
+        tiny_dvt(reuse_resampling="bicubic")
+    with pytest.raises(ValueError, match="reuse_class_fill"):
+        tiny_dvt(reuse_class_fill="first")
+
+
 def test_too_few_grids_are_rejected():
     with pytest.raises(ValueError):
         tiny_dvt(grids=[4])

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "show": ".show",
     "pretrain": ".pretrain",
     "export": ".export",
+    "convert": ".convert",
 }
 
 

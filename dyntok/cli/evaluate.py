@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     # The held-out split only matters for calibration, which must use the model's own.
     calibrating = args.calibrate_gmacs is not None or args.calibrate_latency is not None
     split = calibration_split(args.checkpoint, args.holdout_size) if calibrating else {"holdout_size": 0, "seed": 0}
-    # Feed the model what it saw in training: its normalisation and evaluation crop (DeiT's weights: 0.875).
+    # Feed the model what it saw in training (its normalisation and evaluation crop), or for a converted
+    # official checkpoint what the official evaluation fed it (DeiT's: crop 0.875).
     seen = load_meta(args.checkpoint).get("eval_transform", {})
     loaders = build_loaders(data_config(args, image_size=image_size, holdout_size=split["holdout_size"],
                                         seed=split["seed"], **seen))

@@ -4,10 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..fileio import load_meta
 from ..methods.registry import model_name
 from ..training import TrainConfig, train
 from ..training.paper_recipes import PAPER_RECIPES, resolve_recipe
+from ..training.trainer import PRETRAINED_INIT
 from ._common import add_data_arguments, data_config, parse_knobs
+
+#: The backbone trained when neither --model nor an --init file names one.
+DEFAULT_BACKBONE = "vit_cifar_tiny"
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -23,8 +28,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         help="override any recipe field: a training or data setting (epochs=1, data.num_workers=2) "
                              "or a model setting (model_kwargs.depth=2); repeatable")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="vit_cifar_tiny",
-                       help="backbone: a dyntok preset (see `dyntok models`) or a timm plain-ViT name")
+    model.add_argument("--model", default=None,
+                       help=f"backbone: a dyntok preset (see `dyntok models`) or a timm plain-ViT name (default: the "
+                            f"--init file's backbone and settings, else {DEFAULT_BACKBONE})")
     model.add_argument("--method", default="dense", help="adaptive method applied to the backbone (see `dyntok models`)")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="model override or method option, e.g. depth=4 or keep_ratio=0.7 (repeatable)")
@@ -70,15 +76,31 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     return parser
 
 
+def backbone_of(args: argparse.Namespace) -> tuple[str, dict]:
+    """The backbone and its settings: ``--model``, else the ``--init`` file's (a ViT adapted with
+    ``dyntok.adapt`` and saved names its timm architecture and settings), else the default preset.
+
+    The class count is left to the dataset; ``--model-arg`` settings win over the file's.
+    """
+    if args.model is not None or args.init in (None, PRETRAINED_INIT):
+        return args.model or DEFAULT_BACKBONE, {}
+    backbone = load_meta(args.init).get("config", {}).get("backbone", {})
+    if "name" not in backbone:
+        raise ValueError(f"--init {args.init} names no backbone; pass --model")
+    return backbone["name"], {key: value for key, value in backbone.get("overrides", {}).items()
+                              if key != "num_classes"}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.recipe:
         return resolve_recipe(args.recipe, recipe_overrides(args))
-    name = model_name(args.method, args.model)
+    backbone, settings = backbone_of(args)
+    name = model_name(args.method, backbone)
     data = data_config(args, seed=args.seed, randaugment=args.randaugment, mixup_alpha=args.mixup,
                        cutmix_alpha=args.cutmix, image_size=args.image_size, data_path=args.data_path,
                        num_workers=args.num_workers)
     return TrainConfig(
-        model=name, model_kwargs=parse_knobs(args.model_arg), data=data,
+        model=name, model_kwargs={**settings, **parse_knobs(args.model_arg)}, data=data,
         output_dir=args.output_dir or f"runs/{name}", epochs=args.epochs, accum_steps=args.accum_steps, lr=args.lr,
         min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing, clip_grad=args.clip_grad or None, ema_decay=args.ema_decay,

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from ..measure.macs import vit_macs
 from ..models.vit import BackboneSpec
 from .base import AdaptiveViT, Criterion, LossOutput, Prediction
-from .budget import Interval, KnobSpace
-from .dvt_reuse import FeatureReuse, RelationReuse, block_forward, check_block_supported, widen_mlp_input
+from .budget import Choice, Interval, KnobSpace
+from .dvt_reuse import (RESAMPLING_MODES, FeatureReuse, RelationReuse, block_forward, check_block_supported,
+                        widen_mlp_input)
 from .export_plan import ExportPlan, Graph, GraphFn
 from .registry import register_method
 from .token_reduction import default_grids
@@ -52,13 +53,16 @@ def default_reuse_widths(dim: int) -> tuple[int, int]:
     return max(1, round(dim / 3)), max(1, round(dim / 8))
 
 
-def stage_geometry(image_side: int, grid: int) -> tuple[int, int]:
+def stage_geometry(image_side: int, grid: int, padded: bool = False) -> tuple[int, int]:
     """(patch size, input side) of a stage: patch ``round(S / g)`` (at least 1), input side ``g * patch``.
 
     32px and grids 4, 6, 8 -> patch 8 on 32px, 5 on 30px, 4 on 32px; 224px and grids 7, 10, 14 -> 32 on 224px,
     22 on 220px, 16 on 224px. The image is resized to the input side when that differs from ``S``.
+
+    ``padded``: patch ``ceil(S / g)`` instead, on the image zero-padded to ``g * patch`` (the published DeiT
+    model's middle stage: a 23 x 23 kernel with padding 3 for 10 x 10 tokens on 224px).
     """
-    patch = max(1, round(image_side / grid))
+    patch = max(1, math.ceil(image_side / grid) if padded else round(image_side / grid))
     return patch, grid * patch
 
 
@@ -128,7 +132,7 @@ class StageMemory:
 class DVTStage(nn.Module):
     """One exit of the cascade: a timm ViT at its own token grid, and the modules reusing the previous stage."""
 
-    def __init__(self, vit: VisionTransformer, grid: int) -> None:
+    def __init__(self, vit: VisionTransformer, grid: int, padded: bool = False) -> None:
         super().__init__()
         for block in vit.blocks:
             check_block_supported(block)
@@ -136,26 +140,30 @@ class DVTStage(nn.Module):
             raise ValueError("DVT stages need a fixed token grid: no patch dropout, no dynamic_img_size")
         self.vit, self.grid = vit, grid
         self.side = vit.patch_embed.img_size[0]
+        #: Whether a smaller image is zero-padded to ``side`` (centred) rather than resized.
+        self.padded = padded
         self.feature_reuse: nn.ModuleList | None = None
         self.relation_reuse: RelationReuse | None = None
         #: Whether the next stage reuses this stage's attention logits (then they must be materialised).
         self.exports_relations = False
 
-    def add_feature_reuse(self, previous: DVTStage, hidden_dim: int, out_dim: int) -> None:
+    def add_feature_reuse(self, previous: DVTStage, hidden_dim: int, out_dim: int, resampling: str = "bilinear",
+                          class_fill: str = "mean") -> None:
         """One :class:`FeatureReuse` per block; every block's MLP input grows by ``out_dim``."""
         self.feature_reuse = nn.ModuleList(
             FeatureReuse(previous.vit.embed_dim, hidden_dim, out_dim, previous.grid, self.grid,
-                         self.vit.num_prefix_tokens, eps=block.norm2.eps)
+                         self.vit.num_prefix_tokens, eps=block.norm2.eps, resampling=resampling, class_fill=class_fill)
             for block in self.vit.blocks)
         for block in self.vit.blocks:
             widen_mlp_input(block, out_dim)
 
-    def add_relation_reuse(self, previous: DVTStage) -> None:
+    def add_relation_reuse(self, previous: DVTStage, resampling: str = "bilinear") -> None:
         """Bias every layer's attention logits with the previous stage's (which then exports them)."""
         if previous.attention_maps != self.attention_maps:
             raise ValueError(f"relation reuse maps layer l, head h of one stage to layer l, head h of the next: "
                              f"need the same depth x heads, got {previous.attention_maps} and {self.attention_maps}")
-        self.relation_reuse = RelationReuse(self.attention_maps, previous.grid, self.grid, self.vit.num_prefix_tokens)
+        self.relation_reuse = RelationReuse(self.attention_maps, previous.grid, self.grid, self.vit.num_prefix_tokens,
+                                            resampling=resampling)
         previous.exports_relations = True
 
     @property
@@ -184,6 +192,10 @@ class DVTStage(nn.Module):
     def _resize(self, images: Tensor) -> Tensor:
         if images.shape[-2:] == (self.side, self.side):
             return images
+        if self.padded:
+            before = (self.side - images.shape[-1]) // 2
+            after = self.side - images.shape[-1] - before
+            return F.pad(images, (before, after, before, after))
         return F.interpolate(images, size=(self.side, self.side), mode="bilinear", align_corners=False,
                              antialias=True)
 
@@ -229,6 +241,16 @@ class DVT(AdaptiveViT):
         reuse_hidden: hidden width of the feature-reuse MLPs; default :func:`default_reuse_widths` (D/3), the
             published 128 at D = 384.
         reuse_dim: features each block's MLP input gains; default D/8, the published 48 at D = 384.
+        padded_patches: stages whose grid does not divide the image side take the image zero-padded under a
+            ``ceil(S / g)`` patch kernel instead of resized under a ``round(S / g)`` one (see
+            :func:`stage_geometry`); the published DeiT model's middle stage.
+        reuse_resampling: how reused features and relations reach the finer grid, one of
+            :data:`~.dvt_reuse.RESAMPLING_MODES`: ``"bilinear"`` or the published ``"nearest-avgpool"``.
+        reuse_class_fill: what reused features give the class position: the mean of the patches' (``"mean"``)
+            or the published ``"zeros"``.
+
+    The last three reproduce the published DeiT-S model (``dyntok convert --from dvt``); dyntok's defaults
+    are the smoother choices, and the ones its benchmark trains with.
 
     Budget knob: ``thresholds``, one per stage but the last; fit them with :meth:`calibrate`.
     """
@@ -236,21 +258,30 @@ class DVT(AdaptiveViT):
     method_name = "dvt"
 
     def __init__(self, backbone: BackboneSpec, grids: Sequence[int] | None = None, feature_reuse: bool = True,
-                 relation_reuse: bool = True, reuse_hidden: int | None = None, reuse_dim: int | None = None) -> None:
+                 relation_reuse: bool = True, reuse_hidden: int | None = None, reuse_dim: int | None = None,
+                 padded_patches: bool = False, reuse_resampling: str = "bilinear",
+                 reuse_class_fill: str = "mean") -> None:
         grids = None if grids is None else [int(grid) for grid in grids]
-        stages = _build_stages(backbone, grids)
+        Choice(RESAMPLING_MODES).check("reuse_resampling", reuse_resampling)
+        Choice(("mean", "zeros")).check("reuse_class_fill", reuse_class_fill)
+        stages = _build_stages(backbone, grids, padded_patches)
         scaled_hidden, scaled_dim = default_reuse_widths(stages[0].vit.embed_dim)
         # The resolved widths go into the config, so a checkpoint rebuilds what it was trained with.
         reuse_hidden = scaled_hidden if reuse_hidden is None else reuse_hidden
         reuse_dim = scaled_dim if reuse_dim is None else reuse_dim
+        # The published-model options are recorded only when set: the configs (and so the benchmark's cache keys)
+        # of models without them stay what they were.
+        published = {key: value for key, value, default in (
+            ("padded_patches", padded_patches, False), ("reuse_resampling", reuse_resampling, "bilinear"),
+            ("reuse_class_fill", reuse_class_fill, "mean")) if value != default}
         super().__init__(backbone, grids=grids, feature_reuse=feature_reuse, relation_reuse=relation_reuse,
-                         reuse_hidden=reuse_hidden, reuse_dim=reuse_dim)
+                         reuse_hidden=reuse_hidden, reuse_dim=reuse_dim, **published)
         self.stages = nn.ModuleList(stages)
         for previous, stage in zip(self.stages, self.stages[1:]):
             if feature_reuse:
-                stage.add_feature_reuse(previous, reuse_hidden, reuse_dim)
+                stage.add_feature_reuse(previous, reuse_hidden, reuse_dim, reuse_resampling, reuse_class_fill)
             if relation_reuse:
-                stage.add_relation_reuse(previous)
+                stage.add_relation_reuse(previous, reuse_resampling)
         self.thresholds = [NEVER_EXIT] * (len(self.stages) - 1)
         # Cost of leaving at each stage (plain CPU tensor: per-image bookkeeping, not model state).
         self._exit_macs = torch.tensor([stage.macs() for stage in self.stages], dtype=torch.float64).cumsum(0)
@@ -499,8 +530,8 @@ class StageGraph(nn.Module):
         return (logits, memory.tokens, memory.relations)[:len(self.output_names)]
 
 
-def _build_stages(backbone: BackboneSpec, grids: list[int] | None) -> list[DVTStage]:
-    """One ViT per grid, each at patch ``round(S / g)`` on an input of side ``g * patch``."""
+def _build_stages(backbone: BackboneSpec, grids: list[int] | None, padded: bool) -> list[DVTStage]:
+    """One ViT per grid, each at the patch and input side of :func:`stage_geometry`."""
     reference = backbone.build()
     side, patch = reference.patch_embed.img_size, reference.patch_embed.patch_size
     if side[0] != side[1] or patch[0] != patch[1]:
@@ -509,12 +540,12 @@ def _build_stages(backbone: BackboneSpec, grids: list[int] | None) -> list[DVTSt
     _check_grids(grids, side[0])
     stages = []
     for grid in grids:
-        stage_patch, stage_side = stage_geometry(side[0], grid)
+        stage_patch, stage_side = stage_geometry(side[0], grid, padded)
         if reference is not None and (stage_patch, stage_side) == (patch[0], side[0]):
             vit, reference = reference, None  # the backbone as built is this stage: no second build
         else:
             vit = backbone.build(img_size=stage_side, patch_size=stage_patch)
-        stages.append(DVTStage(vit, grid))
+        stages.append(DVTStage(vit, grid, padded))
     return stages
 
 

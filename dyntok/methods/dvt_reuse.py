@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..measure.macs import linear_macs
 
 __all__ = ["attention_with_logits", "block_forward", "widen_mlp_input", "resample_token_axis",
-           "check_block_supported", "FeatureReuse", "RelationReuse"]
+           "RESAMPLING_MODES", "check_block_supported", "FeatureReuse", "RelationReuse"]
 
 
 def check_block_supported(block: nn.Module) -> None:
@@ -91,20 +91,31 @@ def widen_mlp_input(block: Block, extra: int) -> None:
     block.norm2, block.mlp.fc1 = wide_norm, wide_fc1
 
 
-def resample_token_axis(values: Tensor, old_grid: int, new_grid: int, num_prefix: int) -> Tensor:
+#: How reused features and relations are brought to a finer grid: dyntok's bilinear interpolation, or the
+#: published DeiT code's nearest-neighbour upsampling to twice the grid followed by adaptive average pooling.
+RESAMPLING_MODES = ("bilinear", "nearest-avgpool")
+
+
+def resample_token_axis(values: Tensor, old_grid: int, new_grid: int, num_prefix: int,
+                        mode: str = "bilinear") -> Tensor:
     """Resample the token axis (-2) of ``values`` (..., prefix + old_grid², C) to prefix + new_grid² tokens.
 
     Tokens are laid out as timm orders them: prefix tokens, then the patch grid row by row. The patches are
-    interpolated bilinearly on their 2-d grid (antialiased when shrinking), each of the C channels on its own;
-    prefix tokens are kept as they are. The channels stay the innermost axis (a channels-last image batch),
-    which lets the interpolation vectorise over them.
+    resampled on their 2-d grid, each of the C channels on its own: bilinearly (antialiased when shrinking),
+    or with ``mode="nearest-avgpool"`` as the published DeiT model does (nearest to ``2 * old_grid``, then
+    adaptive average pooling to ``new_grid``). Prefix tokens are kept as they are. The channels stay the
+    innermost axis (a channels-last image batch), which lets the interpolation vectorise over them.
     """
     if old_grid == new_grid:
         return values
     leading, channels = values.shape[:-2], values.shape[-1]
     patches = values[..., num_prefix:, :].reshape(-1, old_grid, old_grid, channels).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bilinear", align_corners=False,
-                            antialias=new_grid < old_grid)
+    if mode == "nearest-avgpool":
+        patches = F.interpolate(patches, size=(2 * old_grid, 2 * old_grid), mode="nearest")
+        patches = F.adaptive_avg_pool2d(patches, (new_grid, new_grid))
+    else:
+        patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bilinear", align_corners=False,
+                                antialias=new_grid < old_grid)
     patches = patches.permute(0, 2, 3, 1).reshape(*leading, new_grid * new_grid, channels)
     return torch.cat([values[..., :num_prefix, :], patches], dim=-2)
 
@@ -114,14 +125,16 @@ class FeatureReuse(nn.Module):
 
     The output (B, prefix + grid², out_dim) is concatenated to that block's MLP input. The previous stage's
     class token is not reused; the prefix (class) positions get the mean of the reused patch features. The
-    published DeiT code gives them zeros instead, which leaves the last block of the last stage with a reuse
-    MLP that cannot change the prediction (its patch tokens feed nothing once the class token is pooled).
+    published DeiT code gives them zeros instead (``class_fill="zeros"``), which leaves the last block of the
+    last stage with a reuse MLP that cannot change the prediction (its patch tokens feed nothing once the class
+    token is pooled). ``resampling`` is a :data:`RESAMPLING_MODES` entry.
     """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int, previous_grid: int, grid: int, num_prefix: int,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, resampling: str = "bilinear", class_fill: str = "mean") -> None:
         super().__init__()
         self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
+        self.resampling, self.class_fill = resampling, class_fill
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, hidden_dim, out_dim)
 
@@ -135,8 +148,12 @@ class FeatureReuse(nn.Module):
     def to_grid(self, features: Tensor) -> Tensor:
         """(B, previous_grid², C) -> (B, prefix + grid², C), channel by channel: the outputs of several
         modules concatenated on C go through at once (:meth:`DVTStage` does so for all its blocks)."""
-        features = resample_token_axis(features, self.previous_grid, self.grid, 0)
-        prefix = features.mean(dim=1, keepdim=True).expand(-1, self.num_prefix, -1)
+        features = resample_token_axis(features, self.previous_grid, self.grid, 0, self.resampling)
+        if self.class_fill == "zeros":
+            prefix = torch.zeros_like(features[:, :1])
+        else:
+            prefix = features.mean(dim=1, keepdim=True)
+        prefix = prefix.expand(-1, self.num_prefix, -1)
         return torch.cat([prefix, features], dim=1)
 
     def macs(self) -> float:
@@ -152,18 +169,22 @@ class RelationReuse(nn.Module):
     GELU), then both token axes are resampled to this stage's grid with :func:`resample_token_axis`: applied
     to the query axis and then the key axis, the separable bilinear interpolation resamples the patch-patch
     block grid-to-grid (4-d), the class row and column as 2-d maps, and keeps the class-class entry.
+    ``resampling`` is a :data:`RESAMPLING_MODES` entry.
     """
 
-    def __init__(self, channels: int, previous_grid: int, grid: int, num_prefix: int, expansion: int = 3) -> None:
+    def __init__(self, channels: int, previous_grid: int, grid: int, num_prefix: int, expansion: int = 3,
+                 resampling: str = "bilinear") -> None:
         super().__init__()
         self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
+        self.resampling = resampling
         self.mlp = nn.Sequential(nn.Conv2d(channels, channels * expansion, kernel_size=1), nn.GELU(),
                                  nn.Conv2d(channels * expansion, channels, kernel_size=1))
 
     def forward(self, previous_logits: Tensor) -> Tensor:
         bias = self._channel_mlp(previous_logits)
-        bias = resample_token_axis(bias, self.previous_grid, self.grid, self.num_prefix)  # query axis
-        bias = resample_token_axis(bias.transpose(-1, -2), self.previous_grid, self.grid, self.num_prefix)
+        grids = self.previous_grid, self.grid, self.num_prefix, self.resampling
+        bias = resample_token_axis(bias, *grids)  # query axis
+        bias = resample_token_axis(bias.transpose(-1, -2), *grids)
         return bias.transpose(-1, -2)  # key axis done too
 
     def _channel_mlp(self, logits: Tensor) -> Tensor:

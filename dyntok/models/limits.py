@@ -33,6 +33,7 @@ MAX_PARAMETERS = 2_000_000_000
 MAX_BLOCK_ACTIVATIONS = 2 ** 31
 
 _FRACTION = Interval(0.0, 1.0, high_open=True)
+_SWITCH = Choice((True, False))
 #: Each backbone setting and the values it may take. The ranges are wide (a deliberate giant stays inside
 #: them); the size bound below is what stops an absurd combination.
 SETTINGS: dict[str, Interval | Choice] = {
@@ -48,7 +49,16 @@ SETTINGS: dict[str, Interval | Choice] = {
     "class_token": Choice((True, False)),
     "qkv_bias": Choice((True, False)),
     "global_pool": Choice(("token", "avg", "avgmax", "max", "map", "")),
+    "in_chans": Interval(1, 1024, integer=True),
+    "reg_tokens": Interval(0, 1024, integer=True),
+    "init_values": Interval(0.0, 1e6),
+    "pos_embed": Choice(("learn", "none")),
+    **{name: _SWITCH for name in ("qk_norm", "proj_bias", "no_embed_class", "pre_norm", "final_norm", "fc_norm",
+                                  "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad")},
+    **{name: _FRACTION for name in ("pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate")},
 }
+#: Settings for which None is a value too (``init_values=None``: no LayerScale).
+_NONE_ALLOWED = frozenset({"init_values"})
 
 
 def large_models_allowed() -> bool:
@@ -59,7 +69,7 @@ def check_backbone(arch: str, kwargs: dict[str, Any], label: str | None = None) 
     """A ``ValueError`` naming the setting when ``timm.create_model(arch, **kwargs)`` would be malformed or
     larger than the bound; nothing is allocated. ``label`` names the model in messages (default ``arch``)."""
     for name, accepted in SETTINGS.items():
-        if name in kwargs:
+        if name in kwargs and not (kwargs[name] is None and name in _NONE_ALLOWED):
             _check_setting(name, accepted, kwargs[name])
     _check_divisible(kwargs)
     described = _describe(label or arch, kwargs)

@@ -25,6 +25,10 @@ __all__ = ["BackboneSpec", "PRESETS", "BACKBONE_OVERRIDES", "create_backbone", "
 BACKBONE_OVERRIDES = (
     "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes",
     "drop_path_rate", "drop_rate", "class_token", "global_pool", "qkv_bias",
+    # the rest of timm's VisionTransformer settings with JSON values, which describe any ViT dyntok.adapt takes
+    "in_chans", "qk_norm", "proj_bias", "init_values", "no_embed_class", "reg_tokens", "pos_embed", "pre_norm",
+    "final_norm", "fc_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "pos_drop_rate",
+    "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
 )
 
 #: Presets sized for 32x32 CIFAR that train from scratch on 2 CPU cores in minutes.
