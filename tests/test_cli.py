@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -190,3 +191,17 @@ def test_eval_reports_savings_against_the_dense_backbone(image_folder, tmp_path,
     assert result["dense_gmacs"] == pytest.approx(dense.dense_macs() / 1e9)
     assert result["mac_reduction"] == pytest.approx(result["dense_gmacs"] / result["mean_gmacs"]) and \
         result["mac_reduction"] > 1.2
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`dyntok models --timm | head -1`: the closed pipe is the reader's choice, not an error worth a line."""
+    fcntl = pytest.importorskip("fcntl")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(read_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # the listing cannot fit: writes block
+    process = subprocess.Popen([sys.executable, "-m", "dyntok", "models", "--timm"], stdout=write_end,
+                               stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        reader.readline()
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == b""

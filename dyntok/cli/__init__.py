@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except RunStopped as stopped:  # its message was printed when it happened
         return stopped.exit_code
+    except BrokenPipeError:  # the reader went away (`dyntok models | head`): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
     except KeyboardInterrupt:
         print(f"dyntok {args.command}: interrupted (Ctrl-C); files already written are complete", file=sys.stderr)
         return INTERRUPTED
