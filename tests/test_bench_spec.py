@@ -48,14 +48,17 @@ def test_every_registered_method_is_in_the_builtin_spec(profile):
     assert not missing, f"add an entry for {sorted(missing)} to {builtin_spec_path(profile).name}"
 
 
-def test_builtin_cpu_spec_starts_every_method_from_the_shipped_reference_beside_shipped_static_baselines():
+def test_builtin_cpu_spec_takes_shipped_methods_as_they_are_and_starts_the_others_from_the_shipped_reference():
     from dyntok.models import PRESETS
+    from dyntok.pretrained import shipped_presets
 
     spec = load_spec(builtin_spec_path("cpu"))
     reference = spec.entry(spec.reference)
     assert reference.pretrained and reference.model == spec.backbone
     adaptive = [entry for entry in spec.entries if entry.method != "dense"]
-    assert adaptive and all(entry.init == spec.reference for entry in adaptive)
+    shipped = set(shipped_presets())
+    assert adaptive and all(entry.pretrained if entry.model in shipped else entry.init == spec.reference
+                            for entry in adaptive)
     static = [entry for entry in spec.entries if entry.method == "dense" and entry.name != spec.reference]
     assert all(entry.pretrained for entry in static)
     shapes = {key: PRESETS[spec.backbone][key] for key in ("patch_size", "embed_dim", "depth")}
