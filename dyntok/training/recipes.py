@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,15 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def _without_machine_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config as a model card records it: folders by their last name, never a path of the machine."""
+    data = dict(config.get("data", {}))
+    for key in ("data_root", "dataset"):  # a dataset may be an image-folder path; cifar10 stays cifar10
+        if data.get(key):
+            data[key] = Path(data[key]).name
+    return {**config, "output_dir": Path(config["output_dir"]).name, "data": data}
+
+
 def export_reference(run_dir: str | Path, name: str, destination: str | Path | None = None) -> Path:
     """Write a finished ``dyntok train`` run of model ``name`` as shipped weights, with its model card.
 
@@ -142,12 +151,12 @@ def export_reference(run_dir: str | Path, name: str, destination: str | Path | N
     """
     run_dir = Path(run_dir)
     model = load_model(run_dir / "model.safetensors")
-    config = json.loads((run_dir / "train_config.json").read_text())
+    config = _without_machine_paths(json.loads((run_dir / "train_config.json").read_text()))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     log_lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     recipe = RECIPES.get(name, Recipe())
     card = {
-        "preset": name, "command": recipe.command(name), "recipe": config, "recipe_source": recipe.source,
+        "preset": name, "command": replace(recipe, dataset=Path(recipe.dataset).name).command(name), "recipe": config, "recipe_source": recipe.source,
         "test_top1": metrics["test"]["top1"], "test_gmacs": metrics["test"].get("mean_gmacs"),
         "test_images": metrics["test"].get("num_images"), "budget": model.get_budget(),
         "data": {"dataset": config["data"].get("dataset"), "holdout_size": config["data"].get("holdout_size"),
