@@ -32,7 +32,9 @@ def train_config(spec: BenchSpec, entry: Entry, output_dir: str | Path = "", ini
                  device: str = "auto", progress: bool = True) -> TrainConfig:
     """The trainer's config for ``entry``: resumable, so an interrupted entry continues where it stopped."""
     if entry.pretrained:
-        init = PRETRAINED_INIT  # zero epochs from the shipped reference: saved and evaluated as it is
+        # The runner takes shipped files as they are and never trains them; this init only names where the
+        # weights come from in the entry's cache key (kept, so existing caches stay valid).
+        init = PRETRAINED_INIT
     return TrainConfig(model=entry.model, model_kwargs=dict(entry.model_kwargs), data=spec.data,
                        output_dir=str(output_dir), init=None if init is None else str(init), device=device,
                        resume=True, progress=progress, **entry.train)

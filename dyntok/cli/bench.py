@@ -30,8 +30,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--only", action="append", default=[], metavar="ENTRY",
                         help="run only this entry, plus what it needs (repeatable)")
     parser.add_argument("--from-scratch", action="store_true",
-                        help="train the references the spec takes from dyntok's shipped weights (pretrained: true) "
-                             "with the recipe that made them, instead of loading them")
+                        help="train the models the spec takes from dyntok's shipped weights (pretrained: true: references "
+                             "and methods) with the recipe that made them, instead of loading them")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimated time, run nothing")
     parser.add_argument("--speed-images", type=int, default=None, metavar="N",
                         help="test images per throughput measurement (default: the spec's)")
