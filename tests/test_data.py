@@ -370,6 +370,24 @@ def test_train_transform_shapes_dtypes_and_reproducibility():
     assert not torch.equal(x, transform(images, labels, key=(0, 0, 1, 0))[0])
 
 
+def test_randaugment_runs_on_one_thread_and_gives_the_threads_back():
+    """Per-image ops on tiny images must not wake the whole thread pool (over a second a batch on a 16-core
+    host running four trainings); the result is the same and the thread count is restored."""
+    images, labels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 1])
+    transform = TrainTransform(MEAN, STD, randaugment=(2, 9))
+    expected = transform(images, labels, key=(0, 0, 0, 0))[0]
+    seen, augment = [], transform.randaugment
+    transform.randaugment = lambda image: (seen.append(torch.get_num_threads()), augment(image))[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = transform(images, labels, key=(0, 0, 0, 0))[0]
+        assert seen == [1] * 4 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, expected)
+
+
 def test_eval_transform_only_normalizes():
     images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     x, y = EvalTransform(MEAN, STD)(images, torch.tensor([0, 1]))

@@ -13,7 +13,8 @@ from dyntok.methods import load_model, save_model
 from dyntok.measure.macs import count_macs_with_torch
 from dyntok.methods.dvt import (DVT, NEVER_EXIT, default_grids, exit_stages, geometric_exit_proportions,
                                 stage_geometry, thresholds_for_proportions)
-from dyntok.methods.dvt_reuse import RelationReuse, attention_with_logits, block_forward, resample_token_axis
+from dyntok.methods.dvt_reuse import (RESAMPLING_MODES, RelationReuse, attention_with_logits, block_forward,
+                                      resample_token_axis, resampling_macs)
 from dyntok.models.vit import BackboneSpec
 
 #: 16px images; default grids (2, 3, 4) -> patch 8 on 16px, patch 5 on 15px, patch 4 on 16px.
@@ -108,6 +109,30 @@ def test_resample_token_axis_interpolates_the_patch_grid_and_keeps_prefix():
     assert resampled.shape == (2, 1 + 25, 4) and torch.equal(resampled[:, :1], values[:, :1])
     expected = _bilinear(values[:, 1:].transpose(1, 2), 5).transpose(1, 2)
     torch.testing.assert_close(resampled[:, 1:], expected)
+
+
+def _resample_as_images(values, old_grid, new_grid, num_prefix, mode):
+    """The 2-d operators themselves, on the patch grid as a channels-first image batch."""
+    leading, channels = values.shape[:-2], values.shape[-1]
+    images = values[..., num_prefix:, :].reshape(-1, old_grid, old_grid, channels).permute(0, 3, 1, 2)
+    if mode == "nearest-avgpool":
+        images = F.adaptive_avg_pool2d(F.interpolate(images, size=(2 * old_grid,) * 2, mode="nearest"), new_grid)
+    else:
+        images = F.interpolate(images, size=(new_grid, new_grid), mode="bilinear", align_corners=False,
+                               antialias=new_grid < old_grid)
+    patches = images.permute(0, 2, 3, 1).reshape(*leading, new_grid * new_grid, channels)
+    return torch.cat([values[..., :num_prefix, :], patches], dim=-2)
+
+
+@pytest.mark.parametrize("mode", RESAMPLING_MODES)
+@pytest.mark.parametrize("old_grid, new_grid", [(3, 5), (5, 3), (4, 7), (7, 10)])
+def test_matmul_resampling_equals_the_2d_operators(mode, old_grid, new_grid):
+    torch.manual_seed(0)
+    values = torch.randn(2, 3, 1 + old_grid ** 2, 6)
+    resampled = resample_token_axis(values, old_grid, new_grid, num_prefix=1, mode=mode)
+    torch.testing.assert_close(resampled, _resample_as_images(values, old_grid, new_grid, 1, mode))
+    assert count_macs_with_torch(lambda v: resample_token_axis(v, old_grid, new_grid, 1, mode), values) == \
+        6 * resampling_macs(old_grid, new_grid, channels=6)  # 2 x 3 items of 6 channels
 
 
 def test_relation_resampling_is_grid_to_grid_on_both_axes():

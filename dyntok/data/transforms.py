@@ -8,7 +8,8 @@ so a batch is the same whether it is produced in order or on its own after a res
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +186,7 @@ class TrainTransform(EvalTransform):
             generator = seeded_generator(*key, _CROP_STREAM)
             images = random_crop_flip(images, self.crop_padding, generator, self.padding_mode, self.hflip)
         if self.randaugment is not None:
-            with torch_seeded(*key, _RANDAUGMENT_STREAM):  # RandAugment draws from the global RNG
+            with torch_seeded(*key, _RANDAUGMENT_STREAM), _one_thread():  # RandAugment draws from the global RNG
                 images = torch.stack([self.randaugment(image) for image in images])
         x, labels = super().__call__(images, labels, key, device)
         if self.random_erasing:
@@ -212,6 +213,24 @@ def _random_erasing(x: torch.Tensor, probability: float, key: BatchKey) -> torch
     erase = RandomErasing(probability, mode="pixel", device=str(x.device))
     with all_seeded(*key, _ERASING_STREAM):  # it draws from Python's and torch's global RNGs
         return erase(x)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small per-image CPU ops on one intra-op thread, then give the others back.
+
+    A 32-px image is far too small to split across threads, but each op still wakes the whole pool: on a
+    16-core GPU host running four trainings, RandAugment then took over a second per batch of 128.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _make_randaugment(options: tuple[int, int] | None):
