@@ -265,13 +265,16 @@ def test_calibrated_dynamicvit_keep_ratio_is_between_sweep_points(test_images):
 
 
 # --------------------------------------------------------------------------------------------- per-call overhead
-def test_without_explanations_predict_gives_the_same_logits_and_macs(images):
-    model = tiny_model("dynamicvit").eval()
+@pytest.mark.parametrize("method", dyntok.list_methods())
+def test_without_explanations_predict_gives_the_same_logits_and_macs(method, images):
+    model = tiny_model(method).eval()
     explained = model.predict(images)
     model.explain = False
     plain = model.predict(images)
     assert torch.equal(plain.logits, explained.logits) and torch.equal(plain.macs, explained.macs)
-    assert plain.extras == {} and explained.extras["kept_patches"]
+    patch_records = {"kept_patches", "patch_groups"}
+    assert not patch_records & set(plain.extras)
+    assert set(plain.extras) <= set(explained.extras)
 
 
 def test_dynamicvit_counts_its_macs_once_per_budget(images, monkeypatch):

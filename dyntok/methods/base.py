@@ -96,7 +96,9 @@ class AdaptiveViT(nn.Module):
     wants_teacher: ClassVar[bool] = False
     #: Whether :meth:`predict` fills ``Prediction.extras`` (kept patches, patch groups...: explanations).
     #: Set ``model.explain = False`` where nobody reads them (serving, timing): methods then skip the work of
-    #: recording them. Logits and MACs are the same either way.
+    #: recording them (DynamicViT's, EViT's and AdaViT's kept patches, ToMe's and EViT's patch groups). Logits
+    #: and MACs are the same either way; decisions that cost nothing to report (DVT's exit stage, ReViT's
+    #: token length) stay.
     explain: bool = True
 
     #: Constructor options added after checkpoints of this method were first saved, each with the value that

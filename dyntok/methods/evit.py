@@ -155,14 +155,15 @@ class EViT(SingleViT):
             self.method_kwargs["keep_rate_schedule"] = self.keep_rate_schedule = "constant"
 
     # ----------------------------------------------------------------- the forward
-    def _reorganising_forward(self, x: Tensor, keep_rate: float) -> tuple[Tensor, PatchGroups, list[Tensor]]:
-        """Logits, where each source patch went, and per reorganisation which patches are still kept."""
+    def _reorganising_forward(self, x: Tensor, keep_rate: float,
+                              track: bool = False) -> tuple[Tensor, PatchGroups | None, list[Tensor]]:
+        """Logits and (``track``) where each source patch went and, per reorganisation, which are still kept."""
         self.check_images(x)
         vit, prefix = self.vit, self.vit.num_prefix_tokens
         tokens = embed_tokens(vit, x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
-        groups = PatchGroups(batch, num_patches, tokens.device)
-        set_aside = torch.zeros(batch, num_patches, dtype=torch.bool, device=tokens.device)  # fused or dropped
+        groups = PatchGroups(batch, num_patches, tokens.device) if track else None
+        set_aside = tokens.new_zeros(batch, num_patches, dtype=torch.bool) if track else None  # fused or dropped
         kept_patches = []
         for index, block in enumerate(vit.blocks):
             tokens = attention_half(block, tokens)
@@ -173,9 +174,10 @@ class EViT(SingleViT):
                 scores = class_attention(query, key, tap.scale)[:, prefix:]
                 patches, destination = reorganise(tokens[:, prefix:], scores, keep, self.fuse_inattentive)
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
-                groups.move(destination)
-                set_aside |= (groups.index == keep) | (groups.index < 0)
-                kept_patches.append(~set_aside)
+                if groups is not None:
+                    groups.move(destination)
+                    set_aside |= (groups.index == keep) | (groups.index < 0)
+                    kept_patches.append(~set_aside)
             tokens = mlp_half(block, tokens)
         return pooled_head(vit, tokens), groups, kept_patches
 
@@ -189,9 +191,11 @@ class EViT(SingleViT):
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
-        logits, groups, kept_patches = self._reorganising_forward(x, self.keep_rate)
+        logits, groups, kept_patches = self._reorganising_forward(x, self.keep_rate, track=self.explain)
         batch = x.shape[0]
         macs, final_patches = self.per_budget("macs", self._macs_and_final_patches)
+        if groups is None:
+            return Prediction(logits, torch.full((batch,), macs, dtype=torch.float64))
         extras = {"kept_patches": kept_patches, "token_length": torch.full((batch,), final_patches, dtype=torch.long)}
         if self.fuse_inattentive:  # only fusing puts several patches in one token; dropping leaves single ones
             extras["patch_groups"] = groups.history

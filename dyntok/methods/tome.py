@@ -193,14 +193,15 @@ class ToMe(SingleViT):
             self.method_kwargs["proportional_attention"] = self.proportional_attention = False
 
     # ----------------------------------------------------------------- the forward (training and inference)
-    def _merge_forward(self, x: Tensor) -> tuple[Tensor, PatchGroups]:
-        """Logits with ``r`` tokens merged after each block's attention, and where every source patch went."""
+    def _merge_forward(self, x: Tensor, track: bool = False) -> tuple[Tensor, PatchGroups | None]:
+        """Logits with ``r`` tokens merged after each block's attention, and (``track``) where every source
+        patch went."""
         self.check_images(x)
         vit, prefix = self.vit, self.vit.num_prefix_tokens
         tokens = embed_tokens(vit, x)
         batch, num_patches = tokens.shape[0], tokens.shape[1] - prefix
         sizes = tokens.new_ones(batch, tokens.shape[1])
-        groups = PatchGroups(batch, num_patches, tokens.device)
+        groups = PatchGroups(batch, num_patches, tokens.device) if track else None
         merged_any = False
         for block, tap, r in zip(vit.blocks, self._taps, self.r_per_block()):
             # Before any merge every size is 1 and the bias is zero: pass none, so r = 0 is the dense model.
@@ -214,7 +215,8 @@ class ToMe(SingleViT):
                                                      tokens.shape[1] - prefix - r)
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
                 sizes = torch.cat([sizes[:, :prefix], patch_sizes], dim=1)
-                groups.move(destination)
+                if groups is not None:
+                    groups.move(destination)
                 merged_any = True
             tokens = mlp_half(block, tokens)
         return pooled_head(vit, tokens, sizes[:, prefix:]), groups
@@ -225,9 +227,11 @@ class ToMe(SingleViT):
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
-        logits, groups = self._merge_forward(x)
+        logits, groups = self._merge_forward(x, track=self.explain)
         batch = x.shape[0]
         macs = torch.full((batch,), self.per_budget("macs", self._macs_per_image), dtype=torch.float64)
+        if groups is None:
+            return Prediction(logits, macs)
         final_tokens = self.num_patches - sum(self.r_per_block())
         # Per merging block, which token each patch is part of. Merging drops no patch (each still lives on in
         # some token), so there is no kept_patches mask: pictures tint the merged groups instead of greying any.
