@@ -14,7 +14,8 @@ computed.
   skipped sub-blocks.
 * Inference (:meth:`AdaViT.predict`) really skips: a sub-block runs only for the images that use it, on their
   kept tokens only, with their kept heads only (qkv, proj and fc1 sliced to those heads); every image is
-  charged the MACs of what ran for it, decision modules included.
+  charged the MACs of what ran for it, decision modules included. That code lives in
+  :mod:`~dyntok.methods.adavit_skipping`, which the ONNX export's runner shares.
 
 See docs/methods/adavit.md for the recipe, the batching strategy and its measurements.
 """

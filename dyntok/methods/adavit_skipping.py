@@ -47,6 +47,8 @@ __all__ = ["ATTENTION_BATCHING", "Decisions", "hard_decisions", "policy_logits",
 #: ``pad`` groups images by head set and pads to the longest, ``regroup`` groups by head set and token count
 #: (no padding), ``per_image`` runs each image alone.
 ATTENTION_BATCHING = ("pad", "regroup", "per_image")
+#: Most (image, token) pairs one MLP graph call takes: 4096 images of 4096 tokens.
+_MAX_PACKED_TOKENS = 1 << 24
 #: The kinds of decision, in the order of every per-policy setting, and the field of :class:`Decisions` each fills.
 _DECISION_FIELDS = {"patch": "patches", "head": "heads", "block": "blocks"}
 
@@ -97,7 +99,7 @@ def _keeps_everything(decided: Decisions) -> bool:
     return all(bool(decisions.all()) for decisions in (decided.blocks, decided.heads, decided.patches))
 
 
-# --------------------------------------------------------------------------------------------- timm's forwards, on a subset
+# --------------------------------------------------------------------------------------- timm forwards on a subset
 def _channels_of(heads: Tensor, width: int) -> Tensor:
     """Indices of the channels of ``heads`` (1-d index) when head ``h`` owns channels ``h*width .. (h+1)*width``."""
     return (heads[:, None] * width + torch.arange(width, device=heads.device)).flatten()
@@ -394,8 +396,11 @@ class EagerBlock:
                  on_logits: Callable[[dict[str, Tensor]], None] | None = None) -> None:
         self.policy, self.block, self.costs = policy, block, costs
         self.num_prefix_tokens, self.on_logits = num_prefix_tokens, on_logits
-        bias = block.attn.proj.bias
-        self.no_head_update = None if bias is None else block.ls1(bias)
+
+    @property
+    def no_head_update(self) -> Tensor | None:
+        bias = self.block.attn.proj.bias
+        return None if bias is None else self.block.ls1(bias)
 
     def decide(self, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         normed = self.block.norm1(tokens)
@@ -562,7 +567,7 @@ def _attention_graph(block: Block, normed: Tensor, by_heads: bool, num_heads: in
 def _mlp_graph(block: Block, packed: Tensor, by_channels: bool) -> Graph:
     """Packed tokens on a dynamic axis, and the channel index's length (0 to all) when ``by_channels``."""
     dim = packed.shape[-1]
-    inputs, axes = (packed,), ({0: Axis("tokens")},)
+    inputs, axes = (packed,), ({0: Axis("tokens", max=_MAX_PACKED_TOKENS)},)
     if by_channels:
         inputs, axes = inputs + (torch.arange(dim),), axes + ({0: Axis("channels", min=0, max=dim)},)
     return Graph(_MlpGraph(block), inputs, ("tokens", "channels")[:len(inputs)], ("update",), axes)

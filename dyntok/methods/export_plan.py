@@ -3,9 +3,10 @@
 A method with no per-image control flow (dense, DynamicViT, EViT, ToMe at a fixed budget) is one graph: its
 own :meth:`~dyntok.methods.AdaptiveViT.predict`, traced with a dynamic batch axis, whose outputs are the
 :class:`~dyntok.methods.Prediction` flattened (:func:`flatten_prediction`). A method whose images take
-different paths (DVT's exits, ReViT's lengths) exports the pieces between its decisions as graphs, and names
-a *runner*: a function of its own module that takes the decisions exactly as its ``predict`` does, calling
-the graphs instead of its sub-modules (both go through the same code, so they cannot drift apart).
+different paths (DVT's exits, ReViT's lengths, AdaViT's kept patches, heads and blocks) exports the pieces
+between its decisions as graphs, and names a *runner*: a function of its own module that takes the decisions
+exactly as its ``predict`` does, calling the graphs instead of its sub-modules (both go through the same code,
+so they cannot drift apart).
 """
 from __future__ import annotations
 
