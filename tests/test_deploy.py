@@ -60,8 +60,9 @@ def _threshold_between(confidences: torch.Tensor) -> float:
 ADAVIT_QUANTILES = {"patch": 0.5, "head": 0.25, "block": 0.25}
 
 
-def _thresholds_between_scores(model, images: torch.Tensor, margin: float = 1e-5) -> dict[str, float]:
-    """AdaViT thresholds near :data:`ADAVIT_QUANTILES` of the scores the images give, each in the widest gap
+def _thresholds_between_scores(model, images: torch.Tensor, quantiles: dict[str, float] = ADAVIT_QUANTILES,
+                               margin: float = 1e-5) -> dict[str, float]:
+    """AdaViT thresholds near ``quantiles`` of the scores the images give, each in the widest gap
     there, so that no score is within ``margin`` of its threshold. Later blocks score what earlier thresholds
     left them: repeated until the scores at these thresholds keep the margin."""
     for attempt in range(5):
@@ -71,7 +72,7 @@ def _thresholds_between_scores(model, images: torch.Tensor, margin: float = 1e-5
             return model.get_budget()
         knobs = {}
         for name, values in scores.items():
-            quantile = ADAVIT_QUANTILES[name]
+            quantile = quantiles[name]
             window = values[int(len(values) * (quantile - 0.15)):int(len(values) * (quantile + 0.15)) + 1]
             widest = (window[1:] - window[:-1]).argmax()
             knobs[f"{name}_threshold"] = ((window[widest] + window[widest + 1]) / 2).item()
@@ -152,6 +153,23 @@ def test_adavit_thresholds_change_at_load_like_the_eager_budget(exports, test_im
         assert_same_prediction(model.predict(test_images), prediction)
         assert prediction.extras["kept_blocks"].all()
         torch.testing.assert_close(prediction.macs, torch.full_like(prediction.macs, model.dense_macs()))
+    finally:
+        model.set_budget(**made_at)
+
+
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
+@pytest.mark.parametrize("quantiles", [
+    {"patch": 0.5, "head": 0.75, "block": 0.75},  # images keeping no head, images skipping attention
+    {"patch": 0.7, "head": 0.5, "block": 0.1},  # a third of the patches kept: padded attention groups
+], ids=["no-heads", "few-patches"])
+def test_adavit_export_follows_other_mixes_of_decisions(quantiles, exports, test_images):
+    model, directory = exports("adavit")
+    made_at = load(directory).get_budget()
+    try:
+        budget = _thresholds_between_scores(model, test_images, quantiles)
+        runtime = load(directory, budget=budget)
+        for batch in (test_images, test_images[2:7]):
+            assert_same_prediction(model.predict(batch), runtime.predict(batch))
     finally:
         model.set_budget(**made_at)
 
