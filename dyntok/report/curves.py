@@ -62,7 +62,7 @@ def curves_table(cards: dict[str, dict[str, Any]], epochs: Sequence[int] = (1, 2
         cells = []
         for epoch in epochs:
             x, top1 = min(curve, key=lambda point: abs(point[0] - epoch))
-            cells.append(f"{top1:.2f}" if abs(x - epoch) < 0.5 else "")
+            cells.append(f"{top1:.2f}" if abs(x - epoch) <= 0.5 else "")
         recent = [top1 for x, top1 in curve if x >= curve[-1][0] - 2 - 1e-9]
         cells.append(f"{recent[-1] - recent[0]:+.2f}")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
