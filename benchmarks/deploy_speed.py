@@ -34,7 +34,7 @@ from speed_at_scale import backbone_name, environment  # noqa: E402  (a sibling 
 
 DEFAULT_SIZES = ("vit_cifar_micro", "deit_small")
 #: A run of seconds that exercises every path of the script (CI-sized, numbers meaningless).
-SMOKE = dict(sizes=["vit_cifar_nano"], methods=["dense", "dynamicvit", "dvt", "revit"], batch=4, images=8,
+SMOKE = dict(sizes=["vit_cifar_nano"], methods=["dense", "dynamicvit", "dvt", "revit", "adavit"], batch=4, images=8,
              latency_images=2, repeats=1)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 import dyntok
 from dyntok.fileio import save_tensors
 from dyntok.measure.macs import count_macs_with_torch, linear_macs
-from dyntok.methods import adavit, load_model
+from dyntok.methods import adavit_skipping, load_model
 from dyntok.methods.adavit import (ATTENTION_BATCHING, AdaViTOutput, Decisions, _heads_gated, attention_on_heads,
                                    gumbel_sigmoid, mlp_channels, mlp_on_channels)
 
@@ -227,7 +227,7 @@ def test_blocks_that_keep_everything_take_the_plain_path_with_the_same_results(i
     _, model = dense_and_adavit()
     model.set_budget(**FULL)
     plain = model.predict(images)
-    monkeypatch.setattr(adavit, "_keeps_everything", lambda decided: False)
+    monkeypatch.setattr(adavit_skipping, "_keeps_everything", lambda decided: False)
     grouped = model.predict(images)
     torch.testing.assert_close(plain.logits, grouped.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain.macs, grouped.macs)

@@ -38,6 +38,7 @@ def test_builtin_specs_parse(profile):
     spec = load_spec(builtin_spec_path(profile))
     assert spec.entries and spec.reference in {entry.name for entry in spec.entries}
     assert all(entry.train["epochs"] > 0 or entry.init or entry.pretrained for entry in spec.entries)
+    assert spec.source == f"dyntok/bench/specs/{builtin_spec_path(profile).name}"  # no path of this machine
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

@@ -119,6 +119,7 @@ def test_image_folder_loads_pixels_and_labels_in_sorted_class_order(tmp_path):
     assert data.images.dtype == torch.uint8 and data.images.shape == (6, 3, 8, 8)
     # make_tree fills each image with 10 * (its index in the given class list) + file index
     assert data.images[:, 0, 0, 0].tolist() == [10, 11, 20, 21, 0, 1]
+    assert data.source == "image folder tiny/train"  # reports name the data, never a path of this machine
 
 
 def test_val_split_is_used_when_there_is_no_test_split(tmp_path):

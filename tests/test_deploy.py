@@ -17,14 +17,13 @@ from dyntok.methods.dense import DenseViT
 from dyntok.runtime import load
 
 from .conftest import TINY, tiny_model
+from .test_adavit import spread_decisions
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
 
 METHODS = dyntok.list_methods()
 #: Two blocks instead of four: exporting is the slow part of these tests, and it grows with the graph.
 SHALLOW = dict(depth=2)
-#: Methods whose predict takes a per-image path and that have no export_plan of their own yet: refused.
-NOT_EXPORTABLE = {"adavit"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +41,8 @@ def model_with_mixed_decisions(method: str, images: torch.Tensor):
         model.set_budget(thresholds=[_threshold_between(confidences[:, k]) for k in range(confidences.shape[1] - 1)])
     elif method == "revit":
         model.set_budget(bias=_mixing_bias(model.assigner(images)))
+    elif method == "adavit":
+        model.set_budget(**_thresholds_between_scores(spread_decisions(model), images))
     return model
 
 
@@ -51,6 +52,32 @@ def _threshold_between(confidences: torch.Tensor) -> float:
     middle = len(ordered) // 2
     assert ordered[middle] - ordered[middle - 1] > 1e-5
     return ((ordered[middle - 1] + ordered[middle]) / 2).item()
+
+
+#: Where each AdaViT threshold goes among the scores of the test images (quantiles). In the tiny model each
+#: head's and each sub-block's scores form a cluster of their own; 0.25 lands inside the lower one, so that
+#: images differ in their head sets and in whether they run the MLP, not only in their patches.
+ADAVIT_QUANTILES = {"patch": 0.5, "head": 0.25, "block": 0.25}
+
+
+def _thresholds_between_scores(model, images: torch.Tensor, quantiles: dict[str, float] = ADAVIT_QUANTILES,
+                               margin: float = 1e-5) -> dict[str, float]:
+    """AdaViT thresholds near ``quantiles`` of the scores the images give, each in the widest gap
+    there, so that no score is within ``margin`` of its threshold. Later blocks score what earlier thresholds
+    left them: repeated until the scores at these thresholds keep the margin."""
+    for attempt in range(5):
+        model.calibrate([(images, None)])
+        scores = model._held_out_scores
+        if attempt and all((values - model.thresholds[name]).abs().min() > margin for name, values in scores.items()):
+            return model.get_budget()
+        knobs = {}
+        for name, values in scores.items():
+            quantile = quantiles[name]
+            window = values[int(len(values) * (quantile - 0.15)):int(len(values) * (quantile + 0.15)) + 1]
+            widest = (window[1:] - window[:-1]).argmax()
+            knobs[f"{name}_threshold"] = ((window[widest] + window[widest + 1]) / 2).item()
+        model.set_budget(**knobs)
+    raise AssertionError("no AdaViT thresholds keep every score of these images clear of them")
 
 
 def _mixing_bias(assigner_logits: torch.Tensor) -> float:
@@ -91,7 +118,7 @@ def assert_same_prediction(eager, exported):
 
 
 @pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
-@pytest.mark.parametrize("method", sorted(set(METHODS) - NOT_EXPORTABLE))
+@pytest.mark.parametrize("method", METHODS)
 def test_onnxruntime_predicts_like_eager(method, exports, test_images):
     model, directory = exports(method)
     runtime = load(directory)
@@ -102,17 +129,64 @@ def test_onnxruntime_predicts_like_eager(method, exports, test_images):
 
 @pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
 def test_the_parity_budgets_take_different_paths(exports, test_images):
-    """The exits and lengths compared above really differ between images."""
-    dvt, revit = (load(exports(method)[1]).predict(test_images) for method in ("dvt", "revit"))
+    """The exits, lengths and AdaViT decisions compared above really differ between images."""
+    dvt, revit, adavit = (load(exports(method)[1]).predict(test_images) for method in ("dvt", "revit", "adavit"))
     assert dvt.extras["exit_stage"].unique().numel() > 1
     assert revit.extras["token_length"].unique().numel() > 1
+    # AdaViT: images differ in how many patches each block runs, in the heads and in the sub-blocks they run.
+    for patches in adavit.extras["kept_patches"]:
+        assert patches.sum(dim=1).unique().numel() > 2
+    assert adavit.extras["kept_heads"][1].unique(dim=0).shape[0] > 1
+    assert adavit.extras["kept_blocks"][:, 1].unique(dim=0).shape[0] > 1
 
 
 @pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
-@pytest.mark.parametrize("method", sorted(NOT_EXPORTABLE & set(METHODS)))
-def test_a_predict_with_per_image_paths_is_refused_not_exported_wrong(method, tmp_path):
-    with pytest.raises(ExportError, match=f"{method} at budget .* depends on the images"):
-        dyntok.export(tiny_model(method, **SHALLOW), tmp_path)
+def test_adavit_thresholds_change_at_load_like_the_eager_budget(exports, test_images):
+    """The thresholds are read by the runner: at 0 every block keeps everything (the plain-block graphs)."""
+    model, directory = exports("adavit")
+    keep_everything = {knob: 0.0 for knob in model.get_budget()}
+    runtime = load(directory, budget=keep_everything)
+    made_at = load(directory).get_budget()
+    model.set_budget(**keep_everything)
+    try:
+        prediction = runtime.predict(test_images)
+        assert_same_prediction(model.predict(test_images), prediction)
+        assert prediction.extras["kept_blocks"].all()
+        torch.testing.assert_close(prediction.macs, torch.full_like(prediction.macs, model.dense_macs()))
+    finally:
+        model.set_budget(**made_at)
+
+
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
+@pytest.mark.parametrize("quantiles", [
+    {"patch": 0.5, "head": 0.75, "block": 0.75},  # images keeping no head, images skipping attention
+    {"patch": 0.7, "head": 0.5, "block": 0.1},  # a third of the patches kept: padded attention groups
+], ids=["no-heads", "few-patches"])
+def test_adavit_export_follows_other_mixes_of_decisions(quantiles, exports, test_images):
+    model, directory = exports("adavit")
+    made_at = load(directory).get_budget()
+    try:
+        budget = _thresholds_between_scores(model, test_images, quantiles)
+        runtime = load(directory, budget=budget)
+        for batch in (test_images, test_images[2:7]):
+            assert_same_prediction(model.predict(batch), runtime.predict(batch))
+    finally:
+        model.set_budget(**made_at)
+
+
+@pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine
+def test_a_predict_with_per_image_paths_is_refused_not_exported_wrong(tmp_path):
+    class BranchesOnImages(DenseViT):
+        def predict(self, x):
+            prediction = super().predict(x)
+            if prediction.logits.mean() > 0:  # a path that depends on the images: one graph cannot follow it
+                prediction.macs = prediction.macs * 2
+            return prediction
+
+    torch.manual_seed(0)
+    model = BranchesOnImages(dyntok.create_model("vit_cifar_tiny", **{**TINY, **SHALLOW}).backbone_spec)
+    with pytest.raises(ExportError, match="depends on the images"):
+        dyntok.export(model, tmp_path)
 
 
 @pytest.mark.slow  # exports: 10-50 s each on a busy 2-core machine

@@ -208,6 +208,22 @@ def test_export_writes_a_loadable_reference_with_its_model_card(weights_dir, ima
 SHIPPED = pretrained.shipped_presets()
 
 
+@pytest.mark.parametrize("preset", SHIPPED or [pytest.param("none", marks=pytest.mark.skip("no weights shipped"))])
+def test_shipped_files_name_no_path_of_the_machine_they_were_made_on(preset):
+    """Every string in a shipped file's metadata (card, config, split record) is free of absolute paths."""
+    from dyntok.fileio import load_meta
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [text for item in value.values() for text in strings(item)]
+        if isinstance(value, list):
+            return [text for item in value for text in strings(item)]
+        return [value] if isinstance(value, str) else []
+
+    absolute = [text for text in strings(load_meta(pretrained.packaged_file(preset))) if text.startswith(("/", "~"))]
+    assert not absolute
+
+
 @requires_shared_cifar10()
 @pytest.mark.integration
 @pytest.mark.slow

@@ -167,3 +167,20 @@ def test_leaderboard_links_each_entrys_gallery():
             in leaderboard.splitlines())
     assert "**dense**" not in leaderboard  # entries without pictures get no line
     assert "## Gallery" not in render_leaderboard(made_up_results())
+
+
+def test_training_curves_read_epochs_over_phases_from_a_card(tmp_path):
+    from dyntok.report.curves import curves_table, epoch_curve, plot_training_curves
+
+    # Two phases, the first ending mid-epoch: 100 steps an epoch, records at steps 100, 150, 250, 350.
+    card = {"log": [{"phase": "warmup", "epoch": 1, "step": 100, "holdout_top1": 0.5},
+                    {"phase": "warmup", "epoch": 2, "step": 150, "holdout_top1": 0.55},
+                    {"phase": "main", "epoch": 1, "step": 250, "holdout_top1": 0.6},
+                    {"phase": "main", "epoch": 2, "step": 350, "holdout_top1": 0.62}]}
+    curve = epoch_curve(card)
+    assert [x for x, _ in curve] == [1.0, 1.5, 2.5, 3.5]
+    assert [top1 for _, top1 in curve] == pytest.approx([50.0, 55.0, 60.0, 62.0])
+    assert epoch_curve({"log": [{"step": 10}]}) == []  # no held-out split logged
+    table = curves_table({"m": card}, epochs=(1, 2, 3))
+    assert table[2].startswith("| `m` | 50.00 | 55.00 | 60.00 |") and table[2].endswith("| +7.00 |")
+    assert plot_training_curves({"m": card}, tmp_path / "c.png", ("ref", 61.0)).stat().st_size > 0

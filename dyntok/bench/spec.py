@@ -288,6 +288,12 @@ def builtin_spec_path(profile: str) -> Path:
     return Path(str(resources.files("dyntok.bench").joinpath("specs", PROFILES[profile])))
 
 
+def _spec_name(path: Path) -> str:
+    """How results name a spec: a built-in one by its place in the package, any other by its file name."""
+    builtin = builtin_spec_path("cpu").parent
+    return f"dyntok/bench/specs/{path.name}" if path.resolve().parent == builtin.resolve() else path.name
+
+
 def load_spec(path: str | Path) -> BenchSpec:
     """Read and check a spec file."""
     path = Path(path)
@@ -300,7 +306,7 @@ def load_spec(path: str | Path) -> BenchSpec:
     except RecursionError:
         raise SpecError(f"{path} is nested too deeply to be a benchmark spec") from None
     try:
-        return parse_spec(values, source=str(path))
+        return parse_spec(values, source=_spec_name(path))
     except SpecError as error:
         raise SpecError(f"{path}: {error}") from None
 

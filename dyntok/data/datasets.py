@@ -121,7 +121,7 @@ def load_dataset(
     chosen = splits[split]
     images = load_split(chosen, image_size, cache=cache, cache_dir=cache_dir)
     labels = torch.tensor(chosen.labels, dtype=torch.int64)
-    return ImageTensorDataset(images, labels, chosen.classes, source=f"image folder {chosen.directory}")
+    return ImageTensorDataset(images, labels, chosen.classes, source=f"image folder {chosen.name}")
 
 
 def locate_dataset(name: str, data_root=None, download: bool = False) -> DatasetLocation:

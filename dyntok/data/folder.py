@@ -48,6 +48,11 @@ class FolderSplit:
     files: list[str]  # full paths
     labels: list[int]
 
+    @property
+    def name(self) -> str:
+        """``<tree>/<split>`` (``cifar10/train``): how reports name the split, never by a path of this machine."""
+        return f"{self.directory.parent.name}/{self.directory.name}"
+
 
 # ----------------------------------------------------------------------------- scanning
 

@@ -204,4 +204,4 @@ class StreamLoader(BatchLoader):
 def files_of(split) -> FileDataset:
     """The files and labels of a scanned ``FolderSplit``."""
     return FileDataset(list(split.files), torch.tensor(split.labels, dtype=torch.int64), list(split.classes),
-                       source=f"image folder {split.directory} (streamed)")
+                       source=f"image folder {split.name} (streamed)")

@@ -28,8 +28,6 @@ EXPORT_FILE = "export.json"
 FORMAT_VERSION = 1
 #: The ONNX opset the graphs are written in (onnxruntime 1.16 and later run it).
 OPSET = 18
-#: Largest batch the exported graphs accept (a bound ``torch.export`` wants for a dynamic axis).
-_MAX_BATCH = 1 << 16
 
 
 class ExportError(ValueError):
@@ -76,13 +74,12 @@ def _example_images(model: nn.Module) -> torch.Tensor:
 
 
 def _export_graph(graph: Graph, path: Path, what: str) -> None:
-    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's notes on its own internals, not the user's business
             torch.onnx.export(graph.module, graph.example_inputs, str(path), dynamo=True, verbose=False,
                               input_names=list(graph.input_names), output_names=list(graph.output_names),
-                              dynamic_shapes=tuple({0: batch} for _ in graph.example_inputs),
+                              dynamic_shapes=graph.dynamic_shapes(),
                               opset_version=OPSET, external_data=False,
                               custom_translation_table=_translations())
     except Exception as error:  # the exporter's errors are many types; all mean "this cannot export"

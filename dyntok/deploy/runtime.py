@@ -3,7 +3,7 @@
 and the benchmark measure it like any model.
 
 The graphs are run by the runner the method named at export time (:mod:`dyntok.methods.export_plan`): for
-DVT and ReViT the very function their eager ``predict`` goes through, with the onnxruntime sessions in place
+DVT, ReViT and AdaViT the very function their eager ``predict`` goes through, with the onnxruntime sessions in place
 of the modules; for a one-graph export, :func:`run_single_graph`.
 """
 from __future__ import annotations

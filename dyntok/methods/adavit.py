@@ -14,7 +14,8 @@ computed.
   skipped sub-blocks.
 * Inference (:meth:`AdaViT.predict`) really skips: a sub-block runs only for the images that use it, on their
   kept tokens only, with their kept heads only (qkv, proj and fc1 sliced to those heads); every image is
-  charged the MACs of what ran for it, decision modules included.
+  charged the MACs of what ran for it, decision modules included. That code lives in
+  :mod:`~dyntok.methods.adavit_skipping`, which the ONNX export's runner shares.
 
 See docs/methods/adavit.md for the recipe, the batching strategy and its measurements.
 """
@@ -23,30 +24,30 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..measure.macs import attention_macs, block_macs, head_macs, linear_macs, mlp_macs, patch_embed_macs, vit_macs
+from ..measure.macs import head_macs, linear_macs, patch_embed_macs, vit_macs
 from ..models.vit import BackboneSpec, embed_tokens
+from .adavit_skipping import (ATTENTION_BATCHING, BlockCosts, Decisions, EagerBlock, SkippingPlan, _logit,
+                              attention_on_heads, complete_decisions, export_plan, hard_decisions, mlp_channels,
+                              mlp_on_channels, policy_logits, run_skipping)
 from .base import Criterion, LossOutput, Prediction, SingleViT, dense_backbone_state
 from .budget import Interval, KnobSpace
+from .export_plan import ExportPlan
 from .registry import register_method
-from .token_reduction import keep_attention_mask
 
 __all__ = ["AdaViT", "AdaViTOutput", "BlockPolicy", "Decisions", "gumbel_sigmoid", "hard_decisions",
-           "attention_on_heads", "mlp_on_channels", "patch_attention_mask", "POLICIES", "ATTENTION_BATCHING"]
+           "attention_on_heads", "mlp_on_channels", "mlp_channels", "patch_attention_mask", "POLICIES",
+           "ATTENTION_BATCHING"]
 
 #: The three kinds of decision, in the order of every per-policy setting.
 POLICIES = ("patch", "head", "block")
-#: How :meth:`AdaViT.predict` batches the attention of images with different decisions (docs/methods/adavit.md):
-#: ``pad`` groups images by head set and pads to the longest, ``regroup`` groups by head set and token count
-#: (no padding), ``per_image`` runs each image alone.
-ATTENTION_BATCHING = ("pad", "regroup", "per_image")
 #: Published decision thresholds on the sigmoid (training and, by default, inference).
 _DEFAULT_THRESHOLDS = {"patch": 0.6, "head": 0.5, "block": 0.5}
 
@@ -61,15 +62,6 @@ _EMPTY_SHARE_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------- decisions
-def _logit(probability: float) -> float:
-    """``log(p / (1 - p))``, with -inf at 0 and +inf at 1 (a threshold of 0 keeps all, of 1 keeps none)."""
-    if probability <= 0.0:
-        return -math.inf
-    if probability >= 1.0:
-        return math.inf
-    return math.log(probability) - math.log1p(-probability)
-
-
 def gumbel_sigmoid(logits: Tensor, threshold: float, temperature: float, training: bool) -> Tensor:
     """0/1 decisions ``sigmoid((logits + noise) / temperature) > threshold``.
 
@@ -85,11 +77,6 @@ def gumbel_sigmoid(logits: Tensor, threshold: float, temperature: float, trainin
     scaled = (logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature
     soft = torch.sigmoid(scaled)
     return (scaled > boundary).to(logits.dtype) + (soft - soft.detach())
-
-
-def hard_decisions(logits: Tensor, threshold: float, temperature: float) -> Tensor:
-    """Deterministic bool decisions ``sigmoid(logits / temperature) > threshold``, as inference takes them."""
-    return logits.float() / temperature > _logit(threshold)
 
 
 class BlockPolicy(nn.Module):
@@ -112,19 +99,6 @@ class BlockPolicy(nn.Module):
         """MACs of running every decision module of this block for one image."""
         return sum(linear_macs(layer, num_patches if name == "patch" else 1)
                    for name, layer in self.modules_by_policy().items())
-
-
-@dataclass
-class Decisions:
-    """One block's decisions for a batch, 0/1 floats: ``patches`` (B, N), ``heads`` (B, H), ``blocks`` (B, 2).
-
-    A decision the block does not take is all ones.
-    """
-
-    patches: Tensor
-    heads: Tensor
-    blocks: Tensor
-
 
 
 @dataclass
@@ -174,64 +148,6 @@ def _heads_gated(block: Block, heads: Tensor, gate_mlp: bool) -> Iterator[None]:
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def _channels_of(heads: Tensor, width: int) -> Tensor:
-    """Indices of the channels of ``heads`` (1-d index) when head ``h`` owns channels ``h*width .. (h+1)*width``."""
-    return (heads[:, None] * width + torch.arange(width, device=heads.device)).flatten()
-
-
-def mlp_channels(mlp: Mlp, num_heads: int, heads: Tensor) -> Tensor:
-    """The input channels of ``mlp.fc1`` that ``heads`` (1-d index) gate: head ``h`` owns the ``h``-th of
-    ``num_heads`` equal consecutive slices of the embedding, the released AdaViT's mapping."""
-    return _channels_of(heads, mlp.fc1.in_features // num_heads)
-
-
-def _head_rows(attn: Attention, heads: Tensor) -> Tensor:
-    """Indices of the q, k and v rows of ``attn.qkv`` (and of the proj columns, first third) for ``heads``."""
-    columns = _channels_of(heads, attn.head_dim)
-    return torch.cat([columns + part * attn.attn_dim for part in range(3)]), columns
-
-
-def attention_on_heads(attn: Attention, x: Tensor, heads: Tensor, key_valid: Tensor | None = None) -> Tensor:
-    """timm's ``Attention`` forward computing only the heads ``heads`` (1-d index): the rest cost nothing.
-
-    The qkv projection is restricted to those heads' rows and the output projection to their columns, so
-    with every head this is ``attn(x)`` (a test holds it to timm's output). ``key_valid`` (B, N) bool hides
-    padding keys.
-    """
-    batch, tokens, _ = x.shape
-    if len(heads) == attn.num_heads:  # every head (``heads`` is sorted): the weights as they are, no copies
-        qkv_weight, bias, proj_weight = attn.qkv.weight, attn.qkv.bias, attn.proj.weight
-    else:
-        rows, columns = _head_rows(attn, heads)
-        qkv_weight, proj_weight = attn.qkv.weight[rows], attn.proj.weight[:, columns]
-        bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
-    qkv = F.linear(x, qkv_weight, bias).reshape(batch, tokens, 3, len(heads), attn.head_dim)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = None if key_valid is None else key_valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(batch, tokens, len(heads) * attn.head_dim)
-    return F.linear(out, proj_weight, attn.proj.bias)
-
-
-def mlp_on_channels(mlp: Mlp, x: Tensor, channels: Tensor) -> Tensor:
-    """timm's ``Mlp`` forward reading only the input ``channels`` (sorted 1-d index): the others cost nothing.
-
-    ``fc1`` is restricted to those columns, so with every channel this is ``mlp(x)`` (a test holds it to
-    timm's output) and with none it is the MLP of ``fc1``'s bias.
-    """
-    if len(channels) == mlp.fc1.in_features:  # every channel: the weights as they are, no copies
-        hidden = mlp.fc1(x)
-    else:
-        hidden = F.linear(x[..., channels], mlp.fc1.weight[:, channels], mlp.fc1.bias)
-    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(hidden)))))
-
-
-def _head_set_key(heads: Tensor) -> Tensor:
-    """(B, H) bool -> (B,) long, equal for images that keep the same heads."""
-    return (heads.long() * 2 ** torch.arange(heads.shape[1], device=heads.device)).sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------- the method
@@ -332,29 +248,14 @@ class AdaViT(SingleViT):
         return self.vit.blocks[0].attn.num_heads
 
     # ----------------------------------------------------------------- shared pieces of both forwards
-    def _decide(self, policy: BlockPolicy, tokens: Tensor, normed: Tensor, skipping: bool = False) -> Decisions:
-        """The block's decisions: Gumbel-sigmoid samples in training, thresholded sigmoids otherwise.
-
-        ``skipping`` (:meth:`predict`): bool decisions rather than floats that gate updates, taken in as few
-        small kernels as possible, since at batch 1 they are most of what a block costs beyond timm's own.
-        """
-        batch, prefix = tokens.shape[0], self.vit.num_prefix_tokens
-        class_token = tokens[:, 0]
-        decided = {}
-        for name, layer in policy.modules_by_policy().items():
-            logits = layer(normed[:, prefix:]).squeeze(-1) if name == "patch" else layer(class_token)
-            if skipping and not self.training:
-                decision = hard_decisions(logits, self.thresholds[name], self.temperature)
-            else:
-                decision = gumbel_sigmoid(logits, self.thresholds[name], self.temperature, self.training)
-            decided[name] = decision.bool() if skipping else decision
-            if self._score_log is not None:
-                self._score_log[name].append(torch.sigmoid(logits / self.temperature).flatten().float().cpu())
-        shapes = {"patch": (batch, tokens.shape[1] - prefix), "head": (batch, self.num_heads),
-                  "block": (batch, 2)}
-        for name in shapes.keys() - decided.keys():  # switched-off policies decide all ones
-            decided[name] = tokens.new_ones(shapes[name], dtype=torch.bool if skipping else tokens.dtype)
-        return Decisions(decided["patch"], decided["head"], decided["block"])
+    def _decide(self, policy: BlockPolicy, tokens: Tensor, normed: Tensor) -> Decisions:
+        """The training forward's decisions, 0/1 floats: Gumbel-sigmoid samples in training, the deterministic
+        ones :meth:`predict` takes in eval mode."""
+        prefix = self.vit.num_prefix_tokens
+        decided = {name: gumbel_sigmoid(logits, self.thresholds[name], self.temperature, self.training)
+                   for name, logits in policy_logits(policy, tokens, normed, prefix).items()}
+        return complete_decisions(decided, tokens.shape[0], tokens.shape[1] - prefix, self.num_heads, tokens,
+                                  tokens.dtype)
 
     # ----------------------------------------------------------------- training
     def forward(self, x: Tensor) -> AdaViTOutput:
@@ -432,128 +333,40 @@ class AdaViT(SingleViT):
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
-        """Skip for real: each sub-block runs for the images that use it, on their kept tokens and heads."""
+        """Skip for real: each sub-block runs for the images that use it, on their kept tokens and heads
+        (:func:`~dyntok.methods.adavit_skipping.run_skipping`, which the ONNX export runs too)."""
         self.check_images(x)
-        tokens = embed_tokens(self.vit, x)
-        batch, num_patches = tokens.shape[0], self.num_patches
-        # What every image of the batch runs, summed as a Python float: patch embedding and head to start.
-        shared_macs = patch_embed_macs(self.vit.patch_embed) + head_macs(self.vit)
-        full_patches = torch.ones(batch, num_patches, dtype=torch.bool, device=x.device)
-        full_heads = torch.ones(batch, self.num_heads, dtype=torch.bool, device=x.device)
-        full_blocks = full_heads.new_ones(batch, 2)
-        macs = torch.zeros(batch, dtype=torch.float64)  # what each image ran beyond ``shared_macs``
-        kept_patches, kept_heads, kept_blocks = [], [], []
-        for policy, block in zip(self.block_policies(), self.vit.blocks):
-            normed = block.norm1(tokens)
-            decided = self._decide(policy, tokens, normed, skipping=True)
-            shared_macs += policy.macs(num_patches)
-            if _keeps_everything(decided):
-                # The whole batch runs the whole block: timm's sub-blocks as they are, without the grouping,
-                # gathers and per-image bookkeeping below (at batch 1 those cost ~10% of a DeiT-S block).
-                tokens = tokens + block.ls1(block.attn(normed))
-                tokens = tokens + block.ls2(block.mlp(block.norm2(tokens)))
-                shared_macs += block_macs(block, num_patches + self.vit.num_prefix_tokens)
-                kept_patches.append(full_patches)
-                kept_heads.append(full_heads)
-                kept_blocks.append(full_blocks)
-                continue
-            keep = torch.cat([full_patches.new_ones(batch, self.vit.num_prefix_tokens), decided.patches], dim=1)
-            heads = decided.heads
-            runs_attention, runs_mlp = decided.blocks.unbind(dim=1)
-            macs += self._skipping_attention(block, tokens, normed, keep & runs_attention[:, None], heads)
-            macs += self._skipping_mlp(block, tokens, keep & runs_mlp[:, None], heads)
-            runs_attention = runs_attention & heads.any(dim=1)  # an attention without heads computed nothing
-            kept_patches.append(decided.patches & (runs_attention | runs_mlp)[:, None])
-            kept_heads.append(heads & runs_attention[:, None])
-            kept_blocks.append(torch.stack([runs_attention, runs_mlp], dim=1))
-        logits = self.vit.forward_head(self.vit.norm(tokens))
-        extras = {"kept_patches": kept_patches, "kept_heads": kept_heads,
-                  "kept_blocks": torch.stack(kept_blocks, dim=1)}
-        return Prediction(logits, macs + shared_macs, extras)
+        plan = self.skipping_plan()
+        on_logits = self._log_scores if self._score_log is not None else None
+        blocks = [EagerBlock(policy, block, costs, self.vit.num_prefix_tokens, on_logits)
+                  for policy, block, costs in zip(self.block_policies(), self.vit.blocks, plan.blocks)]
+        return run_skipping(x, partial(embed_tokens, self.vit), blocks,
+                            lambda tokens: self.vit.forward_head(self.vit.norm(tokens)), plan)
 
-    def _skipping_attention(self, block: Block, tokens: Tensor, normed: Tensor, keep: Tensor,
-                            heads: Tensor) -> Tensor:
-        """Add the attention update in place for the (image, token) pairs ``keep`` marks; per-image MACs.
+    def skipping_plan(self) -> SkippingPlan:
+        """What :meth:`predict`'s skipping needs besides the modules, at the current budget."""
+        return SkippingPlan(
+            thresholds={name: self.thresholds[name] for name in self.policy_names}, temperature=self.temperature,
+            num_prefix_tokens=self.vit.num_prefix_tokens, num_heads=self.num_heads,
+            head_gates_mlp=self.head_gates_mlp, attention_batching=self.attention_batching,
+            fixed_macs=patch_embed_macs(self.vit.patch_embed) + head_macs(self.vit),
+            blocks=self.per_budget("block_costs", self._block_costs))
 
-        Images are batched in groups sharing a head set (:attr:`attention_batching`); inside a group each
-        image's kept tokens are gathered, in order, and padded to the group's longest (padding keys are
-        hidden; the padded rows are computed and charged to their image). Images that keep no head get
-        what the masked forward gives them, the output projection's bias: no MACs.
-        """
-        no_head = keep & ~heads.any(dim=1, keepdim=True)
-        if block.attn.proj.bias is not None and no_head.any():
-            tokens[no_head] += block.ls1(block.attn.proj.bias).to(tokens.dtype)
-        keep = keep & ~no_head
-        macs = torch.zeros(tokens.shape[0], dtype=torch.float64)
-        for images, head_index in self._attention_groups(keep, heads):
-            counts = keep[images].sum(dim=1)
-            length = int(counts.max())
-            if int(counts.min()) == keep.shape[1]:  # every token of every image in the group: no gather
-                whole = len(images) == len(tokens)
-                update = attention_on_heads(block.attn, normed if whole else normed[images], head_index, None)
-                update = block.ls1(update).to(tokens.dtype)
-                if whole:
-                    tokens += update
-                else:
-                    tokens[images] += update
-                macs[images.cpu()] += attention_macs(block.attn, length, len(head_index))
-                continue
-            # Stable sort puts each image's kept tokens first, in their original order.
-            order = keep[images].to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :length]
-            valid = torch.arange(length, device=tokens.device) < counts[:, None]
-            rows = images[:, None].expand_as(order)
-            update = attention_on_heads(block.attn, normed[rows, order], head_index,
-                                        None if bool(valid.all()) else valid)
-            update = block.ls1(update)[valid].to(tokens.dtype)
-            tokens.index_put_((rows[valid], order[valid]), update, accumulate=True)
-            macs[images.cpu()] += attention_macs(block.attn, length, len(head_index))
-        return macs
+    def _block_costs(self) -> list[BlockCosts]:
+        tokens = self.num_patches + self.vit.num_prefix_tokens
+        return [BlockCosts.of(block, policy.macs(self.num_patches), tokens)
+                for policy, block in zip(self.block_policies(), self.vit.blocks)]
 
-    def _attention_groups(self, keep: Tensor, heads: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        """(images, heads they run) for every batch of images whose attention runs together."""
-        images = keep.any(dim=1).nonzero().squeeze(1)
-        key = _head_set_key(heads[images])
-        if self.attention_batching == "regroup":
-            key = key * (keep.shape[1] + 1) + keep[images].sum(dim=1)
-        elif self.attention_batching == "per_image":
-            key = images
-        elif self.attention_batching != "pad":
-            raise ValueError(f"attention_batching is one of {ATTENTION_BATCHING}, got {self.attention_batching!r}")
-        for value in key.unique():
-            group = images[key == value]
-            yield group, heads[group[0]].nonzero().squeeze(1)
+    def _log_scores(self, logits: dict[str, Tensor]) -> None:
+        """Record each decision's score ``sigmoid(logits / temperature)`` for :meth:`calibrate`."""
+        for name, values in logits.items():
+            self._score_log[name].append(torch.sigmoid(values / self.temperature).flatten().float().cpu())
 
-    def _skipping_mlp(self, block: Block, tokens: Tensor, keep: Tensor, heads: Tensor) -> Tensor:
-        """Add the MLP update in place for the (image, token) pairs ``keep`` marks, all packed in one batch;
-        per-image MACs.
-
-        With :attr:`head_gates_mlp`, ``fc1`` reads only the input channels of each image's kept heads: the
-        packed tokens go through it in groups sharing a head set, and on together from its output.
-        """
-        counts = keep.sum(dim=1).cpu()
-        gated = self.head_gates_mlp and not bool(heads.all())
-        if int(counts.min()) == keep.shape[1] and not gated:  # every token and channel of every image: timm's
-            tokens += block.ls2(block.mlp(block.norm2(tokens))).to(tokens.dtype)
-        else:
-            packed = tokens[keep]
-            normed = block.norm2(packed)
-            update = (self._mlp_by_head_set(block.mlp, normed, keep.nonzero()[:, 0], heads) if gated
-                      else block.mlp(normed))
-            tokens[keep] = (packed + block.ls2(update)).to(tokens.dtype)
-        # The share of fc1's input channels an image's MLP did not read.
-        unread = 1.0 - heads.sum(dim=1).cpu().double() / self.num_heads if gated else 0.0
-        return counts.double() * (mlp_macs(block.mlp, 1) - unread * linear_macs(block.mlp.fc1, 1))
-
-    def _mlp_by_head_set(self, mlp: Mlp, packed: Tensor, owner: Tensor, heads: Tensor) -> Tensor:
-        """The MLP of ``packed`` tokens (T, D), token ``t`` of image ``owner[t]``, reading only the ``fc1``
-        input channels of that image's kept ``heads`` (B, H): one group of tokens per head set."""
-        token_key = _head_set_key(heads)[owner]
-        out = torch.empty_like(packed)
-        for value in token_key.unique():
-            rows = (token_key == value).nonzero().squeeze(1)
-            channels = mlp_channels(mlp, self.num_heads, heads[owner[rows[0]]].nonzero().squeeze(1))
-            out[rows] = mlp_on_channels(mlp, packed[rows], channels).to(out.dtype)
-        return out
+    def export_plan(self, example_images: Tensor) -> ExportPlan:
+        """Per block, its decision modules, its whole block, its attention on given heads and tokens and its
+        MLP on given tokens and channels as graphs, run by the same skipping code as :meth:`predict`
+        (:mod:`~dyntok.methods.adavit_skipping`); the thresholds stay knobs of the loaded export."""
+        return export_plan(self.vit, self.block_policies(), self.skipping_plan(), example_images)
 
     def dense_macs(self) -> float:
         """Every patch, head and block run, plus the decision modules: the top of the budget range."""
@@ -635,11 +448,6 @@ class AdaViT(SingleViT):
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _keeps_everything(decided: Decisions) -> bool:
-    """Whether every image of the batch runs every patch, head and sub-block of this block."""
-    return all(bool(decisions.all()) for decisions in (decided.blocks, decided.heads, decided.patches))
-
-
 def _check_backbone(vit: nn.Module, head_gates_mlp: bool) -> None:
     """Policies read the class token; skipping needs timm's plain ``Block`` and per-head ``Attention`` (and
     with ``head_gates_mlp``, timm's ``Mlp`` on an embedding the heads split evenly)."""

@@ -235,7 +235,7 @@ class AdaptiveViT(nn.Module):
         Default: :meth:`predict` as one graph with a dynamic batch axis, which is right for a method without
         per-image control flow (the exporter refuses a ``predict`` whose path depends on the data, so a
         method that needs one is told, never exported wrong). Methods whose images take different paths
-        override this with a few graphs and a runner (DVT, ReViT).
+        override this with a few graphs and a runner (DVT, ReViT, AdaViT).
         """
         from .export_plan import single_graph_plan
 

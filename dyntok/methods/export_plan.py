@@ -3,9 +3,10 @@
 A method with no per-image control flow (dense, DynamicViT, EViT, ToMe at a fixed budget) is one graph: its
 own :meth:`~dyntok.methods.AdaptiveViT.predict`, traced with a dynamic batch axis, whose outputs are the
 :class:`~dyntok.methods.Prediction` flattened (:func:`flatten_prediction`). A method whose images take
-different paths (DVT's exits, ReViT's lengths) exports the pieces between its decisions as graphs, and names
-a *runner*: a function of its own module that takes the decisions exactly as its ``predict`` does, calling
-the graphs instead of its sub-modules (both go through the same code, so they cannot drift apart).
+different paths (DVT's exits, ReViT's lengths, AdaViT's kept patches, heads and blocks) exports the pieces
+between its decisions as graphs, and names a *runner*: a function of its own module that takes the decisions
+exactly as its ``predict`` does, calling the graphs instead of its sub-modules (both go through the same code,
+so they cannot drift apart).
 """
 from __future__ import annotations
 
@@ -15,24 +16,47 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Graph", "ExportPlan", "GraphFn", "PredictGraph", "flatten_prediction", "single_graph_plan"]
+__all__ = ["Axis", "BATCH", "Graph", "ExportPlan", "GraphFn", "PredictGraph", "flatten_prediction", "single_graph_plan"]
 
 #: A graph as a runner sees it: called with tensors by input name (it takes those it declares), returns its
 #: outputs by name.
 GraphFn = Callable[..., Mapping[str, Tensor]]
 
 
+@dataclass(frozen=True)
+class Axis:
+    """A dynamic axis of a graph's inputs: inputs whose axes share a ``name`` share its size, from ``min`` to
+    ``max``. The example inputs must hold it at 2 or more (the exporter fixes an axis it sees at 0 or 1)."""
+
+    name: str
+    min: int = 1
+    max: int = 1 << 16
+
+
+#: The batch axis, the default dynamic axis of every input.
+BATCH = Axis("batch")
+
+
 @dataclass
 class Graph:
     """One module to export: ``module(*example_inputs)`` returns a tuple of tensors named ``output_names``.
 
-    Axis 0 of every input and output is the batch, exported as dynamic.
+    ``dynamic_axes``: per input, its dynamic axes by position; default :data:`BATCH` on axis 0 of every
+    input. Axis 0 of every input and output must come out dynamic (the exporter checks).
     """
 
     module: nn.Module
     example_inputs: tuple[Tensor, ...]
     input_names: Sequence[str]
     output_names: Sequence[str]
+    dynamic_axes: Sequence[Mapping[int, Axis]] | None = None
+
+    def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
+        """``torch.export``'s ``dynamic_shapes``: one ``Dim`` per axis name."""
+        axes = self.dynamic_axes or tuple({0: BATCH} for _ in self.example_inputs)
+        dims = {axis.name: torch.export.Dim(axis.name, min=axis.min, max=axis.max)
+                for spec in axes for axis in spec.values()}
+        return tuple({position: dims[axis.name] for position, axis in spec.items()} for spec in axes)
 
 
 @dataclass

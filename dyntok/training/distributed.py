@@ -113,9 +113,12 @@ def stop_cleanly(checkpoint: Path, rank: int = 0, resumes: bool = False) -> Iter
     """
     hint = _resume_hint(checkpoint, resumes)
 
+    # Under torchrun a SIGTERM usually means another worker failed; alone, it came from the user or a scheduler.
+    why = (" (torchrun sends it to every worker when one fails: see its report for the failed rank)"
+           if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+
     def stop(signum, frame):
-        raise _announced(RunStopped(f"rank {rank} stopped by SIGTERM (torchrun sends it to every worker when "
-                                    f"one fails: see its report for the failed rank); {hint()}"))
+        raise _announced(RunStopped(f"rank {rank} stopped by SIGTERM{why}; {hint()}"))
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
