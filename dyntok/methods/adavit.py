@@ -341,7 +341,7 @@ class AdaViT(SingleViT):
         blocks = [EagerBlock(policy, block, costs, self.vit.num_prefix_tokens, on_logits)
                   for policy, block, costs in zip(self.block_policies(), self.vit.blocks, plan.blocks)]
         return run_skipping(x, partial(embed_tokens, self.vit), blocks,
-                            lambda tokens: self.vit.forward_head(self.vit.norm(tokens)), plan)
+                            lambda tokens: self.vit.forward_head(self.vit.norm(tokens)), plan, self.explain)
 
     def skipping_plan(self) -> SkippingPlan:
         """What :meth:`predict`'s skipping needs besides the modules, at the current budget."""

@@ -260,9 +260,10 @@ class SkippingBlock(Protocol):
 
 # --------------------------------------------------------------------------------------------- the run
 def run_skipping(images: Tensor, embed: Callable[[Tensor], Tensor], blocks: Sequence[SkippingBlock],
-                 classify: Callable[[Tensor], Tensor], plan: SkippingPlan) -> Prediction:
+                 classify: Callable[[Tensor], Tensor], plan: SkippingPlan, explain: bool = True) -> Prediction:
     """AdaViT's skipping inference: each sub-block runs for the images that use it, on their kept tokens and
-    heads; logits, per-image MACs and the decisions (``kept_patches``, ``kept_heads``, ``kept_blocks``)."""
+    heads; logits, per-image MACs and (``explain``) the decisions (``kept_patches``, ``kept_heads``,
+    ``kept_blocks``)."""
     tokens = embed(images)
     batch, prefix = tokens.shape[0], plan.num_prefix_tokens
     num_patches = tokens.shape[1] - prefix
@@ -284,9 +285,10 @@ def run_skipping(images: Tensor, embed: Callable[[Tensor], Tensor], blocks: Sequ
             # gathers and per-image bookkeeping below (at batch 1 those cost ~10% of a DeiT-S block).
             tokens = block.whole(tokens, normed)
             shared_macs += block.costs.whole
-            kept_patches.append(full_patches)
-            kept_heads.append(full_heads)
-            kept_blocks.append(full_blocks)
+            if explain:
+                kept_patches.append(full_patches)
+                kept_heads.append(full_heads)
+                kept_blocks.append(full_blocks)
             continue
         keep = torch.cat([full_patches.new_ones(batch, prefix), decided.patches], dim=1)
         heads = decided.heads
@@ -294,10 +296,13 @@ def run_skipping(images: Tensor, embed: Callable[[Tensor], Tensor], blocks: Sequ
         macs += _skipping_attention(block, tokens, normed, keep & runs_attention[:, None], heads,
                                     plan.attention_batching)
         macs += _skipping_mlp(block, tokens, keep & runs_mlp[:, None], heads, plan)
-        runs_attention = runs_attention & heads.any(dim=1)  # an attention without heads computed nothing
-        kept_patches.append(decided.patches & (runs_attention | runs_mlp)[:, None])
-        kept_heads.append(heads & runs_attention[:, None])
-        kept_blocks.append(torch.stack([runs_attention, runs_mlp], dim=1))
+        if explain:
+            runs_attention = runs_attention & heads.any(dim=1)  # an attention without heads computed nothing
+            kept_patches.append(decided.patches & (runs_attention | runs_mlp)[:, None])
+            kept_heads.append(heads & runs_attention[:, None])
+            kept_blocks.append(torch.stack([runs_attention, runs_mlp], dim=1))
+    if not explain:
+        return Prediction(classify(tokens), macs + shared_macs)
     extras = {"kept_patches": kept_patches, "kept_heads": kept_heads, "kept_blocks": torch.stack(kept_blocks, dim=1)}
     return Prediction(classify(tokens), macs + shared_macs, extras)
 
