@@ -140,6 +140,7 @@ def test_finished_entries_are_not_retrained_and_evaluations_are_reused(tiny_data
     dense_cache = entry_caches(spec, list(spec.entries), tmp_path / "report" / "cache")["dense"]
     assert stub_training[1].init == str(dense_cache.model_path)  # dynamicvit starts from the cached dense model
     assert all(config.resume for config in stub_training)
+    assert all("/" not in entry["cache"] for entry in first["entries"])  # results name no path of this machine
 
     evaluations = []
     monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: evaluations.append(args))

@@ -290,7 +290,7 @@ def _entry_record(spec: BenchSpec, entry: Entry, cache: EntryCache, model: Adapt
     config = train_config(spec, entry).to_dict()
     return {"name": entry.name, "model": entry.model, "method": entry.method, "kind": kind, "init": entry.init,
             "model_kwargs": entry.model_kwargs, "train": {key: config[key] for key in TRAIN_FIELDS},
-            "key": cache.key, "cache": str(cache.folder),
+            "key": cache.key, "cache": cache.folder.name,  # its name in --cache-dir: no path of this machine
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "dense_gmacs": model.dense_macs() / 1e9,
             "train_seconds": done.get("train_seconds"), "train_metrics": done.get("metrics"), "points": points,
             "pretrained": _shipped_reference(entry) if entry.pretrained else None}
