@@ -98,7 +98,7 @@ RESAMPLING_MODES = ("bilinear", "nearest-avgpool")
 
 
 def resample_token_axis(values: Tensor, old_grid: int, new_grid: int, num_prefix: int,
-                        mode: str = "bilinear") -> Tensor:
+                        mode: str = "bilinear", weights: Tensor | None = None) -> Tensor:
     """Resample the token axis (-2) of ``values`` (..., prefix + old_grid², C) to prefix + new_grid² tokens.
 
     Tokens are laid out as timm orders them: prefix tokens, then the patch grid row by row. The patches are
@@ -110,11 +110,15 @@ def resample_token_axis(values: Tensor, old_grid: int, new_grid: int, num_prefix
     weights :func:`resampling_matrix` reads off ``F.interpolate``: the same result, but fast everywhere. CUDA's
     ``upsample_bilinear2d`` loops over batch x channels inside each thread, and the relation maps have millions
     of those: at DeiT-S, batch 256, one call took 236 ms on an H200 (the whole dense model: 23 ms).
+    ``weights``: ``resampling_matrix(old_grid, new_grid, mode)`` made beforehand (the reuse modules keep it as a
+    buffer, so a forward neither rebuilds it nor copies it to the device).
     """
     if old_grid == new_grid:
         return values
     leading, channels = values.shape[:-2], values.shape[-1]
-    weights = resampling_matrix(old_grid, new_grid, mode).to(values.device, values.dtype)
+    if weights is None:
+        weights = resampling_matrix(old_grid, new_grid, mode)
+    weights = weights.to(values.device, values.dtype)
     patches = values[..., num_prefix:, :].reshape(-1, old_grid, old_grid * channels)
     patches = torch.matmul(weights, patches)  # rows: (M, new, old * C)
     patches = torch.matmul(weights, patches.reshape(-1, old_grid, channels))  # columns: (M * new, new, C)
@@ -158,6 +162,8 @@ class FeatureReuse(nn.Module):
         super().__init__()
         self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
         self.resampling, self.class_fill = resampling, class_fill
+        self.register_buffer("resampling_weights", resampling_matrix(previous_grid, grid, resampling),
+                             persistent=False)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, hidden_dim, out_dim)
 
@@ -171,7 +177,8 @@ class FeatureReuse(nn.Module):
     def to_grid(self, features: Tensor) -> Tensor:
         """(B, previous_grid², C) -> (B, prefix + grid², C), channel by channel: the outputs of several
         modules concatenated on C go through at once (:meth:`DVTStage` does so for all its blocks)."""
-        features = resample_token_axis(features, self.previous_grid, self.grid, 0, self.resampling)
+        features = resample_token_axis(features, self.previous_grid, self.grid, 0, self.resampling,
+                                       self.resampling_weights)
         if self.class_fill == "zeros":
             prefix = torch.zeros_like(features[:, :1])
         else:
@@ -202,12 +209,14 @@ class RelationReuse(nn.Module):
         super().__init__()
         self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
         self.resampling = resampling
+        self.register_buffer("resampling_weights", resampling_matrix(previous_grid, grid, resampling),
+                             persistent=False)
         self.mlp = nn.Sequential(nn.Conv2d(channels, channels * expansion, kernel_size=1), nn.GELU(),
                                  nn.Conv2d(channels * expansion, channels, kernel_size=1))
 
     def forward(self, previous_logits: Tensor) -> Tensor:
         bias = self._channel_mlp(previous_logits)
-        grids = self.previous_grid, self.grid, self.num_prefix, self.resampling
+        grids = self.previous_grid, self.grid, self.num_prefix, self.resampling, self.resampling_weights
         bias = resample_token_axis(bias, *grids)  # query axis
         bias = resample_token_axis(bias.transpose(-1, -2), *grids)
         return bias.transpose(-1, -2)  # key axis done too
