@@ -1,7 +1,8 @@
 """Does an ONNX export keep what the method saves? Eager PyTorch against onnxruntime, every registered method.
 
-For each backbone size and each method's ``speed_budgets(images)`` (as in ``speed_at_scale.py``: random
-weights, the paper's budget first, content-dependent shares forced), the model is exported with
+For each backbone size and each method's ``speed_budgets(images)`` (as in ``speed_at_scale.py``: the paper's
+budget first, content-dependent shares forced; the shipped weights on a dyntok preset, random weights at DeiT
+sizes), the model is exported with
 ``dyntok.export`` and loaded with ``dyntok.runtime.load``, and four predictors are timed interleaved in one
 process (docs/measurement.md): the dense model and the method, each eager and under onnxruntime, all with
 ``explain = False`` (no extras recorded: what a deployment runs). Throughput at ``--batch`` and latency at
@@ -30,7 +31,7 @@ from dyntok.deploy.export import ExportError
 from dyntok.measure.speed import measure_latency, measure_throughput
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_at_scale import backbone_name, environment  # noqa: E402  (a sibling script, not a package)
+from speed_at_scale import create_for_timing, environment  # noqa: E402  (a sibling script, not a package)
 
 DEFAULT_SIZES = ("vit_cifar_micro", "deit_small")
 #: A run of seconds that exercises every path of the script (CI-sized, numbers meaningless).
@@ -66,16 +67,12 @@ def exported(model, directory: Path):
 
 
 def measure_size(size: str, args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
-    torch.manual_seed(0)
-    dense = dyntok.create_model(backbone_name(size)).eval()
-    dense.explain = False
+    dense = create_for_timing("dense", size)
     images = torch.randn(args.images, *dense.input_size, generator=torch.Generator().manual_seed(0))
     dense_onnx = exported(dense, workdir / f"{size}-dense")
     rows = []
     for method in args.methods:
-        torch.manual_seed(0)
-        model = dense if method == "dense" else dyntok.create_model(f"{method}_{backbone_name(size)}").eval()
-        model.explain = False
+        model = dense if method == "dense" else create_for_timing(method, size)
         for label, budget in model.speed_budgets(images).items():
             model.set_budget(**budget)
             row = {"size": size, "method": method, "budget_label": label, "budget": model.get_budget()}

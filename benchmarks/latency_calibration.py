@@ -33,7 +33,7 @@ from dyntok.measure.speed import first_images, measure_throughput
 from dyntok.models.vit import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_at_scale import backbone_name, environment  # noqa: E402  (a sibling script, not a package)
+from speed_at_scale import create_for_timing, environment  # noqa: E402  (a sibling script, not a package)
 
 #: Within this share of the target a fitted budget counts as landed (#26).
 TOLERANCE = 0.10
@@ -74,14 +74,6 @@ def images_for(size: str, model, count: int) -> tuple[list[tuple[torch.Tensor, N
     return [(chunk, None) for chunk in fit.split(64)], torch.randn(count, *model.input_size, generator=generator), "noise"
 
 
-def build(method: str, size: str):
-    torch.manual_seed(0)
-    name = backbone_name(size) if method == "dense" else f"{method}_{backbone_name(size)}"
-    model = dyntok.create_model(name, pretrained=size in PRESETS).eval()
-    model.explain = False
-    return model
-
-
 def ms_per_batch(models: dict[str, Any], images: torch.Tensor, batch: int, repeats: int) -> dict[str, float]:
     """Milliseconds per batch of ``batch`` images, interleaved, median of ``repeats``."""
     speed = measure_throughput({name: model.predict for name, model in models.items()}, images, batch, repeats,
@@ -90,13 +82,13 @@ def ms_per_batch(models: dict[str, Any], images: torch.Tensor, batch: int, repea
 
 
 def measure_size(size: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    dense = build("dense", size)
+    dense = create_for_timing("dense", size)
     fit, check, source = images_for(size, dense, max(args.images, 4 * max(args.batch_sizes)))
     rows = []
     for batch in args.batch_sizes:
         dense_ms = ms_per_batch({"dense": dense}, check, batch, args.repeats)["dense"]
         for method in args.methods:
-            model = build(method, size)
+            model = create_for_timing(method, size)
             for share in args.shares:
                 row = {"size": size, "method": method, "batch": batch, "images": source, "share": share,
                        "target_ms": share * dense_ms, "dense_ms_at_fit": dense_ms}

@@ -33,6 +33,7 @@ import torch
 import dyntok
 from dyntok.measure.speed import inference_context, measure_latency, measure_throughput, precision
 from dyntok.models.vit import PRESETS
+from dyntok.pretrained import REFERENCE, packaged_file
 from dyntok.training.distributed import select_device
 
 DEFAULT_SIZES = ("deit_tiny", "deit_small", "deit_base")
@@ -41,6 +42,24 @@ DEFAULT_SIZES = ("deit_tiny", "deit_small", "deit_base")
 def backbone_name(size: str) -> str:
     """``deit_small`` -> ``deit_small_patch16_224``; a dyntok preset or a full timm name is kept as it is."""
     return size if size in PRESETS or "patch" in size else f"{size}_patch16_224"
+
+
+def create_for_timing(method: str, size: str, **overrides: Any):
+    """``method`` on ``size`` in eval mode with ``explain`` off (what a deployment runs).
+
+    A dyntok preset gets the weights dyntok ships: the method's own where it was trained and shipped, else the
+    method started from the preset's dense reference. A DeiT size gets random weights (seed 0): with the budget
+    pinned, cost does not depend on them.
+    """
+    backbone = backbone_name(size)
+    name = backbone if method == "dense" else f"{method}_{backbone}"
+    torch.manual_seed(0)
+    if backbone in PRESETS and not overrides:
+        model = dyntok.create_model(name, pretrained=True if packaged_file(name).is_file() else REFERENCE)
+    else:
+        model = dyntok.create_model(name, **overrides)
+    model.eval().explain = False
+    return model
 
 
 def environment(device: torch.device) -> dict[str, Any]:

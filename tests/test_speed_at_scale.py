@@ -1,4 +1,4 @@
-"""The speed-at-scale benchmark's logic on tiny models (no timing is asserted: speed is never tested)."""
+"""The speed benchmarks' logic on tiny models (no timing is asserted: speed is never tested)."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,13 +6,16 @@ import json
 import math
 
 import pytest
+import torch
 
 import dyntok
+from dyntok.data import DatasetNotFoundError
 from tests.conftest import REPO_ROOT, TINY, tiny_model
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("speed_at_scale", REPO_ROOT / "benchmarks" / "speed_at_scale.py")
+def load_script(name: str = "speed_at_scale"):
+    """A script of ``benchmarks/`` as a module (its siblings importable, as when it runs)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -94,3 +97,34 @@ def test_compile_mode_times_compiled_predictors_and_reports_their_gains(tmp_path
             assert math.isfinite(row[key]) and row[key] > 0, key
     report = (tmp_path / "README.md").read_text()
     assert "torch.compile(predict)" in report and report.count("| evit |") == 2 * len(results["rows"])
+
+
+def test_timing_runs_the_shipped_weights_on_a_preset():
+    """The method's own trained weights where dyntok ships them, else the method started from the reference."""
+    create = load_script().create_for_timing
+    timed, shipped = create("dynamicvit", "vit_cifar_micro"), dyntok.create_model("dynamicvit_vit_cifar_micro",
+                                                                                  pretrained=True)
+    assert not timed.explain and not timed.training
+    for (name, value), expected in zip(timed.state_dict().items(), shipped.state_dict().values()):
+        assert torch.equal(value, expected), name
+    reference = dyntok.create_model("vit_cifar_micro", pretrained=True)
+    assert torch.equal(create("tome", "vit_cifar_micro").vit.blocks[0].attn.qkv.weight,
+                       reference.vit.blocks[0].attn.qkv.weight)
+
+
+def test_latency_calibration_reports_where_each_fitted_budget_landed(tmp_path, monkeypatch):
+    script = load_script("latency_calibration")
+
+    def no_data(config):
+        raise DatasetNotFoundError("no CIFAR-10 here")
+
+    monkeypatch.setattr(script, "build_loaders", no_data)  # falls back to noise images, and says so
+    results = script.main(["--sizes", "vit_cifar_nano", "--methods", "dynamicvit", "--batch-sizes", "2",
+                           "--shares", "0.9,0.0001", "--images", "8", "--repeats", "1", "--output", str(tmp_path)])
+    fitted, impossible = results["rows"]
+    assert {fitted["images"], impossible["images"]} == {"noise"} and fitted["batch"] == 2
+    assert "no budget of dynamicvit meets" in impossible["unreachable"]  # a ten-thousandth of dense: nothing can
+    assert "unreachable" in fitted or fitted["landed"] == pytest.approx(fitted["measured_ms"] / fitted["target_ms"])
+    report = (tmp_path / "README.md").read_text()
+    assert report.count("| vit_cifar_nano | noise | dynamicvit | 2 |") == 2
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
