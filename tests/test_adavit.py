@@ -188,7 +188,26 @@ def test_every_policy_forced_on_gives_the_dense_logits(images):
     torch.testing.assert_close(prediction.logits, expected)
     torch.testing.assert_close(model(images).logits, expected)
     assert prediction.extras["kept_blocks"].all() and all(kept.all() for kept in prediction.extras["kept_patches"])
-    assert prediction.macs.tolist() == [model.dense_macs()] * len(images)
+    # At thresholds 0 no decision could skip anything, so none is taken: the dense model's cost, not a MAC more.
+    assert prediction.macs.tolist() == [dense.dense_macs()] * len(images)
+
+
+def test_decisions_are_not_taken_where_they_could_skip_nothing(images):
+    model = tiny_model("adavit").eval()
+    calls = []
+    for policy in model.block_policies():
+        for layer in policy.modules_by_policy().values():
+            layer.register_forward_hook(lambda *_: calls.append(1))
+    model.set_budget(**FULL)
+    model.predict(images)
+    assert not calls
+    model.set_budget(**{knob: 0.0 for knob in FULL} | {"head_threshold": 0.5})
+    model.predict(images)
+    assert calls  # one threshold above 0: the decisions can skip, so they are taken
+    calls.clear()
+    model.set_budget(**FULL)
+    model.calibrate([(images, None)])  # calibrating records every decision's score, so it takes them
+    assert calls
 
 
 def test_the_official_model_equals_the_masked_forward_and_the_skipping_inference(images):

@@ -112,6 +112,31 @@ def test_reported_macs_without_fusing_match_torch_flop_counter(variant, keep_rat
     assert reported < evit_on(variant, keep_rate=keep_rate).predict(images[:1]).macs.item() <= model.dense_macs()
 
 
+def test_only_blocks_that_reorganise_are_hooked(images):
+    model = evit_on("plain", keep_rate=0.5, prune_locations=[0, 2])
+    model.predict(images)
+    assert [index for index, tap in model._taps.items() if tap.enabled] == [0, 2]
+    model.set_budget(keep_rate=1.0)
+    model.predict(images)
+    hooked = [block for block in model.vit.blocks
+              if any(module._forward_hooks or module._forward_pre_hooks for module in block.attn.modules())]
+    assert hooked == []
+
+
+def test_the_explicit_attention_hands_over_the_class_row_without_recomputing_it(images):
+    """Off the fused kernel the probabilities exist: the class token's row is read, not recomputed, and the
+    MACs say so (and still match torch's counter). Switching kernels after a predict re-places the hooks."""
+    model = evit_on("plain", keep_rate=0.5)
+    fused = model.predict(images)
+    ref.set_fused_attention(model.vit, False)
+    explicit = model.predict(images)
+    torch.testing.assert_close(explicit.logits, fused.logits, rtol=1e-4, atol=1e-5)
+    # At blocks 1, 2, 3 the 16 patch tokens become 8 + 1 fused, then 5 + 1, then 3 + 1: the class row before each.
+    rows = sum((patches + 1) * TINY["embed_dim"] for patches in (16, 9, 6))
+    assert explicit.macs[0].item() == fused.macs[0].item() - rows
+    assert explicit.macs[0].item() == pytest.approx(count_macs_with_torch(model.predict, images[:1]), rel=1e-9)
+
+
 def test_dropping_reports_the_patches_kept_and_no_groups(images):
     model = evit_on("plain", keep_rate=0.5, fuse_inattentive=False)  # 16 -> 8 -> 4 -> 2 patch tokens
     extras = model.predict(images).extras

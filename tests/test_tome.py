@@ -98,6 +98,22 @@ def test_r_zero_gives_the_dense_logits(variant, images):
     torch.testing.assert_close(model.predict(images).logits, model.vit(images), rtol=0, atol=0)
 
 
+def hooked_blocks(model) -> list[int]:
+    """Blocks whose attention has a hook on any sub-module (a tap)."""
+    return [index for index, block in enumerate(model.vit.blocks)
+            if any(module._forward_hooks or module._forward_pre_hooks for module in block.attn.modules())]
+
+
+def test_only_blocks_that_merge_are_hooked(images):
+    """A hook sends every call of its module down PyTorch's slower path: blocks merging nothing carry none."""
+    model = tome_on("plain", r=[2, 0, 1, 0])
+    model.predict(images)
+    assert hooked_blocks(model) == [0, 2]
+    model.set_budget(r=0)
+    model.predict(images)
+    assert hooked_blocks(model) == []
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("r, schedule", [(2, "constant"), (1, "decreasing"), ([3, 0, 2, 1], "constant")])

@@ -341,7 +341,8 @@ class AdaViT(SingleViT):
         blocks = [EagerBlock(policy, block, costs, self.vit.num_prefix_tokens, on_logits)
                   for policy, block, costs in zip(self.block_policies(), self.vit.blocks, plan.blocks)]
         return run_skipping(x, partial(embed_tokens, self.vit), blocks,
-                            lambda tokens: self.vit.forward_head(self.vit.norm(tokens)), plan, self.explain)
+                            lambda tokens: self.vit.forward_head(self.vit.norm(tokens)), plan, self.explain,
+                            always_decide=on_logits is not None)
 
     def skipping_plan(self) -> SkippingPlan:
         """What :meth:`predict`'s skipping needs besides the modules, at the current budget."""
@@ -391,7 +392,7 @@ class AdaViT(SingleViT):
     def speed_budgets(self, images: Tensor) -> dict[str, dict[str, Any]]:
         """The paper's usage targets forced on ``images`` (thresholds fitted so each policy keeps 0.5 there:
         untrained policies keep an arbitrary share at the published thresholds), and thresholds 0 (every
-        patch, head and block runs: what the decisions alone cost)."""
+        patch, head and block runs; no decision is taken, as none could skip anything: the dense model's cost)."""
         fitted = self.calibrate([(chunk, None) for chunk in images.split(64)], usage=0.5)
         return {"usage 0.5 (paper targets)": fitted,
                 "thresholds 0 (nothing skipped)": {knob: 0.0 for knob in self.get_budget()}}

@@ -223,6 +223,11 @@ class SkippingPlan:
     fixed_macs: float
     blocks: list[BlockCosts]
 
+    @property
+    def skips_nothing(self) -> bool:
+        """Whether every threshold is 0, where each decision keeps whatever it decides on (a finite score)."""
+        return all(threshold <= 0.0 for threshold in self.thresholds.values())
+
     def settings(self) -> dict[str, Any]:
         """Plain JSON, each threshold as its budget knob ``<policy>_threshold`` (a runtime knob of an export)."""
         values = asdict(self)
@@ -248,8 +253,9 @@ class SkippingBlock(Protocol):
     def decide(self, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``norm1(tokens)`` and each of the block's policies' logits, by policy name."""
 
-    def whole(self, tokens: Tensor, normed: Tensor) -> Tensor:
-        """The block on every token."""
+    def whole(self, tokens: Tensor, normed: Tensor | None) -> Tensor:
+        """The block on every token; ``normed`` is ``norm1(tokens)`` where the caller has it (None: no decision
+        was taken)."""
 
     def attention(self, normed: Tensor, heads: Tensor, key_valid: Tensor | None) -> Tensor:
         """``ls1`` of the attention of ``normed`` (G, L, D) on ``heads`` (1-d index); ``key_valid`` hides padding."""
@@ -260,10 +266,15 @@ class SkippingBlock(Protocol):
 
 # --------------------------------------------------------------------------------------------- the run
 def run_skipping(images: Tensor, embed: Callable[[Tensor], Tensor], blocks: Sequence[SkippingBlock],
-                 classify: Callable[[Tensor], Tensor], plan: SkippingPlan, explain: bool = True) -> Prediction:
+                 classify: Callable[[Tensor], Tensor], plan: SkippingPlan, explain: bool = True,
+                 always_decide: bool = False) -> Prediction:
     """AdaViT's skipping inference: each sub-block runs for the images that use it, on their kept tokens and
     heads; logits, per-image MACs and (``explain``) the decisions (``kept_patches``, ``kept_heads``,
-    ``kept_blocks``)."""
+    ``kept_blocks``).
+
+    At thresholds of 0 every finite score is kept, so the decisions could skip nothing and are not taken
+    (nor counted): the blocks run as timm's. ``always_decide`` takes them anyway, for whoever records them.
+    """
     tokens = embed(images)
     batch, prefix = tokens.shape[0], plan.num_prefix_tokens
     num_patches = tokens.shape[1] - prefix
@@ -274,7 +285,20 @@ def run_skipping(images: Tensor, embed: Callable[[Tensor], Tensor], blocks: Sequ
     full_heads = torch.ones(batch, plan.num_heads, dtype=torch.bool, device=tokens.device)
     full_blocks = full_heads.new_ones(batch, 2)
     kept_patches, kept_heads, kept_blocks = [], [], []
+
+    def keeps_everything() -> None:
+        if explain:
+            kept_patches.append(full_patches)
+            kept_heads.append(full_heads)
+            kept_blocks.append(full_blocks)
+
+    decides = always_decide or not plan.skips_nothing
     for block in blocks:
+        if not decides:
+            tokens = block.whole(tokens, None)
+            shared_macs += block.costs.whole
+            keeps_everything()
+            continue
         normed, logits = block.decide(tokens)
         decided = complete_decisions({name: hard_decisions(value, plan.thresholds[name], plan.temperature)
                                       for name, value in logits.items()},
@@ -285,10 +309,7 @@ def run_skipping(images: Tensor, embed: Callable[[Tensor], Tensor], blocks: Sequ
             # gathers and per-image bookkeeping below (at batch 1 those cost ~10% of a DeiT-S block).
             tokens = block.whole(tokens, normed)
             shared_macs += block.costs.whole
-            if explain:
-                kept_patches.append(full_patches)
-                kept_heads.append(full_heads)
-                kept_blocks.append(full_blocks)
+            keeps_everything()
             continue
         keep = torch.cat([full_patches.new_ones(batch, prefix), decided.patches], dim=1)
         heads = decided.heads
@@ -414,8 +435,8 @@ class EagerBlock:
             self.on_logits(logits)
         return normed, logits
 
-    def whole(self, tokens: Tensor, normed: Tensor) -> Tensor:
-        return _whole_block(self.block, tokens, normed)
+    def whole(self, tokens: Tensor, normed: Tensor | None) -> Tensor:
+        return self.block(tokens) if normed is None else _whole_block(self.block, tokens, normed)
 
     def attention(self, normed: Tensor, heads: Tensor, key_valid: Tensor | None) -> Tensor:
         return self.block.ls1(attention_on_heads(self.block.attn, normed, heads, key_valid))
@@ -441,8 +462,7 @@ def export_plan(vit: nn.Module, policies: Sequence[nn.Module], plan: SkippingPla
             decide = _DecideGraph(policy, block, prefix)
             normed = decide(tokens)[0]
             graphs[f"block{k}_decide"] = Graph(decide, (tokens,), ("tokens",), decide.output_names)
-            graphs[f"block{k}_whole"] = Graph(_WholeGraph(block), (tokens, normed), ("tokens", "normed"),
-                                              ("updated",))
+            graphs[f"block{k}_whole"] = Graph(block, (tokens,), ("tokens",), ("updated",))
             graphs[f"block{k}_attention"] = _attention_graph(block, normed, by_heads, plan.num_heads)
             graphs[f"block{k}_mlp"] = _mlp_graph(block, tokens.flatten(0, 1), plan.head_gates_mlp)
             tokens = _whole_block(block, tokens, normed)
@@ -477,8 +497,8 @@ class ExportedBlock:
         return outputs["normed"], {name.removesuffix("_logits"): value for name, value in outputs.items()
                                    if name.endswith("_logits")}
 
-    def whole(self, tokens: Tensor, normed: Tensor) -> Tensor:
-        return self.graphs["whole"](tokens=tokens, normed=normed)["updated"]
+    def whole(self, tokens: Tensor, normed: Tensor | None) -> Tensor:
+        return self.graphs["whole"](tokens=tokens)["updated"]  # the graph is timm's block: it norms itself
 
     def attention(self, normed: Tensor, heads: Tensor, key_valid: Tensor | None) -> Tensor:
         if key_valid is None:
@@ -522,14 +542,6 @@ class _DecideGraph(nn.Module):
         normed = self.norm1(tokens)
         return normed, *policy_logits(self.policy, tokens, normed, self.num_prefix_tokens).values()
 
-
-class _WholeGraph(nn.Module):
-    def __init__(self, block: Block) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, tokens: Tensor, normed: Tensor) -> Tensor:
-        return _whole_block(self.block, tokens, normed)
 
 
 class _AttentionGraph(nn.Module):

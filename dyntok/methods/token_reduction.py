@@ -9,10 +9,11 @@ residual halves (:func:`attention_half`, :func:`mlp_half`), built from the block
 ``attn``, ``ls1``, ``drop_path1``...). LayerScale, qk-norm, fused attention and stochastic depth therefore come from
 timm itself; ``tests/test_tome.py`` holds the two halves to timm's ``Block.forward``.
 
-Both also need what the attention computed: ToMe matches tokens by their keys, EViT ranks them by the class
-token's attention. :class:`AttentionTap` reads the queries and keys from forward hooks on the attention's
-``q_norm`` and ``k_norm`` (identities when qk-norm is off), so timm's ``Attention.forward`` stays untouched,
-fused kernel included, and checkpoints keep timm's parameter names.
+Both also need what the attention computed: ToMe matches tokens by their keys (:class:`KeyTap`), EViT ranks
+them by the class token's attention (:class:`ClassAttentionTap`). Taps read them from forward hooks on the
+attention's sub-modules (``q_norm`` and ``k_norm``, identities when qk-norm is off; ``attn_drop``, which receives
+the probabilities on the explicit path), so timm's ``Attention.forward`` stays untouched, fused kernel
+included, and checkpoints keep timm's parameter names. A tap is only hooked where the budget reads it.
 
 :class:`PatchGroups` follows which source patch each remaining token stands for (``extras['patch_groups']``).
 """
@@ -26,7 +27,7 @@ from timm.models.vision_transformer import Block
 
 __all__ = ["default_grids", "default_prune_locations", "check_prune_locations", "keep_attention_mask",
            "attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "pooled_head",
-           "gather_tokens", "AttentionTap", "class_attention", "PatchGroups"]
+           "gather_tokens", "KeyTap", "ClassAttentionTap", "class_attention", "PatchGroups"]
 
 
 #: Attention weight a dropped token keeps in training, relative to a kept one (its additive mask is the log
@@ -133,39 +134,115 @@ def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-class AttentionTap:
-    """Records the queries and keys (B, heads, N, head_dim) a timm ``Attention`` used, after qk-norm.
+class _Tap:
+    """Forward hooks on some of a timm ``Attention``'s sub-modules, registered only while :attr:`enabled`.
 
-    Hooks on ``attn.q_norm`` and ``attn.k_norm`` see exactly the tensors the attention product uses, whether
-    the fused kernel or the explicit path runs. :meth:`pop` hands them over and forgets them, so that no
-    activation outlives the forward that made it.
+    A method switches a tap off (:meth:`enable`) in the blocks where its budget reads nothing (ToMe merging 0
+    tokens, EViT keeping every token): a module with hooks takes PyTorch's slower call path, which shows at
+    batch 1.
     """
 
     def __init__(self, attn: nn.Module) -> None:
-        self.scale: float = attn.scale
-        self._query: Tensor | None = None
+        self.attn = attn
+        self._handles: list[Any] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._handles)
+
+    def enable(self, on: bool) -> None:
+        """Hook (``on``) or unhook the attention. Cheap when nothing changes: methods call it before every
+        forward, with what that forward's budget reads."""
+        if on == self.enabled and not (on and self._stale()):
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = self._register() if on else []
+
+    def _stale(self) -> bool:
+        """Whether the hooks in place no longer fit how the attention runs."""
+        return False
+
+    def _register(self) -> list[Any]:
+        raise NotImplementedError
+
+
+class KeyTap(_Tap):
+    """Records the keys (B, heads, N, head_dim) a timm ``Attention`` used, after qk-norm (ToMe's matching).
+
+    A hook on ``attn.k_norm`` (an identity when qk-norm is off) sees exactly the keys the attention product
+    uses, whether the fused kernel or the explicit path runs. :meth:`pop` hands them over and forgets them, so
+    that no activation outlives the forward that made it.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__(attn)
         self._key: Tensor | None = None
-        attn.q_norm.register_forward_hook(self._record_query)
-        attn.k_norm.register_forward_hook(self._record_key)
 
-    def _record_query(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self._query = output
+    def _register(self) -> list[Any]:
+        return [self.attn.k_norm.register_forward_hook(self._record)]
 
-    def _record_key(self, module: nn.Module, args: Any, output: Tensor) -> None:
+    def _record(self, module: nn.Module, args: Any, output: Tensor) -> None:
         self._key = output
 
-    def pop(self) -> tuple[Tensor, Tensor]:
-        """The queries and keys of the last call."""
-        query, key = self._query, self._key
-        self._query = self._key = None
-        return query, key
+    def pop(self) -> Tensor:
+        key, self._key = self._key, None
+        if key is None:
+            raise RuntimeError("the key tap recorded nothing: it is disabled, or the attention did not run")
+        return key
+
+
+class ClassAttentionTap(_Tap):
+    """The class token's attention over all tokens, averaged over heads, (B, N), of a timm ``Attention``'s last
+    call (EViT's ranking).
+
+    Where the attention runs its explicit path (``attn.fused_attn`` off) the probabilities exist: a hook on
+    ``attn.attn_drop``, which receives them, reads the class token's row for free. The fused kernel never
+    materialises them, so there the row is recomputed from the queries and keys (hooks on ``q_norm`` and
+    ``k_norm``): ``N x dim`` MACs, which the method counts.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__(attn)
+        self._fused = bool(attn.fused_attn)
+        self._recorded: dict[str, Tensor] = {}
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether the row costs extra work (the fused kernel runs)."""
+        return bool(self.attn.fused_attn)
+
+    def _register(self) -> list[Any]:
+        self._fused = self.recomputes
+        if self._fused:
+            return [self.attn.q_norm.register_forward_hook(self._recorder("query")),
+                    self.attn.k_norm.register_forward_hook(self._recorder("key"))]
+        return [self.attn.attn_drop.register_forward_pre_hook(self._record_probabilities)]
+
+    def _recorder(self, name: str):
+        def record(module: nn.Module, args: Any, output: Tensor) -> None:
+            self._recorded[name] = output
+        return record
+
+    def _record_probabilities(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._recorded["row"] = args[0][:, :, 0]  # (B, heads, N): the class token's row, before dropout
+
+    def _stale(self) -> bool:
+        return self._fused != self.recomputes  # fused_attn was switched after the hooks were placed
+
+    def pop(self) -> Tensor:
+        recorded, self._recorded = self._recorded, {}
+        if "row" in recorded:
+            return recorded["row"].float().mean(dim=1)
+        if "query" not in recorded or "key" not in recorded:
+            raise RuntimeError("the class-attention tap recorded nothing: it is disabled or the attention did not run")
+        return class_attention(recorded["query"], recorded["key"], self.attn.scale)
 
 
 def class_attention(query: Tensor, key: Tensor, scale: float) -> Tensor:
     """The class token's attention over all tokens, averaged over heads: (B, N) from (B, H, N, d) q and k.
 
-    Recomputed from the query and keys (the fused kernel never materialises the attention map); only the
-    class token's row is computed, ``N x dim`` MACs.
+    Only the class token's row is computed, ``N x dim`` MACs.
     """
     logits = (query[:, :, :1] * scale) @ key.transpose(-2, -1)
     return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]

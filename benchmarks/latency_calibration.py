@@ -1,0 +1,171 @@
+"""Does a budget in milliseconds land on its target? Every method fitted with ``calibrate_latency``, then re-timed.
+
+For each size, batch size and method, targets are set as shares of the dense model's latency at that batch
+size on this machine. The method is fitted to each target with ``model.calibrate_latency`` (which times its
+budget sweep on the fit images and bisects between sweep points), then timed afresh on other images,
+interleaved with the dense model (docs/measurement.md). The report gives each fitted budget's latency over
+its target: within 10% (0.9-1.0, since the fit keeps the slowest budget under the target) is #26's
+acceptance. A target below a method's fastest budget is a row saying so.
+
+The micro preset runs the shipped weights on CIFAR-10 (fit on the held-out split, timed on test images);
+DeiT-S runs random weights on random images (content then decides nothing real, the timing is what counts).
+Run from the repository root:
+
+    python benchmarks/latency_calibration.py                                # micro and DeiT-S, batch 1 and 8
+    python benchmarks/latency_calibration.py --sizes vit_cifar_micro --batch-sizes 1 --shares 0.6
+    python benchmarks/latency_calibration.py --smoke                        # seconds: checks the script runs
+
+Writes ``results.json`` and ``README.md`` into ``--output`` (default ``reports/latency_calibration``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dyntok
+from dyntok.data import DataConfig, DatasetNotFoundError, build_loaders
+from dyntok.measure.speed import first_images, measure_throughput
+from dyntok.models.vit import PRESETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_at_scale import backbone_name, environment  # noqa: E402  (a sibling script, not a package)
+
+#: Within this share of the target a fitted budget counts as landed (#26).
+TOLERANCE = 0.10
+SMOKE = dict(sizes=["vit_cifar_nano"], methods=["dynamicvit", "tome"], batch_sizes=[1], shares=[0.8], images=8,
+             repeats=1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="vit_cifar_micro,deit_small", help="comma-separated presets or DeiT sizes")
+    parser.add_argument("--methods", default=",".join(m for m in dyntok.list_methods() if m != "dense"))
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes the targets are for")
+    parser.add_argument("--shares", default="0.6,0.8", help="targets, as shares of dense latency")
+    parser.add_argument("--images", type=int, default=32, help="images timed when checking a fitted budget")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--output", default="reports/latency_calibration")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works")
+    args = parser.parse_args(argv)
+    args.sizes, args.methods = args.sizes.split(","), args.methods.split(",")
+    args.batch_sizes = [int(value) for value in args.batch_sizes.split(",")]
+    args.shares = [float(value) for value in args.shares.split(",")]
+    if args.smoke:
+        vars(args).update(SMOKE)
+    return args
+
+
+def images_for(size: str, model, count: int) -> tuple[list[tuple[torch.Tensor, None]], torch.Tensor, str]:
+    """Fit batches and check images: CIFAR-10 held-out and test images for a CIFAR preset, noise otherwise."""
+    if size in PRESETS:
+        try:
+            loaders = build_loaders(DataConfig(dataset="cifar10", batch_size=64, holdout_size=512))
+            fit = first_images(loaders["holdout"], 512)
+            return [(chunk, None) for chunk in fit.split(64)], first_images(loaders["test"], count), "CIFAR-10"
+        except DatasetNotFoundError as error:
+            print(f"{size}: {error}; timing random images instead", file=sys.stderr)
+    generator = torch.Generator().manual_seed(0)
+    fit = torch.randn(128, *model.input_size, generator=generator)
+    return [(chunk, None) for chunk in fit.split(64)], torch.randn(count, *model.input_size, generator=generator), "noise"
+
+
+def build(method: str, size: str):
+    torch.manual_seed(0)
+    name = backbone_name(size) if method == "dense" else f"{method}_{backbone_name(size)}"
+    model = dyntok.create_model(name, pretrained=size in PRESETS).eval()
+    model.explain = False
+    return model
+
+
+def ms_per_batch(models: dict[str, Any], images: torch.Tensor, batch: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per batch of ``batch`` images, interleaved, median of ``repeats``."""
+    speed = measure_throughput({name: model.predict for name, model in models.items()}, images, batch, repeats,
+                               progress=False)
+    return {name: 1000 * batch / result.value for name, result in speed.items()}
+
+
+def measure_size(size: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    dense = build("dense", size)
+    fit, check, source = images_for(size, dense, max(args.images, 4 * max(args.batch_sizes)))
+    rows = []
+    for batch in args.batch_sizes:
+        dense_ms = ms_per_batch({"dense": dense}, check, batch, args.repeats)["dense"]
+        for method in args.methods:
+            model = build(method, size)
+            for share in args.shares:
+                row = {"size": size, "method": method, "batch": batch, "images": source, "share": share,
+                       "target_ms": share * dense_ms, "dense_ms_at_fit": dense_ms}
+                try:
+                    row["budget"] = model.calibrate_latency(fit, row["target_ms"], batch_size=batch)
+                except ValueError as error:
+                    row["unreachable"] = str(error)
+                else:
+                    timed = ms_per_batch({"method": model, "dense": dense}, check, batch, args.repeats)
+                    row.update(measured_ms=timed["method"], dense_ms=timed["dense"],
+                               landed=timed["method"] / row["target_ms"])
+                print(_line(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    head = f"{row['size']:<16} {row['method']:<10} b={row['batch']:<3} target {row['target_ms']:8.2f} ms"
+    if "unreachable" in row:
+        return f"{head}  unreachable: {row['unreachable']}"
+    return f"{head}  measured {row['measured_ms']:8.2f} ms  ({row['landed']:.2f} of target)  {row['budget']}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    env, rows = results["environment"], results["rows"]
+    landed = [row for row in rows if "landed" in row]
+    within = sum(1 - TOLERANCE <= row["landed"] <= 1 + TOLERANCE for row in landed)
+    lines = ["# Budgets in milliseconds: where a latency-calibrated budget lands", "",
+             f"`{results['command']}` on {env['cpu']} ({env['device']}, {env['threads']} torch threads), torch "
+             f"{env['torch']}, {env['precision']}, {env['date']}.", "",
+             "Each target is a share of the dense model's latency at that batch size. `calibrate_latency` fits the "
+             "method to it on fit images; the fitted budget is then timed on other images, interleaved with dense "
+             f"(median of {results['settings']['repeats']}). **landed** = measured / target: within "
+             f"{TOLERANCE:.0%} is the acceptance.", "",
+             f"**{within} of {len(landed)}** fitted budgets landed within {TOLERANCE:.0%} of their target; "
+             f"{len(rows) - len(landed)} targets were below the method's fastest budget.", "",
+             "| size | images | method | batch | target ms | measured ms | landed | dense ms | fitted budget |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in rows:
+        if "unreachable" in row:
+            lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | "
+                         f"{row['target_ms']:.2f} | unreachable | | | {row['unreachable']} |")
+            continue
+        budget = ", ".join(f"{knob}={_short(value)}" for knob, value in row["budget"].items())
+        lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | {row['target_ms']:.2f} | "
+                     f"{row['measured_ms']:.2f} | {row['landed']:.2f} | {row['dense_ms']:.2f} | {budget} |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(item) for item in value) + "]"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    rows = [row for size in args.sizes for row in measure_size(size, args)]
+    command = "python benchmarks/latency_calibration.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
+    results = {"command": command, "environment": environment(torch.device("cpu")),
+               "settings": {key: value for key, value in vars(args).items() if key != "output"}, "rows": rows}
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output / "README.md").write_text(render_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
