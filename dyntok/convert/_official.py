@@ -26,8 +26,8 @@ from ..methods import AdaptiveViT, save_model
 from ..methods.registry import get_method
 from ..models.vit import BackboneSpec
 
-__all__ = ["ConversionError", "DEIT_EVAL_TRANSFORM", "Official", "read_checkpoint", "timm_vit_backbone",
-           "write_converted"]
+__all__ = ["ConversionError", "DEIT_EVAL_TRANSFORM", "Official", "backbone_dyntok_name", "backbone_official_name",
+           "read_checkpoint", "timm_vit_backbone", "write_converted"]
 
 
 #: How every official evaluation here prepares ImageNet images (DeiT's: resize to 256 bicubic, centre crop 224,
@@ -39,6 +39,17 @@ DEIT_EVAL_TRANSFORM = {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET
 
 class ConversionError(ValueError):
     """An official checkpoint that cannot be read safely, or that is not what it was said to be."""
+
+
+def backbone_dyntok_name(key: str) -> str:
+    """The dyntok weight a timm ViT key maps to in a method of one backbone (held as ``self.vit``)."""
+    return f"vit.{key}"
+
+
+def backbone_official_name(key: str) -> str | None:
+    """The timm key of a dyntok backbone weight (the inverse of :func:`backbone_dyntok_name`); None for a
+    weight outside the backbone."""
+    return key[len("vit."):] if key.startswith("vit.") else None
 
 
 @dataclass

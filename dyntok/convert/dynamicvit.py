@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 
 from ..methods import AdaptiveViT
-from ._official import read_checkpoint, timm_vit_backbone, write_converted
+from ._official import (backbone_dyntok_name, backbone_official_name, read_checkpoint, timm_vit_backbone,
+                        write_converted)
 
-__all__ = ["convert", "dyntok_name"]
+__all__ = ["convert", "dyntok_name", "official_name"]
 
 SOURCE = "DynamicViT"
 #: Where infer.py reads the weights from.
@@ -26,6 +27,7 @@ PRUNE_LOCATIONS = [3, 6, 9]
 PAPER_KEEP_RATIO = 0.7
 
 _PREDICTOR = re.compile(r"score_predictor\.(\d+)\.(in_conv|out_conv)\.(\d+)\.(weight|bias)")
+_DYNTOK_PREDICTOR = re.compile(r"predictors\.(\d+)\.(embed|classify)\.(\d+)\.(weight|bias)")
 
 
 def convert(path: str | Path, out: str | Path, keep_ratio: float | None = None,
@@ -48,4 +50,13 @@ def dyntok_name(key: str) -> str | None:
     if match:
         stage, part, layer, kind = match.groups()
         return f"predictors.{stage}.{'embed' if part == 'in_conv' else 'classify'}.{layer}.{kind}"
-    return None if key.startswith("score_predictor.") else f"vit.{key}"
+    return None if key.startswith("score_predictor.") else backbone_dyntok_name(key)
+
+
+def official_name(key: str) -> str | None:
+    """The official key of a dyntok weight (the inverse of :func:`dyntok_name`)."""
+    match = _DYNTOK_PREDICTOR.fullmatch(key)
+    if match:
+        stage, part, layer, kind = match.groups()
+        return f"score_predictor.{stage}.{'in_conv' if part == 'embed' else 'out_conv'}.{layer}.{kind}"
+    return backbone_official_name(key)

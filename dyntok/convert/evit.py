@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import Sequence
 
 from ..methods import AdaptiveViT
-from ._official import ConversionError, read_checkpoint, timm_vit_backbone, write_converted
+from ._official import (ConversionError, backbone_dyntok_name, backbone_official_name, read_checkpoint,
+                        timm_vit_backbone, write_converted)
 
-__all__ = ["convert"]
+__all__ = ["convert", "dyntok_name", "official_name"]
+
+#: The official model's keys are timm's DeiT keys, and the reorganisation has no weights: both directions are
+#: the backbone's renaming.
+dyntok_name = backbone_dyntok_name
+official_name = backbone_official_name
 
 SOURCE = "EViT"
 #: Where main.py --resume reads the weights from.
@@ -42,7 +48,7 @@ def convert(path: str | Path, out: str | Path, keep_rate: float | None = None, f
     if not fuse:  # fusing is EViT's default: the option is only written where it changes the model
         options["fuse_inattentive"] = False
     return write_converted(official, out, "evit", timm_vit_backbone(official, num_heads), options,
-                           {"keep_rate": keep_rate}, lambda key: f"vit.{key}", SOURCE)
+                           {"keep_rate": keep_rate}, dyntok_name, SOURCE)
 
 
 def _drop_locations(text: str | None) -> list[int] | None:
