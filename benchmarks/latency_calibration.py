@@ -1,17 +1,20 @@
 """Does a budget in milliseconds land on its target? Every method fitted with ``calibrate_latency``, then re-timed.
 
-For each size, batch size and method, targets are set as shares of the dense model's latency at that batch
-size on this machine. The method is fitted to each target with ``model.calibrate_latency`` (which times its
+For each size, batch size and method, the method's budget sweep is timed first, and targets are set between
+its fastest and its slowest budget (``--shares`` of the way), so that every target is one the method can meet
+(at small sizes and batch 1 no method is faster than dense: shares of dense latency would be unreachable). The
+method is fitted to each target with ``model.calibrate_latency`` (which times its
 budget sweep on the fit images and bisects between sweep points), then timed afresh on other images,
 interleaved with the dense model (docs/measurement.md). The report gives each fitted budget's latency over
-its target: within 10% (0.9-1.0, since the fit keeps the slowest budget under the target) is #26's
-acceptance. A target below a method's fastest budget is a row saying so.
+its target: within 10% is the acceptance (the fit keeps the slowest budget under the target, so below 1 is
+expected). A target the fit then finds below every budget (the machine's noise) is a row saying so.
 
 The micro preset runs the shipped weights on CIFAR-10 (fit on the held-out split, timed on test images);
 DeiT-S runs random weights on random images (content then decides nothing real, the timing is what counts).
 Run from the repository root:
 
     python benchmarks/latency_calibration.py                                # micro and DeiT-S, batch 1 and 8
+    python benchmarks/latency_calibration.py --sizes deit_small --batch-sizes 1 --images 16
     python benchmarks/latency_calibration.py --sizes vit_cifar_micro --batch-sizes 1 --shares 0.6
     python benchmarks/latency_calibration.py --smoke                        # seconds: checks the script runs
 
@@ -29,6 +32,7 @@ import torch
 
 import dyntok
 from dyntok.data import DataConfig, DatasetNotFoundError, build_loaders
+from dyntok.measure.latency_budget import TIMED_BATCHES, wall_clock_timer
 from dyntok.measure.speed import first_images, measure_throughput
 from dyntok.models.vit import PRESETS
 
@@ -46,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="vit_cifar_micro,deit_small", help="comma-separated presets or DeiT sizes")
     parser.add_argument("--methods", default=",".join(m for m in dyntok.list_methods() if m != "dense"))
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes the targets are for")
-    parser.add_argument("--shares", default="0.6,0.8", help="targets, as shares of dense latency")
+    parser.add_argument("--shares", default="0.25,0.75",
+                        help="targets, as shares of the way from the method's fastest budget to its slowest")
     parser.add_argument("--images", type=int, default=32, help="images timed when checking a fitted budget")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--output", default="reports/latency_calibration")
@@ -81,17 +86,30 @@ def ms_per_batch(models: dict[str, Any], images: torch.Tensor, batch: int, repea
     return {name: 1000 * batch / result.value for name, result in speed.items()}
 
 
+def budget_range(model, fit: list, batch: int, repeats: int) -> tuple[float, float]:
+    """Milliseconds per batch of the method's fastest and slowest budgets of its sweep, on the fit images."""
+    model.calibrate(fit)  # what the sweep is built from (DVT's held-out confidences)
+    batches = list(torch.cat([images for images, _ in fit]).split(batch))[:TIMED_BATCHES]
+    timer, budget = wall_clock_timer(repeats), model.get_budget()
+    times = []
+    for point in model.budget_sweep():
+        model.set_budget(**point)
+        times.append(timer(model.predict, batches))
+    model.set_budget(**budget)
+    return min(times), max(times)
+
+
 def measure_size(size: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     dense = create_for_timing("dense", size)
     fit, check, source = images_for(size, dense, max(args.images, 4 * max(args.batch_sizes)))
     rows = []
     for batch in args.batch_sizes:
-        dense_ms = ms_per_batch({"dense": dense}, check, batch, args.repeats)["dense"]
         for method in args.methods:
             model = create_for_timing(method, size)
+            fastest, slowest = budget_range(model, fit, batch, args.repeats)
             for share in args.shares:
                 row = {"size": size, "method": method, "batch": batch, "images": source, "share": share,
-                       "target_ms": share * dense_ms, "dense_ms_at_fit": dense_ms}
+                       "fastest_ms": fastest, "slowest_ms": slowest, "target_ms": fastest + share * (slowest - fastest)}
                 try:
                     row["budget"] = model.calibrate_latency(fit, row["target_ms"], batch_size=batch)
                 except ValueError as error:
@@ -119,23 +137,27 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = ["# Budgets in milliseconds: where a latency-calibrated budget lands", "",
              f"`{results['command']}` on {env['cpu']} ({env['device']}, {env['threads']} torch threads), torch "
              f"{env['torch']}, {env['precision']}, {env['date']}.", "",
-             "Each target is a share of the dense model's latency at that batch size. `calibrate_latency` fits the "
-             "method to it on fit images; the fitted budget is then timed on other images, interleaved with dense "
+             "Each target lies between the method's fastest and slowest budget (timed first; **share** of the way). "
+             "`calibrate_latency` fits the method to it on fit images; the fitted budget is then timed on other images, interleaved with dense "
              f"(median of {results['settings']['repeats']}). **landed** = measured / target: within "
              f"{TOLERANCE:.0%} is the acceptance.", "",
              f"**{within} of {len(landed)}** fitted budgets landed within {TOLERANCE:.0%} of their target; "
-             f"{len(rows) - len(landed)} targets were below the method's fastest budget.", "",
-             "| size | images | method | batch | target ms | measured ms | landed | dense ms | fitted budget |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             f"{len(rows) - len(landed)} targets were found unreachable when fitting.", "",
+             "| size | images | method | batch | range ms | share | target ms | measured ms | landed | dense ms | fitted budget |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
         if "unreachable" in row:
-            lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | "
-                         f"{row['target_ms']:.2f} | unreachable | | | {row['unreachable']} |")
+            lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | {_range(row)} | "
+                         f"{row['share']:g} | {row['target_ms']:.2f} | unreachable | | | {row['unreachable']} |")
             continue
         budget = ", ".join(f"{knob}={_short(value)}" for knob, value in row["budget"].items())
-        lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | {row['target_ms']:.2f} | "
-                     f"{row['measured_ms']:.2f} | {row['landed']:.2f} | {row['dense_ms']:.2f} | {budget} |")
+        lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | {_range(row)} | "
+                     f"{row['share']:g} | {row['target_ms']:.2f} | {row['measured_ms']:.2f} | {row['landed']:.2f} | {row['dense_ms']:.2f} | {budget} |")
     return "\n".join(lines) + "\n"
+
+
+def _range(row: dict[str, Any]) -> str:
+    return f"{row['fastest_ms']:.2f}-{row['slowest_ms']:.2f}"
 
 
 def _short(value: Any) -> str:

@@ -8,7 +8,7 @@ import torch
 
 import dyntok
 from dyntok.measure.macs import count_macs_with_torch
-from dyntok.methods.evit import EViT, kept_count, reorganise
+from dyntok.methods.evit import EViT, destinations, kept_count, reorganise
 from dyntok.models import BackboneSpec
 
 from . import vit_reference as ref
@@ -73,18 +73,19 @@ def test_matches_an_independent_reference(variant, fused, fuse, keep_rate, locat
 def test_fusion_keeps_the_top_tokens_in_order_and_sums_the_rest_by_attention():
     tokens = torch.arange(12.0).view(1, 6, 2)
     scores = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.1, 0.05]])
-    reorganised, destination = reorganise(tokens, scores, keep=2)
+    reorganised, top = reorganise(tokens, scores, keep=2)
     torch.testing.assert_close(reorganised[0, :2], tokens[0, [1, 3]])
     torch.testing.assert_close(reorganised[0, 2], (scores[0, [0, 2, 4, 5], None] * tokens[0, [0, 2, 4, 5]]).sum(0))
-    assert destination.tolist() == [[2, 0, 2, 1, 2, 2]]
+    assert top.tolist() == [[1, 3]]
+    assert destinations(top, 6, fuse=True).tolist() == [[2, 0, 2, 1, 2, 2]]
 
 
 def test_dropping_keeps_the_top_tokens_in_order_and_nothing_else():
     tokens = torch.arange(12.0).view(1, 6, 2)
     scores = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.1, 0.05]])
-    reorganised, destination = reorganise(tokens, scores, keep=2, fuse=False)
+    reorganised, top = reorganise(tokens, scores, keep=2, fuse=False)
     torch.testing.assert_close(reorganised, tokens[:, [1, 3]])
-    assert destination.tolist() == [[-1, 0, -1, 1, -1, -1]]
+    assert destinations(top, 6, fuse=False).tolist() == [[-1, 0, -1, 1, -1, -1]]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

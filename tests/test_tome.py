@@ -144,8 +144,7 @@ def test_training_turns_proportional_attention_off_unless_chosen(images):
 def test_merging_preserves_the_size_weighted_mean():
     torch.manual_seed(0)
     tokens, sizes = torch.randn(3, 9, 5), torch.randint(1, 5, (3, 9)).float()
-    destination = bipartite_soft_matching(torch.randn(3, 9, 4), r=3)
-    merged, merged_sizes = merge_by_size(tokens, sizes, destination, 6)
+    merged, merged_sizes = merge_by_size(tokens, sizes, bipartite_soft_matching(torch.randn(3, 9, 4), r=3))
     assert merged.shape == (3, 6, 5)
     torch.testing.assert_close(merged_sizes.sum(1), sizes.sum(1))
     mean = (tokens * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)
@@ -157,7 +156,12 @@ def test_merging_preserves_the_size_weighted_mean():
 def test_matching_sets_follow_the_official_split_of_the_whole_sequence(protected, num_patches, r):
     torch.manual_seed(protected * 100 + num_patches)
     keys = torch.randn(3, protected + num_patches, 4)
-    destination = bipartite_soft_matching(keys[:, protected:], r, offset=protected)
+    matching = bipartite_soft_matching(keys[:, protected:], r, offset=protected)
+    destination = matching.destination(num_patches)
+    # Merging follows the destinations: each merged token is the sum of the tokens sent to it.
+    tokens = torch.randn(3, num_patches, 2)
+    by_destination = torch.zeros(3, num_patches - r, 2).scatter_add(1, destination[..., None].expand(-1, -1, 2), tokens)
+    torch.testing.assert_close(matching.merge_sum(tokens), by_destination)
     for image in range(3):
         position = {j: protected + j for j in range(num_patches)}  # patch j's place in the whole sequence
         in_b = [j for j in range(num_patches) if position[j] % 2 == 1]
@@ -172,8 +176,8 @@ def test_matching_sets_follow_the_official_split_of_the_whole_sequence(protected
 
 def test_with_a_class_token_the_first_patch_token_is_in_set_b():
     keys = torch.randn(1, 6, 4)
-    assert bipartite_soft_matching(keys, 0, offset=1)[0].tolist() == [3, 0, 4, 1, 5, 2]
-    assert bipartite_soft_matching(keys, 0, offset=0)[0].tolist() == [0, 3, 1, 4, 2, 5]
+    assert bipartite_soft_matching(keys, 0, offset=1).destination(6)[0].tolist() == [3, 0, 4, 1, 5, 2]
+    assert bipartite_soft_matching(keys, 0, offset=0).destination(6)[0].tolist() == [0, 3, 1, 4, 2, 5]
 
 
 @pytest.mark.parametrize("variant", ["plain", "layerscale_qknorm", "registers"])

@@ -17,7 +17,7 @@ See docs/methods/tome.md for what follows the paper and what is a choice.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -28,9 +28,9 @@ from .base import Prediction, SingleViT
 from .budget import Choice, Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (KeyTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              mlp_half, pooled_head)
+                              gather_tokens, mlp_half, pooled_head)
 
-__all__ = ["ToMe", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
+__all__ = ["ToMe", "Matching", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
 
 #: How ``r`` (an int) spreads over the blocks: the same in every block, or from ``2r`` down to 0 (about the
 #: same total, never more).
@@ -41,9 +41,40 @@ _SWEEP_SHARES = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 # --------------------------------------------------------------------------------------------- merging
+class Matching(NamedTuple):
+    """One block's merges over the n tokens that may merge. Set A is every other token from position
+    ``first_a``, set B the others; positions below are within A or within B."""
+
+    first_a: int
+    unmerged: Tensor  #: (B, |A| - r) the A tokens that stay, in order
+    merged: Tensor  #: (B, r) the A tokens that merge
+    partner: Tensor  #: (B, r) the B token each of them merges into
+
+    def merge_sum(self, x: Tensor) -> Tensor:
+        """(B, n, C) -> (B, n - r, C): the unmerged A tokens, then the B tokens plus what merged into them."""
+        set_a, set_b = x[:, self.first_a::2], x[:, 1 - self.first_a::2]
+        into_b = self.partner.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return torch.cat([gather_tokens(set_a, self.unmerged),
+                          set_b.scatter_add(1, into_b, gather_tokens(set_a, self.merged))], dim=1)
+
+    def destination(self, num: int) -> Tensor:
+        """(B, num): where each of the ``num`` tokens went in the merged sequence (what :class:`PatchGroups`
+        follows)."""
+        batch, kept_a = self.unmerged.shape
+        device = self.unmerged.device
+        destination_a = torch.empty(batch, kept_a + self.merged.shape[1], dtype=torch.long, device=device)
+        destination_a.scatter_(1, self.unmerged, torch.arange(kept_a, device=device).expand(batch, -1))
+        destination_a.scatter_(1, self.merged, kept_a + self.partner)
+        destination = torch.empty(batch, num, dtype=torch.long, device=device)
+        destination[:, self.first_a::2] = destination_a
+        destination[:, 1 - self.first_a::2] = kept_a + torch.arange(num // 2 + (num % 2) * self.first_a,
+                                                                    device=device)
+        return destination
+
+
 @torch.no_grad()
-def bipartite_soft_matching(metric: Tensor, r: int, offset: int = 0) -> Tensor:
-    """Where each token goes when ``r`` of them are merged: (B, n) positions in ``[0, n - r)``.
+def bipartite_soft_matching(metric: Tensor, r: int, offset: int = 0) -> Matching:
+    """Which tokens merge where when ``r`` of them are merged.
 
     ``metric`` (B, n, d) describes the n tokens that may merge; ``offset`` tokens that may not (the prefix)
     come before them in the sequence. Set A is the tokens at even positions of the whole sequence, set B
@@ -56,33 +87,24 @@ def bipartite_soft_matching(metric: Tensor, r: int, offset: int = 0) -> Tensor:
     # The official split keeps the class token (position 0, in A) but never merges it; leaving every prefix
     # token out of the matching protects it the same way, and the prefix's length still decides which patch
     # tokens are in A.
-    first_a, first_b = offset % 2, 1 - offset % 2
-    set_a, set_b = metric[:, first_a::2], metric[:, first_b::2]
-    size_a, size_b = set_a.shape[1], set_b.shape[1]
+    first_a = offset % 2
+    set_a, set_b = metric[:, first_a::2], metric[:, 1 - first_a::2]
     best_score, partner = (set_a @ set_b.transpose(-1, -2)).max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
-    merged, unmerged = order[:, :r], order[:, r:].sort(dim=-1).values
-    kept_a = size_a - r
-    destination_a = torch.empty_like(partner)
-    destination_a.scatter_(1, unmerged, torch.arange(kept_a, device=metric.device).expand(metric.shape[0], -1))
-    destination_a.scatter_(1, merged, kept_a + partner.gather(1, merged))
-    destination = torch.empty(metric.shape[:2], dtype=torch.long, device=metric.device)
-    destination[:, first_a::2] = destination_a
-    destination[:, first_b::2] = kept_a + torch.arange(size_b, device=metric.device)
-    return destination
+    merged = order[:, :r]
+    return Matching(first_a, order[:, r:].sort(dim=-1).values, merged, partner.gather(1, merged))
 
 
-def merge_by_size(tokens: Tensor, sizes: Tensor, destination: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
-    """Size-weighted mean of the tokens sent to each destination, and the summed sizes.
+def merge_by_size(tokens: Tensor, sizes: Tensor, matching: Matching) -> tuple[Tensor, Tensor]:
+    """Size-weighted mean of the tokens merged into each, and the summed sizes.
 
-    ``tokens`` (B, n, C), ``sizes`` (B, n), ``destination`` (B, n) -> (B, num_out, C), (B, num_out). The
-    size-weighted mean over all tokens is unchanged by merging.
+    ``tokens`` (B, n, C), ``sizes`` (B, n) -> (B, n - r, C), (B, n - r). The size-weighted mean over all tokens
+    is unchanged by merging. The sizes ride along as one more channel: one merge instead of two.
     """
-    merged_sizes = sizes.new_zeros(sizes.shape[0], num_out).scatter_add(1, destination, sizes)
-    weighted = tokens * sizes.unsqueeze(-1)
-    index = destination.unsqueeze(-1).expand_as(tokens)
-    summed = tokens.new_zeros(tokens.shape[0], num_out, tokens.shape[-1]).scatter_add(1, index, weighted)
-    return summed / merged_sizes.unsqueeze(-1), merged_sizes
+    weights = sizes.unsqueeze(-1).to(tokens.dtype)
+    merged = matching.merge_sum(torch.cat([tokens * weights, weights], dim=-1))
+    merged_sizes = merged[..., -1:]
+    return merged[..., :-1] / merged_sizes, merged_sizes.squeeze(-1).to(sizes.dtype)
 
 
 # --------------------------------------------------------------------------------------------- schedules of r
@@ -212,13 +234,12 @@ class ToMe(SingleViT):
             tokens = attention_half(block, tokens, attn_mask=bias)
             if r > 0:
                 metric = tap.pop().mean(dim=1)[:, prefix:]  # the patch tokens' keys, averaged over heads
-                destination = bipartite_soft_matching(metric, r, offset=prefix)
-                patches, patch_sizes = merge_by_size(tokens[:, prefix:], sizes[:, prefix:], destination,
-                                                     tokens.shape[1] - prefix - r)
+                matching = bipartite_soft_matching(metric, r, offset=prefix)
+                patches, patch_sizes = merge_by_size(tokens[:, prefix:], sizes[:, prefix:], matching)
+                if groups is not None:
+                    groups.move(matching.destination(patches.shape[1] + r))
                 tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
                 sizes = torch.cat([sizes[:, :prefix], patch_sizes], dim=1)
-                if groups is not None:
-                    groups.move(destination)
                 if self.proportional_attention:
                     bias = sizes.log()[:, None, None, :]  # a token of s patches weighs in attention as s patches
             tokens = mlp_half(block, tokens)
