@@ -32,7 +32,7 @@ import torch
 
 import dyntok
 from dyntok.data import DataConfig, DatasetNotFoundError, build_loaders
-from dyntok.measure.latency_budget import TIMED_BATCHES, wall_clock_timer
+from dyntok.measure.latency_budget import timed_images, wall_clock_timer
 from dyntok.measure.speed import first_images, measure_throughput
 from dyntok.models.vit import PRESETS
 
@@ -89,7 +89,7 @@ def ms_per_batch(models: dict[str, Any], images: torch.Tensor, batch: int, repea
 def budget_range(model, fit: list, batch: int, repeats: int) -> tuple[float, float]:
     """Milliseconds per batch of the method's fastest and slowest budgets of its sweep, on the fit images."""
     model.calibrate(fit)  # what the sweep is built from (DVT's held-out confidences)
-    batches = list(torch.cat([images for images, _ in fit]).split(batch))[:TIMED_BATCHES]
+    batches = list(torch.cat([images for images, _ in fit])[:timed_images(batch)].split(batch))
     timer, budget = wall_clock_timer(repeats), model.get_budget()
     times = []
     for point in model.budget_sweep():

@@ -328,6 +328,22 @@ def test_a_latency_below_every_budget_is_refused(test_images):
         model.calibrate_latency([(test_images, None)], 0.001, timer=macs_clock)
 
 
+@pytest.mark.parametrize("batch_size, batches", [(1, 32), (8, 4), (3, 11)])
+def test_each_budget_is_timed_on_enough_images_to_average_content(batch_size, batches):
+    """At batch 1 a few images misjudge a method whose cost follows content: at least 32 images, in at least 4
+    whole batches, are timed per budget (fewer when fewer are given)."""
+    seen = []
+
+    def counting_clock(predict, timed):
+        seen.append([len(batch) for batch in timed])
+        return macs_clock(predict, timed)
+
+    model = tiny_model("dynamicvit")
+    images = torch.randn(40, 3, TINY["img_size"], TINY["img_size"])
+    model.calibrate_latency([(images, None)], 1e9, batch_size=batch_size, timer=counting_clock)
+    assert seen and all(sizes == [batch_size] * batches for sizes in seen)
+
+
 def test_calibrated_dynamicvit_keep_ratio_is_between_sweep_points(test_images):
     model = tiny_model("dynamicvit")
     model.set_budget(keep_ratio=0.6)

@@ -317,11 +317,11 @@ class AdaptiveViT(nn.Module):
         of :meth:`budget_sweep` is timed on the loader's first images and the slowest within the target kept,
         refined between sweep points. ``timer`` replaces the wall clock (tests use a fake one).
         """
-        from ..measure.latency_budget import TIMED_BATCHES, fit_latency_budget
+        from ..measure.latency_budget import fit_latency_budget, timed_images
 
         loader = list(loader)
         self.calibrate(loader)
-        images = torch.cat([batch for batch, _ in loader])[:batch_size * TIMED_BATCHES]
+        images = torch.cat([batch for batch, _ in loader])[:timed_images(batch_size)]
         return fit_latency_budget(self, images, latency_ms, batch_size, timer)
 
     # ----------------------------------------------------------------- explanations
