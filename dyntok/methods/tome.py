@@ -61,14 +61,13 @@ class Matching(NamedTuple):
         """(B, num): where each of the ``num`` tokens went in the merged sequence (what :class:`PatchGroups`
         follows)."""
         batch, kept_a = self.unmerged.shape
-        device = self.unmerged.device
-        destination_a = torch.empty(batch, kept_a + self.merged.shape[1], dtype=torch.long, device=device)
+        size_a, device = kept_a + self.merged.shape[1], self.unmerged.device
+        destination_a = torch.empty(batch, size_a, dtype=torch.long, device=device)
         destination_a.scatter_(1, self.unmerged, torch.arange(kept_a, device=device).expand(batch, -1))
         destination_a.scatter_(1, self.merged, kept_a + self.partner)
         destination = torch.empty(batch, num, dtype=torch.long, device=device)
         destination[:, self.first_a::2] = destination_a
-        destination[:, 1 - self.first_a::2] = kept_a + torch.arange(num // 2 + (num % 2) * self.first_a,
-                                                                    device=device)
+        destination[:, 1 - self.first_a::2] = kept_a + torch.arange(num - size_a, device=device)
         return destination
 
 
