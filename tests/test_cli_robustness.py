@@ -436,8 +436,11 @@ def test_a_fresh_process_prints_one_line_and_debug_shows_the_traceback(tmp_path)
 def test_ctrl_c_in_a_real_process(tmp_path):
     data, out = make_image_folder(tmp_path / "tiny", per_class=40), tmp_path / "run"
     argv = train_argv(data, out, "--epochs", "200", "--batch-size", "4")
+    # A suite started as a background job (`cmd &` in a script) hands its children SIGINT ignored, and Python
+    # installs no Ctrl-C handler for an ignored signal: give the child the default back, as a terminal would.
     run = subprocess.Popen([sys.executable, "-m", "dyntok", *argv], stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                           env={**__import__("os").environ, "DYNTOK_CACHE": str(tmp_path / "cache")})
+                           env={**__import__("os").environ, "DYNTOK_CACHE": str(tmp_path / "cache")},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "last.safetensors").exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
