@@ -285,31 +285,25 @@ def run_skipping(images: Tensor, embed: Callable[[Tensor], Tensor], blocks: Sequ
     full_heads = torch.ones(batch, plan.num_heads, dtype=torch.bool, device=tokens.device)
     full_blocks = full_heads.new_ones(batch, 2)
     kept_patches, kept_heads, kept_blocks = [], [], []
-
-    def keeps_everything() -> None:
-        if explain:
-            kept_patches.append(full_patches)
-            kept_heads.append(full_heads)
-            kept_blocks.append(full_blocks)
-
     decides = always_decide or not plan.skips_nothing
     for block in blocks:
-        if not decides:
-            tokens = block.whole(tokens, None)
-            shared_macs += block.costs.whole
-            keeps_everything()
-            continue
-        normed, logits = block.decide(tokens)
-        decided = complete_decisions({name: hard_decisions(value, plan.thresholds[name], plan.temperature)
-                                      for name, value in logits.items()},
-                                     batch, num_patches, plan.num_heads, tokens, torch.bool)
-        shared_macs += block.costs.decisions
-        if _keeps_everything(decided):
-            # The whole batch runs the whole block: timm's sub-blocks as they are, without the grouping,
-            # gathers and per-image bookkeeping below (at batch 1 those cost ~10% of a DeiT-S block).
+        normed = None
+        if decides:
+            normed, logits = block.decide(tokens)
+            decided = complete_decisions({name: hard_decisions(value, plan.thresholds[name], plan.temperature)
+                                          for name, value in logits.items()},
+                                         batch, num_patches, plan.num_heads, tokens, torch.bool)
+            shared_macs += block.costs.decisions
+        if not decides or _keeps_everything(decided):
+            # The whole batch runs the whole block (it keeps everything, or nothing could be skipped): timm's
+            # sub-blocks as they are, without the grouping, gathers and per-image bookkeeping below (at batch 1
+            # those cost ~10% of a DeiT-S block).
             tokens = block.whole(tokens, normed)
             shared_macs += block.costs.whole
-            keeps_everything()
+            if explain:
+                kept_patches.append(full_patches)
+                kept_heads.append(full_heads)
+                kept_blocks.append(full_blocks)
             continue
         keep = torch.cat([full_patches.new_ones(batch, prefix), decided.patches], dim=1)
         heads = decided.heads

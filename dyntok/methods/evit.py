@@ -181,10 +181,9 @@ class EViT(SingleViT):
             keep = kept_count(keep_rate, tokens.shape[1] - prefix)
             scores = self._taps[index].pop()[:, prefix:]
             patches, top = reorganise(tokens[:, prefix:], scores, keep, self.fuse_inattentive)
-            if groups is not None:
-                groups.move(destinations(top, tokens.shape[1] - prefix, self.fuse_inattentive))
             tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
             if groups is not None:
+                groups.move(destinations(top, scores.shape[1], self.fuse_inattentive))
                 set_aside |= (groups.index == keep) | (groups.index < 0)  # fused (at position keep) or dropped
                 kept_patches.append(~set_aside)
             tokens = mlp_half(block, tokens)
