@@ -21,7 +21,7 @@ from ..methods import AdaptiveViT
 from . import adavit, dvt, dynamicvit, evit
 from ._official import ConversionError, backbone_official_name
 
-__all__ = ["convert", "CONVERTERS", "ConversionError", "OFFICIAL_NAMES", "to_official"]
+__all__ = ["convert", "CONVERTERS", "ConversionError", "OFFICIAL_LAYOUTS", "OFFICIAL_NAMES", "to_official"]
 
 #: Official source -> its converter ``(path, out, **options) -> model``.
 CONVERTERS: dict[str, Callable[..., AdaptiveViT]] = {
@@ -37,6 +37,13 @@ OFFICIAL_NAMES: dict[str, Callable[[str], str | None]] = {
     "dynamicvit": dynamicvit.official_name,
     "evit": evit.official_name,
     "tome": backbone_official_name,
+    "dvt": dvt.official_name,
+    "adavit": adavit.official_name,
+}
+#: Official code whose weights are laid out differently, not only named differently: the renamed state dict -> the
+#: official one. AdaViT's attention keeps query, key and value as three linear layers.
+OFFICIAL_LAYOUTS: dict[str, Callable[[dict[str, Tensor]], dict[str, Tensor]]] = {
+    "adavit": adavit.separate_qkv,
 }
 
 
@@ -66,4 +73,5 @@ def to_official(source: str, state_dict: dict[str, Tensor]) -> dict[str, Tensor]
     if unmapped:
         raise ConversionError(f"the official {source} model has no weight for {', '.join(unmapped[:4])}"
                               f"{' ...' if len(unmapped) > 4 else ''}")
-    return {renamed[key]: value for key, value in state_dict.items()}
+    official = {renamed[key]: value for key, value in state_dict.items()}
+    return OFFICIAL_LAYOUTS[source](official) if source in OFFICIAL_LAYOUTS else official

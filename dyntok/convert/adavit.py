@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from ..methods import AdaptiveViT
-from ._official import read_checkpoint, timm_vit_backbone, write_converted
+from ._official import backbone_official_name, read_checkpoint, timm_vit_backbone, write_converted
 
-__all__ = ["convert", "dyntok_name", "official_threshold"]
+__all__ = ["convert", "dyntok_name", "official_name", "official_threshold", "separate_qkv",
+           "threshold_for_official_code"]
 
 SOURCE = "AdaViT"
 #: The order ``ada_load_state_dict`` looks for the weights in: the EMA first.
@@ -34,11 +35,20 @@ TEMPERATURE = 5.0
 _DECISION = re.compile(r"blocks\.(\d+)\.(attn\.token_select|head_select|layer_select)\.mlp_head\.(weight|bias)")
 _POLICY_OF = {"attn.token_select": "patch", "head_select": "head", "layer_select": "block"}
 _SEPARATE_QKV = re.compile(r"(blocks\.\d+\.attn\.)(query|key|value)\.(weight|bias)")
+_JOINED_QKV = re.compile(r"(blocks\.\d+\.attn\.)qkv\.(weight|bias)")
+_DYNTOK_DECISION = re.compile(r"(first_block_policy|policies\.(\d+))\.(patch|head|block)\.(weight|bias)")
+_MODULE_OF = {policy: module for module, policy in _POLICY_OF.items()}
 
 
 def official_threshold(threshold: float, temperature: float = TEMPERATURE) -> float:
     """dyntok's threshold that takes the decisions ``sigmoid(logit) > threshold`` takes."""
     return 1.0 / (1.0 + math.exp(-math.log(threshold / (1.0 - threshold)) / temperature))
+
+
+def threshold_for_official_code(threshold: float, temperature: float = TEMPERATURE) -> float:
+    """The official code's threshold on ``sigmoid(logit)`` that takes the decisions dyntok takes at ``threshold``
+    (on ``sigmoid(logit / temperature)``): the inverse of :func:`official_threshold`."""
+    return 1.0 / (1.0 + math.exp(-temperature * math.log(threshold / (1.0 - threshold))))
 
 
 def convert(path: str | Path, out: str | Path, num_heads: int | None = None) -> AdaptiveViT:
@@ -62,6 +72,31 @@ def dyntok_name(key: str) -> str | None:
     if "_select" in key or _SEPARATE_QKV.fullmatch(key):
         return None
     return f"vit.{key}"
+
+
+def official_name(key: str) -> str | None:
+    """The official key of a dyntok weight (the inverse of :func:`dyntok_name`), ``attn.qkv`` still joined: the
+    official layout splits it afterwards (:func:`separate_qkv`)."""
+    match = _DYNTOK_DECISION.fullmatch(key)
+    if match:
+        owner, later_block, policy, kind = match.groups()
+        block = 0 if owner == "first_block_policy" else int(later_block) + 1
+        return f"blocks.{block}.{_MODULE_OF[policy]}.mlp_head.{kind}"
+    return backbone_official_name(key)
+
+
+def separate_qkv(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's ``attn.qkv`` split into the official ``attn.query``, ``.key`` and ``.value`` (the inverse of
+    :func:`_joined_qkv`)."""
+    separated = {}
+    for key, value in weights.items():
+        match = _JOINED_QKV.fullmatch(key)
+        if match:
+            for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                separated[f"{match[1]}{name}.{match[2]}"] = part
+        else:
+            separated[key] = value
+    return separated
 
 
 def _joined_qkv(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

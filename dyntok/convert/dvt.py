@@ -24,7 +24,7 @@ from ..methods import AdaptiveViT
 from ..methods.dvt import NEVER_EXIT
 from ._official import ConversionError, Official, read_checkpoint, timm_vit_backbone, write_converted
 
-__all__ = ["convert", "dyntok_name"]
+__all__ = ["convert", "dyntok_name", "official_name"]
 
 SOURCE = "DVT"
 #: Where inference.py reads the weights from.
@@ -38,6 +38,10 @@ PAPER_POINT = 10
 _FEATURE_REUSE = re.compile(r"blocks\.(\d+)\.feature_resuse_mlp\.(0|1\.fc1|1\.fc2)\.(weight|bias)")
 _RELATION_REUSE = re.compile(r"relation_reuse_conv\.([02])\.(weight|bias)")
 _FEATURE_PARTS = {"0": "norm", "1.fc1": "mlp.fc1", "1.fc2": "mlp.fc2"}
+_DYNTOK_STAGE = re.compile(r"stages\.(\d+)\.(.+)")
+_DYNTOK_FEATURE_REUSE = re.compile(r"feature_reuse\.(\d+)\.(norm|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
+_DYNTOK_RELATION_REUSE = re.compile(r"relation_reuse\.mlp\.([02])\.(weight|bias)")
+_OFFICIAL_FEATURE_PARTS = {part: official for official, part in _FEATURE_PARTS.items()}
 
 
 def convert(path: str | Path, out: str | Path, point: int = PAPER_POINT, num_heads: int | None = None) -> AdaptiveViT:
@@ -76,6 +80,20 @@ def dyntok_name(key: str) -> str | None:
     if match := _RELATION_REUSE.fullmatch(rest):
         return f"{prefix}.relation_reuse.mlp.{match[1]}.{match[2]}"
     return f"{prefix}.vit.{rest}"
+
+
+def official_name(key: str) -> str | None:
+    """The official key of a dyntok weight (the inverse of :func:`dyntok_name`); None outside the three stages."""
+    match = _DYNTOK_STAGE.fullmatch(key)
+    if not match or int(match[1]) >= len(STAGES):
+        return None
+    stage, rest = STAGES[int(match[1])], match[2]
+    if found := _DYNTOK_FEATURE_REUSE.fullmatch(rest):
+        block, part, kind = found.groups()
+        return f"{stage}.blocks.{block}.feature_resuse_mlp.{_OFFICIAL_FEATURE_PARTS[part]}.{kind}"
+    if found := _DYNTOK_RELATION_REUSE.fullmatch(rest):
+        return f"{stage}.relation_reuse_conv.{found[1]}.{found[2]}"
+    return f"{stage}.{rest.removeprefix('vit.')}" if rest.startswith("vit.") else None
 
 
 def _grid(official: Official, stage: str) -> int:
