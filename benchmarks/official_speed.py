@@ -356,7 +356,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     command = " ".join(["python benchmarks/official_speed.py", *run["argv"]])
     lines = ["# dyntok against the official implementations", "",
              "Each method's dyntok model and the official code's model of the same architecture, with the same "
-             "weights, at the paper's budget, timed interleaved in one process (docs/measurement.md). Before timing, "
+             "weights, at the paper's budget (with random weights, DVT's and AdaViT's thresholds fitted on other random "
+             "images to the published exit shares and usage; benchmarks/README.md), timed interleaved in one process "
+             "(docs/measurement.md). The official DVT runs every stage and picks each image's exit afterwards, the "
+             "official AdaViT masks what it drops: what its users get. Before timing, "
              f"both classify {settings['check_images']} random images: **agree** = equal top-1 classes and logits "
              f"within {settings['atol']:g} (the largest difference is shown).", "",
              f"- `{command}` on {env.get('gpu') or env['cpu']} ({env['device']}, {env['cpu_count']} CPUs, "

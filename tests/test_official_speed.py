@@ -36,7 +36,7 @@ OFFICIAL_ADAVIT = dict(img_size=224, patch_size=16, embed_dim=32, depth=3, num_h
 def dyntok_state(source: str, official_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official weights under dyntok's names, as the converters read them (AdaViT's query, key, value joined)."""
     if source == "adavit":
-        official_state = adavit._joined_qkv(official_state)
+        official_state = adavit.joined_qkv(official_state)
     return {DYNTOK_NAMES[source](key): value for key, value in official_state.items()}
 
 

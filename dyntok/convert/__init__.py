@@ -8,7 +8,8 @@ configuration (budget, prune locations, fusion) is the one the official model wa
 One module per official repository; docs/byo.md lists the releases and what each paper reports.
 
 The other direction, ``to_official("evit", model.state_dict())``, gives a dyntok model's weights under the
-official key names, so the official code can run the same weights (``benchmarks/official_speed.py``).
+official key names (and, where it differs, the official layout: AdaViT's separate query, key and value), so the
+official code can run the same weights (``benchmarks/official_speed.py``).
 """
 from __future__ import annotations
 

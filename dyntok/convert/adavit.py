@@ -21,7 +21,7 @@ import torch
 from ..methods import AdaptiveViT
 from ._official import backbone_official_name, read_checkpoint, timm_vit_backbone, write_converted
 
-__all__ = ["convert", "dyntok_name", "official_name", "official_threshold", "separate_qkv",
+__all__ = ["convert", "dyntok_name", "joined_qkv", "official_name", "official_threshold", "separate_qkv",
            "threshold_for_official_code"]
 
 SOURCE = "AdaViT"
@@ -54,7 +54,7 @@ def threshold_for_official_code(threshold: float, temperature: float = TEMPERATU
 def convert(path: str | Path, out: str | Path, num_heads: int | None = None) -> AdaptiveViT:
     """Write the official Ada-DeiT checkpoint ``path`` as a dyntok AdaViT at ``out``; returns the model."""
     official = read_checkpoint(path, WEIGHT_KEYS)
-    official.weights = _joined_qkv(official.weights)
+    official.weights = joined_qkv(official.weights)
     options = {"head_gates_mlp": True, "first_block_patch_policy": True, "temperature": TEMPERATURE}
     budget = {f"{name}_threshold": official_threshold(value) for name, value in OFFICIAL_THRESHOLDS.items()}
     return write_converted(official, out, "adavit", timm_vit_backbone(official, num_heads), options, budget,
@@ -87,7 +87,7 @@ def official_name(key: str) -> str | None:
 
 def separate_qkv(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm's ``attn.qkv`` split into the official ``attn.query``, ``.key`` and ``.value`` (the inverse of
-    :func:`_joined_qkv`)."""
+    :func:`joined_qkv`)."""
     separated = {}
     for key, value in weights.items():
         match = _JOINED_QKV.fullmatch(key)
@@ -99,7 +99,7 @@ def separate_qkv(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return separated
 
 
-def _joined_qkv(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def joined_qkv(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``attn.query/key/value`` concatenated into timm's ``attn.qkv`` where a block has all three."""
     joined = dict(weights)
     for key in weights:
