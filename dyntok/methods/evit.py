@@ -27,7 +27,7 @@ from .base import Prediction, SingleViT
 from .budget import Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (ClassAttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              check_prune_locations, gather_tokens, mlp_half, pooled_head)
+                              check_prune_locations, gather_tokens, mlp_half, pooled_head, run_block)
 
 __all__ = ["EViT", "reorganise", "destinations", "kept_count", "KEEP_RATE_SCHEDULES"]
 
@@ -118,7 +118,7 @@ class EViT(SingleViT):
         self.shrink_start, self.shrink_end = shrink_start, shrink_end
         if backbone.pretrained or backbone.pretrained_file is not None:
             self._started_trained()
-        self._taps = {index: ClassAttentionTap(vit.blocks[index].attn) for index in locations}
+        self._taps = {index: ClassAttentionTap(vit.blocks[index]) for index in locations}
         self._training_progress: float | None = None
         self.keep_rate = 1.0
         self.set_budget(keep_rate=keep_rate)
@@ -175,9 +175,9 @@ class EViT(SingleViT):
             tap.enable(index in reorganising)
         for index, block in enumerate(vit.blocks):
             if index not in reorganising:
-                tokens = block(tokens)
+                tokens = run_block(block, tokens)
                 continue
-            tokens = attention_half(block, tokens)
+            tokens = attention_half(block, tokens, tap=self._taps[index])
             keep = kept_count(keep_rate, tokens.shape[1] - prefix)
             scores = self._taps[index].pop()[:, prefix:]
             patches, top = reorganise(tokens[:, prefix:], scores, keep, self.fuse_inattentive)

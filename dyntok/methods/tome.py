@@ -28,7 +28,7 @@ from .base import Prediction, SingleViT
 from .budget import Choice, Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (KeyTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              gather_tokens, mlp_half, pooled_head)
+                              gather_tokens, mlp_half, pooled_head, run_block)
 
 __all__ = ["ToMe", "Matching", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
 
@@ -195,7 +195,7 @@ class ToMe(SingleViT):
                          proportional_attention=proportional_attention)
         self.vit = vit
         self.proportional_attention = proportional_attention is not False
-        self._taps = [KeyTap(block.attn) for block in vit.blocks]
+        self._taps = [KeyTap(block) for block in vit.blocks]
         default_r = largest_constant_r(self.num_patches, len(vit.blocks)) // 2
         self.r: int | list[int] = 0
         self.schedule = "constant"
@@ -227,10 +227,10 @@ class ToMe(SingleViT):
         for block, tap, r in zip(vit.blocks, self._taps, self.r_per_block()):
             tap.enable(r > 0)
             if r == 0 and bias is None:
-                # Nothing to merge and no sizes to weigh attention by: timm's block as it is (r = 0 is dense).
-                tokens = block(tokens)
+                # Nothing to merge and no sizes to weigh attention by: timm's block (r = 0 is dense).
+                tokens = run_block(block, tokens)
                 continue
-            tokens = attention_half(block, tokens, attn_mask=bias)
+            tokens = attention_half(block, tokens, attn_mask=bias, tap=tap)
             if r > 0:
                 metric = tap.pop().mean(dim=1)[:, prefix:]  # the patch tokens' keys, averaged over heads
                 matching = bipartite_soft_matching(metric, r, offset=prefix)
