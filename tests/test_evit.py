@@ -70,10 +70,14 @@ def test_matches_an_independent_reference(variant, fused, fuse, keep_rate, locat
     torch.testing.assert_close(model.predict(images).logits, reference_evit(model, images), rtol=1e-4, atol=1e-5)
 
 
-def test_fusion_keeps_the_top_tokens_in_order_and_sums_the_rest_by_attention():
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_fusion_keeps_the_top_tokens_in_order_and_sums_the_rest_by_attention(prefix):
     tokens = torch.arange(12.0).view(1, 6, 2)
     scores = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.1, 0.05]])
-    reorganised, top = reorganise(tokens, scores, keep=2)
+    first = -torch.ones(1, prefix, 2)  # prefix tokens: passed through, first
+    reorganised, top = reorganise(torch.cat([first, tokens], 1), scores, keep=2, prefix=prefix)
+    torch.testing.assert_close(reorganised[:, :prefix], first)
+    reorganised = reorganised[:, prefix:]
     torch.testing.assert_close(reorganised[0, :2], tokens[0, [1, 3]])
     torch.testing.assert_close(reorganised[0, 2], (scores[0, [0, 2, 4, 5], None] * tokens[0, [0, 2, 4, 5]]).sum(0))
     assert top.tolist() == [[1, 3]]

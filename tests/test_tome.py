@@ -170,9 +170,11 @@ def test_matching_sets_follow_the_official_split_of_the_whole_sequence(protected
     matching = bipartite_soft_matching(keys[:, protected:], r, offset=protected)
     destination = matching.destination(num_patches)
     # Merging follows the destinations: each merged token is the sum of the tokens sent to it.
-    tokens = torch.randn(3, num_patches, 2)
-    by_destination = torch.zeros(3, num_patches - r, 2).scatter_add(1, destination[..., None].expand(-1, -1, 2), tokens)
-    torch.testing.assert_close(matching.merge_sum(tokens), by_destination)
+    tokens = torch.randn(3, protected + num_patches, 2)
+    by_destination = torch.zeros(3, num_patches - r, 2).scatter_add(1, destination[..., None].expand(-1, -1, 2),
+                                                                   tokens[:, protected:])
+    # The prefix tokens pass through, first.
+    torch.testing.assert_close(matching.merge_sum(tokens), torch.cat([tokens[:, :protected], by_destination], 1))
     for image in range(3):
         position = {j: protected + j for j in range(num_patches)}  # patch j's place in the whole sequence
         in_b = [j for j in range(num_patches) if position[j] % 2 == 1]
