@@ -14,7 +14,8 @@ from dyntok.measure.macs import count_macs_with_torch
 from dyntok.methods.dvt import (DVT, NEVER_EXIT, default_grids, exit_stages, geometric_exit_proportions,
                                 stage_geometry, thresholds_for_proportions)
 from dyntok.methods.dvt_reuse import (RESAMPLING_MODES, RelationReuse, attention_with_logits, block_forward,
-                                      resample_token_axis, resampling_macs)
+                                      resample_both_token_axes, resample_token_axis, resampling_macs,
+                                      token_resampling_matrix)
 from dyntok.models.vit import BackboneSpec
 
 #: 16px images; default grids (2, 3, 4) -> patch 8 on 16px, patch 5 on 15px, patch 4 on 16px.
@@ -105,7 +106,7 @@ def _bilinear(maps, size):
 
 def test_resample_token_axis_interpolates_the_patch_grid_and_keeps_prefix():
     values = torch.randn(2, 1 + 9, 4)  # one prefix token, a 3x3 grid, 4 channels
-    resampled = resample_token_axis(values, 3, 5, num_prefix=1)
+    resampled = resample_token_axis(values, token_resampling_matrix(3, 5, num_prefix=1))
     assert resampled.shape == (2, 1 + 25, 4) and torch.equal(resampled[:, :1], values[:, :1])
     expected = _bilinear(values[:, 1:].transpose(1, 2), 5).transpose(1, 2)
     torch.testing.assert_close(resampled[:, 1:], expected)
@@ -129,10 +130,21 @@ def _resample_as_images(values, old_grid, new_grid, num_prefix, mode):
 def test_matmul_resampling_equals_the_2d_operators(mode, old_grid, new_grid):
     torch.manual_seed(0)
     values = torch.randn(2, 3, 1 + old_grid ** 2, 6)
-    resampled = resample_token_axis(values, old_grid, new_grid, num_prefix=1, mode=mode)
+    matrix = token_resampling_matrix(old_grid, new_grid, num_prefix=1, mode=mode)
+    resampled = resample_token_axis(values, matrix)
     torch.testing.assert_close(resampled, _resample_as_images(values, old_grid, new_grid, 1, mode))
-    assert count_macs_with_torch(lambda v: resample_token_axis(v, old_grid, new_grid, 1, mode), values) == \
-        6 * resampling_macs(old_grid, new_grid, channels=6)  # 2 x 3 items of 6 channels
+    tokens = 1 + old_grid ** 2, 1 + new_grid ** 2
+    assert count_macs_with_torch(lambda v: resample_token_axis(v, matrix), values) == \
+        6 * resampling_macs(*tokens, channels=6)  # 2 x 3 items of 6 channels
+
+
+@pytest.mark.parametrize("mode", RESAMPLING_MODES)
+def test_both_axes_resampled_as_each_axis_in_turn(mode):
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, 1 + 16, 1 + 16)
+    matrix = token_resampling_matrix(4, 7, num_prefix=1, mode=mode)
+    queries_then_keys = resample_token_axis(resample_token_axis(maps, matrix).transpose(-1, -2), matrix)
+    torch.testing.assert_close(resample_both_token_axes(maps, matrix), queries_then_keys.transpose(-1, -2))
 
 
 def test_relation_resampling_is_grid_to_grid_on_both_axes():
