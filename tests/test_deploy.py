@@ -13,6 +13,7 @@ import torch
 import dyntok
 from dyntok.cli import main
 from dyntok.deploy.export import EXPORT_FILE, ExportError
+from dyntok.measure.latency_budget import fit_latency_budget
 from dyntok.methods.dense import DenseViT
 from dyntok.runtime import load
 
@@ -342,6 +343,39 @@ def test_each_budget_is_timed_on_enough_images_to_average_content(batch_size, ba
     images = torch.randn(40, 3, TINY["img_size"], TINY["img_size"])
     model.calibrate_latency([(images, None)], 1e9, batch_size=batch_size, timer=counting_clock)
     assert seen and all(sizes == [batch_size] * batches for sizes in seen)
+
+
+class _BiasAndGrid:
+    """A stand-in for ReViT's knobs: a number, and a grid that is either chosen per image (None) or fixed."""
+
+    method_name = "bias-and-grid"
+
+    def __init__(self) -> None:
+        self.budget = {"bias": 0.0, "grid": None}
+
+    def budget_sweep(self):
+        return [{"bias": -1.0, "grid": None}, {"bias": 0.0, "grid": None}, {"bias": 0.0, "grid": 8},
+                {"bias": 1.0, "grid": None}]
+
+    def get_budget(self):
+        return dict(self.budget)
+
+    def set_budget(self, **knobs):
+        self.budget = knobs
+
+    def predict(self, images):  # the fake clock below reads the budget, not the images
+        return None
+
+    def milliseconds(self) -> float:
+        return 5.5 if self.budget["grid"] == 8 else 4.0 + 3.0 * self.budget["bias"]
+
+
+def test_refining_steps_over_a_budget_it_cannot_blend_with():
+    """Between the slowest budget within the target (bias 0: 4 ms) and the next slower one (a fixed grid: 5.5 ms)
+    there is no line; the fit refines towards the next one it can blend with (bias 1: 7 ms) instead."""
+    model = _BiasAndGrid()
+    fitted = fit_latency_budget(model, torch.zeros(32, 1), 5.0, timer=lambda predict, batches: model.milliseconds())
+    assert fitted["grid"] is None and 0.25 < fitted["bias"] <= 1 / 3
 
 
 def test_calibrated_dynamicvit_keep_ratio_is_between_sweep_points(test_images):

@@ -130,3 +130,13 @@ def test_latency_calibration_reports_where_each_fitted_budget_landed(tmp_path, m
     report = (tmp_path / "README.md").read_text()
     assert report.count("| vit_cifar_nano | noise | dynamicvit | 2 |") == 2
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    # The sweep timed before fitting: every budget's latency and GMACs, beside dense at the same batch size.
+    dense, sweep = results["sweeps"]
+    assert (dense["method"], sweep["method"]) == ("dense", "dynamicvit") and dense["batch"] == sweep["batch"] == 2
+    model = dyntok.create_model("dynamicvit_vit_cifar_nano")
+    assert [point["budget"] for point in sweep["points"]] == model.budget_sweep()
+    assert all(point["ms"] > 0 and point["gmacs"] > 0 for point in sweep["points"])
+    assert min(point["gmacs"] for point in sweep["points"]) < dense["points"][0]["gmacs"]
+    assert impossible["fastest_ms"] == min(point["ms"] for point in sweep["points"])
+    assert report.count("| dynamicvit | keep_ratio=") == len(sweep["points"])
+    assert (tmp_path / "latency_vs_budget.png").stat().st_size > 0

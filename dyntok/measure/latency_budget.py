@@ -71,7 +71,9 @@ def fit_latency_budget(model, images: Tensor, latency_ms: float, batch_size: int
         raise ValueError(f"no budget of {model.method_name} meets {latency_ms:g} ms at batch {batch_size}: the "
                          f"fastest swept, {fastest}, takes {fastest_ms:.3g} ms")
     best = within[-1][2]
-    slower = timed[len(within)][2] if len(within) < len(timed) else None
+    # Refine towards the fastest slower budget that a line from ``best`` reaches: a budget differing in a
+    # knob that cannot be blended (ReViT's grid=None vs a fixed grid) may sit between two that can.
+    slower = next((budget for _, _, budget in timed[len(within):] if _between(best, budget, 0.5) is not None), None)
     if slower is not None:
         best = _bisect(latency, best, slower, latency_ms)
     model.set_budget(**best)
