@@ -70,10 +70,14 @@ def test_matches_an_independent_reference(variant, fused, fuse, keep_rate, locat
     torch.testing.assert_close(model.predict(images).logits, reference_evit(model, images), rtol=1e-4, atol=1e-5)
 
 
-def test_fusion_keeps_the_top_tokens_in_order_and_sums_the_rest_by_attention():
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_fusion_keeps_the_top_tokens_in_order_and_sums_the_rest_by_attention(prefix):
     tokens = torch.arange(12.0).view(1, 6, 2)
     scores = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.1, 0.05]])
-    reorganised, top = reorganise(tokens, scores, keep=2)
+    first = -torch.ones(1, prefix, 2)  # prefix tokens: passed through, first
+    reorganised, top = reorganise(torch.cat([first, tokens], 1), scores, keep=2, prefix=prefix)
+    torch.testing.assert_close(reorganised[:, :prefix], first)
+    reorganised = reorganised[:, prefix:]
     torch.testing.assert_close(reorganised[0, :2], tokens[0, [1, 3]])
     torch.testing.assert_close(reorganised[0, 2], (scores[0, [0, 2, 4, 5], None] * tokens[0, [0, 2, 4, 5]]).sum(0))
     assert top.tolist() == [[1, 3]]
@@ -113,21 +117,28 @@ def test_reported_macs_without_fusing_match_torch_flop_counter(variant, keep_rat
     assert reported < evit_on(variant, keep_rate=keep_rate).predict(images[:1]).macs.item() <= model.dense_macs()
 
 
-def test_only_blocks_that_reorganise_are_hooked(images):
-    model = evit_on("plain", keep_rate=0.5, prune_locations=[0, 2])
+def hooked_blocks(model) -> list[int]:
+    return [index for index, block in enumerate(model.vit.blocks)
+            if any(module._forward_hooks or module._forward_pre_hooks for module in block.attn.modules())]
+
+
+def test_only_blocks_that_reorganise_through_timms_modules_are_hooked(images):
+    model = evit_on("layerscale_qknorm", keep_rate=0.5, prune_locations=[0, 2])
     model.predict(images)
-    assert [index for index, tap in model._taps.items() if tap.enabled] == [0, 2]
+    assert hooked_blocks(model) == [0, 2]
     model.set_budget(keep_rate=1.0)
     model.predict(images)
-    hooked = [block for block in model.vit.blocks
-              if any(module._forward_hooks or module._forward_pre_hooks for module in block.attn.modules())]
-    assert hooked == []
+    assert hooked_blocks(model) == []
+    lean = evit_on("plain", keep_rate=0.5, prune_locations=[0, 2])  # lean halves hand the class row over directly
+    lean.predict(images)
+    assert hooked_blocks(lean) == [] and [index for index, tap in lean._taps.items() if tap.enabled] == [0, 2]
 
 
-def test_the_explicit_attention_hands_over_the_class_row_without_recomputing_it(images):
+@pytest.mark.parametrize("variant", ["plain", "layerscale_qknorm"], ids=["lean", "timm modules"])
+def test_the_explicit_attention_hands_over_the_class_row_without_recomputing_it(variant, images):
     """Off the fused kernel the probabilities exist: the class token's row is read, not recomputed, and the
     MACs say so (and still match torch's counter). Switching kernels after a predict re-places the hooks."""
-    model = evit_on("plain", keep_rate=0.5)
+    model = evit_on(variant, keep_rate=0.5)
     fused = model.predict(images)
     ref.set_fused_attention(model.vit, False)
     explicit = model.predict(images)

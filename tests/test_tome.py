@@ -6,7 +6,7 @@ import torch
 
 import dyntok
 from dyntok.measure.macs import count_macs_with_torch
-from dyntok.methods.token_reduction import attention_half, mlp_half
+from dyntok.methods.token_reduction import attention_half, mlp_half, runs_lean
 from dyntok.methods.tome import ToMe, bipartite_soft_matching, largest_constant_r, merge_by_size, r_schedule
 from dyntok.models import BackboneSpec
 
@@ -84,11 +84,16 @@ def reference_tome(model: ToMe, images: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_block_halves_are_timms_block_forward(variant, images):
-    vit = tome_on(variant).vit
+def test_block_halves_are_timms_block_forward(variant, fused, train, images):
+    """Bit for bit, whether the halves run lean (eval mode, no LayerScale or qk-norm) or timm's own modules."""
+    vit = tome_on(variant).vit.train(train)
+    ref.set_fused_attention(vit, fused)
     tokens = vit._pos_embed(vit.patch_embed(images))
     for block in vit.blocks:
+        assert runs_lean(block) == (not train and "init_values" not in VARIANTS[variant])  # LayerScale: timm's modules
         torch.testing.assert_close(mlp_half(block, attention_half(block, tokens)), block(tokens), rtol=0, atol=0)
 
 
@@ -104,14 +109,20 @@ def hooked_blocks(model) -> list[int]:
             if any(module._forward_hooks or module._forward_pre_hooks for module in block.attn.modules())]
 
 
-def test_only_blocks_that_merge_are_hooked(images):
-    """A hook sends every call of its module down PyTorch's slower path: blocks merging nothing carry none."""
-    model = tome_on("plain", r=[2, 0, 1, 0])
+def test_only_blocks_that_merge_through_timms_modules_are_hooked(images):
+    """A hook sends every call of its module down PyTorch's slower path: blocks merging nothing carry none, and
+    lean blocks, which hand their keys over directly, carry none either."""
+    model = tome_on("layerscale_qknorm", r=[2, 0, 1, 0])
     model.predict(images)
     assert hooked_blocks(model) == [0, 2]
     model.set_budget(r=0)
     model.predict(images)
     assert hooked_blocks(model) == []
+    lean = tome_on("plain", r=2)
+    lean.predict(images)
+    assert hooked_blocks(lean) == []
+    lean.train()(images)  # training runs timm's modules: the merging blocks are hooked for it
+    assert hooked_blocks(lean) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
@@ -159,9 +170,11 @@ def test_matching_sets_follow_the_official_split_of_the_whole_sequence(protected
     matching = bipartite_soft_matching(keys[:, protected:], r, offset=protected)
     destination = matching.destination(num_patches)
     # Merging follows the destinations: each merged token is the sum of the tokens sent to it.
-    tokens = torch.randn(3, num_patches, 2)
-    by_destination = torch.zeros(3, num_patches - r, 2).scatter_add(1, destination[..., None].expand(-1, -1, 2), tokens)
-    torch.testing.assert_close(matching.merge_sum(tokens), by_destination)
+    tokens = torch.randn(3, protected + num_patches, 2)
+    by_destination = torch.zeros(3, num_patches - r, 2).scatter_add(1, destination[..., None].expand(-1, -1, 2),
+                                                                   tokens[:, protected:])
+    # The prefix tokens pass through, first.
+    torch.testing.assert_close(matching.merge_sum(tokens), torch.cat([tokens[:, :protected], by_destination], 1))
     for image in range(3):
         position = {j: protected + j for j in range(num_patches)}  # patch j's place in the whole sequence
         in_b = [j for j in range(num_patches) if position[j] % 2 == 1]

@@ -27,7 +27,7 @@ from .base import Prediction, SingleViT
 from .budget import Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (ClassAttentionTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              check_prune_locations, gather_tokens, mlp_half, pooled_head)
+                              check_prune_locations, gather_tokens, mlp_half, pooled_head, run_block)
 
 __all__ = ["EViT", "reorganise", "destinations", "kept_count", "KEEP_RATE_SCHEDULES"]
 
@@ -46,21 +46,22 @@ def kept_count(keep_rate: float, num_patches: int) -> int:
     return max(1, math.ceil(keep_rate * num_patches - 1e-9))
 
 
-def reorganise(patches: Tensor, scores: Tensor, keep: int, fuse: bool = True) -> tuple[Tensor, Tensor]:
+def reorganise(tokens: Tensor, scores: Tensor, keep: int, fuse: bool = True, prefix: int = 0) -> tuple[Tensor, Tensor]:
     """Keep the ``keep`` patch tokens with the highest scores; fuse the others into one token, or drop them.
 
-    ``patches`` (B, n, C), ``scores`` (B, n) -> the kept tokens in their original order, followed when
-    ``fuse`` by the score-weighted sum of the others: (B, keep + 1, C) or (B, keep, C); and the positions kept
+    ``tokens`` (B, prefix + n, C): ``prefix`` tokens that stay as they are, then the n patch tokens ``scores``
+    (B, n) ranks -> the prefix, the kept tokens in their original order, and when ``fuse`` the score-weighted
+    sum of the others: (B, prefix + keep + 1, C) or (B, prefix + keep, C); and the positions kept among the n
     (B, keep), in order (:func:`destinations` turns them into where every token went).
     """
+    patches = tokens[:, prefix:]
     top = scores.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
-    kept = gather_tokens(patches, top)
-    if not fuse:
-        return kept, top
-    # One product over every token, the kept ones weighted 0, instead of gathering the others first: n x C
-    # MACs instead of (n - keep) x C, and two kernels fewer, which is what counts at batch 1.
-    weights = scores.scatter(1, top, 0.0).to(patches.dtype).unsqueeze(1)
-    return torch.cat([kept, weights @ patches], dim=1), top
+    parts = [tokens[:, :prefix], gather_tokens(patches, top)]
+    if fuse:
+        # One product over every token, the kept ones weighted 0, instead of gathering the others first: n x C
+        # MACs instead of (n - keep) x C, and two kernels fewer, which is what counts at batch 1.
+        parts.append(scores.scatter(1, top, 0.0).to(patches.dtype).unsqueeze(1) @ patches)
+    return torch.cat(parts, dim=1), top
 
 
 def destinations(top: Tensor, num: int, fuse: bool) -> Tensor:
@@ -118,7 +119,7 @@ class EViT(SingleViT):
         self.shrink_start, self.shrink_end = shrink_start, shrink_end
         if backbone.pretrained or backbone.pretrained_file is not None:
             self._started_trained()
-        self._taps = {index: ClassAttentionTap(vit.blocks[index].attn) for index in locations}
+        self._taps = {index: ClassAttentionTap(vit.blocks[index]) for index in locations}
         self._training_progress: float | None = None
         self.keep_rate = 1.0
         self.set_budget(keep_rate=keep_rate)
@@ -175,13 +176,12 @@ class EViT(SingleViT):
             tap.enable(index in reorganising)
         for index, block in enumerate(vit.blocks):
             if index not in reorganising:
-                tokens = block(tokens)
+                tokens = run_block(block, tokens)
                 continue
-            tokens = attention_half(block, tokens)
+            tokens = attention_half(block, tokens, tap=self._taps[index])
             keep = kept_count(keep_rate, tokens.shape[1] - prefix)
             scores = self._taps[index].pop()[:, prefix:]
-            patches, top = reorganise(tokens[:, prefix:], scores, keep, self.fuse_inattentive)
-            tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
+            tokens, top = reorganise(tokens, scores, keep, self.fuse_inattentive, prefix)
             if groups is not None:
                 groups.move(destinations(top, scores.shape[1], self.fuse_inattentive))
                 set_aside |= (groups.index == keep) | (groups.index < 0)  # fused (at position keep) or dropped

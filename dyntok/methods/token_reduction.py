@@ -5,28 +5,38 @@ the methods that shrink the token sequence inside a block (ToMe, EViT), the bloc
 what its attention computed.
 
 ToMe and EViT both act between the attention and the MLP of a timm ``Block``, so a block is run as its two
-residual halves (:func:`attention_half`, :func:`mlp_half`), built from the block's own sub-modules (``norm1``,
-``attn``, ``ls1``, ``drop_path1``...). LayerScale, qk-norm, fused attention and stochastic depth therefore come from
-timm itself; ``tests/test_tome.py`` holds the two halves to timm's ``Block.forward``.
+residual halves (:func:`attention_half`, :func:`mlp_half`). Both also need what the attention computed: ToMe
+matches tokens by their keys (:class:`KeyTap`), EViT ranks them by the class token's attention
+(:class:`ClassAttentionTap`). A half runs one of two ways:
 
-Both also need what the attention computed: ToMe matches tokens by their keys (:class:`KeyTap`), EViT ranks
-them by the class token's attention (:class:`ClassAttentionTap`). Taps read them from forward hooks on the
-attention's sub-modules (``q_norm`` and ``k_norm``, identities when qk-norm is off; ``attn_drop``, which receives
-the probabilities on the explicit path), so timm's ``Attention.forward`` stays untouched, fused kernel
-included, and checkpoints keep timm's parameter names. A tap is only hooked where the budget reads it.
+- **lean** (:func:`runs_lean`), in eval mode for a block without LayerScale, qk-norm, the attention's output
+  norm or gate: the block's sub-modules (norms, linears, activation) are called directly, skipping timm's
+  identity placeholders (``ls1``, ``drop_path1``, ``q_norm``, ``attn_drop``...), and the attention hands its
+  queries, keys and (explicit path) probabilities straight to the tap. At batch 1 on a short sequence the
+  module calls and hooks saved are a sixth of the model's time (the micro preset's 65 tokens). The attention runs the kernel timm would run
+  (``attn.fused_attn``), in timm's order of operations, so the result is bit for bit timm's;
+  ``tests/test_tome.py`` holds both ways to timm's ``Block.forward``.
+- **timm's own modules** otherwise (training, LayerScale, qk-norm...): LayerScale, qk-norm, fused attention
+  and stochastic depth come from timm itself, and a tap reads what the attention computed from forward hooks
+  on its sub-modules (``q_norm`` and ``k_norm``, identities when qk-norm is off; ``attn_drop``, which receives
+  the probabilities on the explicit path), so timm's ``Attention.forward`` stays untouched and checkpoints
+  keep timm's parameter names. Hooks are only placed where the budget reads the tap and this way runs.
 
 :class:`PatchGroups` follows which source patch each remaining token stands for (``extras['patch_groups']``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import weakref
+from typing import Any, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.layers import Attention, Mlp, maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer import Block
 
 __all__ = ["default_grids", "default_prune_locations", "check_prune_locations", "keep_attention_mask",
-           "attention_half", "mlp_half", "check_plain_blocks", "check_pooling", "pooled_head",
+           "attention_half", "mlp_half", "run_block", "runs_lean", "check_plain_blocks", "check_pooling", "pooled_head",
            "gather_tokens", "KeyTap", "ClassAttentionTap", "class_attention", "PatchGroups"]
 
 
@@ -86,14 +96,79 @@ def check_prune_locations(locations: Sequence[int] | None, depth: int) -> list[i
     return locations
 
 
-def attention_half(block: Block, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-    """The first residual branch of timm's ``Block.forward``: ``x + attention(norm1(x))``."""
-    return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=attn_mask)))
+def attention_half(block: Block, x: Tensor, attn_mask: Tensor | None = None, tap: _Tap | None = None) -> Tensor:
+    """The first residual branch of timm's ``Block.forward``: ``x + attention(norm1(x))``. A ``tap`` that is
+    enabled records what the attention computed."""
+    if not runs_lean(block):
+        return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=attn_mask)))
+    attended = _lean_attention(block.attn, block.norm1(x), attn_mask)
+    if tap is not None and tap.enabled:
+        tap.take(attended)
+    return x + attended.output
 
 
 def mlp_half(block: Block, x: Tensor) -> Tensor:
     """The second residual branch of timm's ``Block.forward``: ``x + mlp(norm2(x))``."""
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    if not runs_lean(block):
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    mlp = block.mlp
+    return x + mlp.fc2(mlp.act(mlp.fc1(block.norm2(x))))
+
+
+def run_block(block: Block, x: Tensor) -> Tensor:
+    """timm's ``Block.forward``, the lean way where :func:`runs_lean` (bit for bit the same result)."""
+    return mlp_half(block, attention_half(block, x))
+
+
+#: Whether each block seen so far has the lean structure (:func:`runs_lean`); read once per block.
+_LEAN_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def runs_lean(block: Block) -> bool:
+    """Whether :func:`attention_half` and :func:`mlp_half` run ``block`` from its sub-modules, skipping timm's
+    placeholders: in eval mode (dropout and drop path do nothing then), for timm's own ``Attention`` and ``Mlp``
+    without LayerScale, qk-norm, the attention's output norm or gate, or the MLP's norm. The structure is read
+    once per block (replacing a sub-module of a block already run is not noticed); the mode on every call."""
+    if block.training:
+        return False
+    lean = _LEAN_STRUCTURE.get(block)
+    if lean is None:
+        lean = _LEAN_STRUCTURE[block] = _has_lean_structure(block)
+    return lean
+
+
+def _has_lean_structure(block: Block) -> bool:
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention or type(mlp) is not Mlp or getattr(attn, "gate", None) is not None:
+        return False
+    placeholders = (block.ls1, block.ls2, attn.q_norm, attn.k_norm, attn.norm, mlp.norm)
+    return all(type(module) is nn.Identity for module in placeholders)
+
+
+class Attended(NamedTuple):
+    """What a lean attention computed: the branch's output and, for taps, its queries and keys (B, H, N, d) and
+    its probabilities (B, H, N, N) where the explicit path made them (None on the fused kernel)."""
+
+    output: Tensor
+    query: Tensor
+    key: Tensor
+    probabilities: Tensor | None
+
+
+def _lean_attention(attn: Attention, x: Tensor, attn_mask: Tensor | None) -> Attended:
+    """timm's ``Attention.forward`` without its placeholders, in eval mode, on the kernel it would choose."""
+    batch, length, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv.unbind(0)
+    if attn.fused_attn:
+        probabilities = None
+        mixed = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+    else:  # timm's explicit path, operation for operation
+        logits = (query * attn.scale) @ key.transpose(-2, -1)
+        probabilities = maybe_add_mask(logits, resolve_self_attn_mask(length, logits, attn_mask)).softmax(dim=-1)
+        mixed = probabilities @ value
+    output = attn.proj(mixed.transpose(1, 2).reshape(batch, length, attn.attn_dim))
+    return Attended(output, query, key, probabilities)
 
 
 def check_plain_blocks(vit: nn.Module, method: str) -> None:
@@ -135,29 +210,38 @@ def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
 
 
 class _Tap:
-    """Forward hooks on some of a timm ``Attention``'s sub-modules, registered only while :attr:`enabled`.
+    """What a block's attention computed, for a method to read after :func:`attention_half`.
 
-    A method switches a tap off (:meth:`enable`) in the blocks where its budget reads nothing (ToMe merging 0
-    tokens, EViT keeping every token): a module with hooks takes PyTorch's slower call path, which shows at
-    batch 1.
+    A method enables a tap (:meth:`enable`) in the blocks where its budget reads it (not where ToMe merges 0
+    tokens, or EViT keeps every token). A lean half hands the tap its queries, keys and probabilities
+    (:meth:`take`); where the block runs timm's modules instead, the tap reads them with forward hooks on the
+    attention's sub-modules, placed only while enabled: a module with hooks takes PyTorch's slower call path,
+    which shows at batch 1.
     """
 
-    def __init__(self, attn: nn.Module) -> None:
-        self.attn = attn
+    def __init__(self, block: Block) -> None:
+        self.block, self.attn = block, block.attn
+        self.enabled = False
         self._handles: list[Any] = []
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._handles)
-
     def enable(self, on: bool) -> None:
-        """Hook (``on``) or unhook the attention. Cheap when nothing changes: methods call it before every
-        forward, with what that forward's budget reads."""
-        if on == self.enabled and not (on and self._stale()):
+        """Record (``on``) or not in the coming forward; hooks go in or out as that forward needs. Cheap when
+        nothing changes: methods call it before every forward, with what that forward's budget reads."""
+        self.enabled = on
+        hooked = on and not runs_lean(self.block)
+        if hooked == bool(self._handles) and not (hooked and self._stale()):
             return
         for handle in self._handles:
             handle.remove()
-        self._handles = self._register() if on else []
+        self._handles = self._register() if hooked else []
+
+    @property
+    def hooked(self) -> bool:
+        return bool(self._handles)
+
+    def take(self, attended: Attended) -> None:
+        """Record what a lean half computed."""
+        raise NotImplementedError
 
     def _stale(self) -> bool:
         """Whether the hooks in place no longer fit how the attention runs."""
@@ -170,14 +254,17 @@ class _Tap:
 class KeyTap(_Tap):
     """Records the keys (B, heads, N, head_dim) a timm ``Attention`` used, after qk-norm (ToMe's matching).
 
-    A hook on ``attn.k_norm`` (an identity when qk-norm is off) sees exactly the keys the attention product
-    uses, whether the fused kernel or the explicit path runs. :meth:`pop` hands them over and forgets them, so
-    that no activation outlives the forward that made it.
+    Where timm's modules run, a hook on ``attn.k_norm`` (an identity when qk-norm is off) sees exactly the keys
+    the attention product uses, whether the fused kernel or the explicit path runs. :meth:`pop` hands them
+    over and forgets them, so that no activation outlives the forward that made it.
     """
 
-    def __init__(self, attn: nn.Module) -> None:
-        super().__init__(attn)
+    def __init__(self, block: Block) -> None:
+        super().__init__(block)
         self._key: Tensor | None = None
+
+    def take(self, attended: Attended) -> None:
+        self._key = attended.key
 
     def _register(self) -> list[Any]:
         return [self.attn.k_norm.register_forward_hook(self._record)]
@@ -196,21 +283,27 @@ class ClassAttentionTap(_Tap):
     """The class token's attention over all tokens, averaged over heads, (B, N), of a timm ``Attention``'s last
     call (EViT's ranking).
 
-    Where the attention runs its explicit path (``attn.fused_attn`` off) the probabilities exist: a hook on
-    ``attn.attn_drop``, which receives them, reads the class token's row for free. The fused kernel never
-    materialises them, so there the row is recomputed from the queries and keys (hooks on ``q_norm`` and
-    ``k_norm``): ``N x dim`` MACs, which the method counts.
+    Where the attention runs its explicit path (``attn.fused_attn`` off) the probabilities exist and the class
+    token's row is read for free (from the lean half, or from a hook on ``attn.attn_drop``, which receives
+    them). The fused kernel never materialises them, so there the row is recomputed from the queries and keys
+    (from the lean half, or hooks on ``q_norm`` and ``k_norm``): ``N x dim`` MACs, which the method counts.
     """
 
-    def __init__(self, attn: nn.Module) -> None:
-        super().__init__(attn)
-        self._fused = bool(attn.fused_attn)
+    def __init__(self, block: Block) -> None:
+        super().__init__(block)
+        self._fused = bool(self.attn.fused_attn)
         self._recorded: dict[str, Tensor] = {}
 
     @property
     def recomputes(self) -> bool:
         """Whether the row costs extra work (the fused kernel runs)."""
         return bool(self.attn.fused_attn)
+
+    def take(self, attended: Attended) -> None:
+        if attended.probabilities is not None:
+            self._recorded["row"] = attended.probabilities[:, :, 0]
+        else:
+            self._recorded.update(query=attended.query, key=attended.key)
 
     def _register(self) -> list[Any]:
         self._fused = self.recomputes

@@ -28,7 +28,7 @@ from .base import Prediction, SingleViT
 from .budget import Choice, Interval, KnobSpace
 from .registry import register_method
 from .token_reduction import (KeyTap, PatchGroups, attention_half, check_plain_blocks, check_pooling,
-                              gather_tokens, mlp_half, pooled_head)
+                              gather_tokens, mlp_half, pooled_head, run_block)
 
 __all__ = ["ToMe", "Matching", "bipartite_soft_matching", "merge_by_size", "r_schedule", "largest_constant_r"]
 
@@ -42,19 +42,27 @@ _SWEEP_SHARES = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 # --------------------------------------------------------------------------------------------- merging
 class Matching(NamedTuple):
-    """One block's merges over the n tokens that may merge. Set A is every other token from position
-    ``first_a``, set B the others; positions below are within A or within B."""
+    """One block's merges in a sequence of ``prefix`` tokens that never merge followed by the n tokens that may.
+    Set A is every other one of the n, from the first at an even position of the whole sequence; set B the
+    others. Positions below are within A or within B."""
 
-    first_a: int
+    prefix: int
     unmerged: Tensor  #: (B, |A| - r) the A tokens that stay, in order
     merged: Tensor  #: (B, r) the A tokens that merge
     partner: Tensor  #: (B, r) the B token each of them merges into
 
+    @property
+    def first_a(self) -> int:
+        """Position of A's first token among the n (the class token, at 0 of the whole sequence, is in A)."""
+        return self.prefix % 2
+
     def merge_sum(self, x: Tensor) -> Tensor:
-        """(B, n, C) -> (B, n - r, C): the unmerged A tokens, then the B tokens plus what merged into them."""
-        set_a, set_b = x[:, self.first_a::2], x[:, 1 - self.first_a::2]
+        """(B, prefix + n, C) -> (B, prefix + n - r, C): the prefix as it is, the unmerged A tokens, then the B
+        tokens plus what merged into them (one concatenation: at batch 1 every kernel counts)."""
+        patches = x[:, self.prefix:]
+        set_a, set_b = patches[:, self.first_a::2], patches[:, 1 - self.first_a::2]
         into_b = self.partner.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        return torch.cat([gather_tokens(set_a, self.unmerged),
+        return torch.cat([x[:, :self.prefix], gather_tokens(set_a, self.unmerged),
                           set_b.scatter_add(1, into_b, gather_tokens(set_a, self.merged))], dim=1)
 
     def destination(self, num: int) -> Tensor:
@@ -91,14 +99,15 @@ def bipartite_soft_matching(metric: Tensor, r: int, offset: int = 0) -> Matching
     best_score, partner = (set_a @ set_b.transpose(-1, -2)).max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     merged = order[:, :r]
-    return Matching(first_a, order[:, r:].sort(dim=-1).values, merged, partner.gather(1, merged))
+    return Matching(offset, order[:, r:].sort(dim=-1).values, merged, partner.gather(1, merged))
 
 
 def merge_by_size(tokens: Tensor, sizes: Tensor, matching: Matching) -> tuple[Tensor, Tensor]:
     """Size-weighted mean of the tokens merged into each, and the summed sizes.
 
-    ``tokens`` (B, n, C), ``sizes`` (B, n) -> (B, n - r, C), (B, n - r). The size-weighted mean over all tokens
-    is unchanged by merging. The sizes ride along as one more channel: one merge instead of two.
+    ``tokens`` (B, N, C), ``sizes`` (B, N), the matching's prefix first -> (B, N - r, C), (B, N - r). The
+    size-weighted mean over all tokens is unchanged by merging; the prefix tokens come out as they went in.
+    The sizes ride along as one more channel: one merge instead of two.
     """
     weights = sizes.unsqueeze(-1).to(tokens.dtype)
     merged = matching.merge_sum(torch.cat([tokens * weights, weights], dim=-1))
@@ -195,7 +204,7 @@ class ToMe(SingleViT):
                          proportional_attention=proportional_attention)
         self.vit = vit
         self.proportional_attention = proportional_attention is not False
-        self._taps = [KeyTap(block.attn) for block in vit.blocks]
+        self._taps = [KeyTap(block) for block in vit.blocks]
         default_r = largest_constant_r(self.num_patches, len(vit.blocks)) // 2
         self.r: int | list[int] = 0
         self.schedule = "constant"
@@ -227,18 +236,16 @@ class ToMe(SingleViT):
         for block, tap, r in zip(vit.blocks, self._taps, self.r_per_block()):
             tap.enable(r > 0)
             if r == 0 and bias is None:
-                # Nothing to merge and no sizes to weigh attention by: timm's block as it is (r = 0 is dense).
-                tokens = block(tokens)
+                # Nothing to merge and no sizes to weigh attention by: timm's block (r = 0 is dense).
+                tokens = run_block(block, tokens)
                 continue
-            tokens = attention_half(block, tokens, attn_mask=bias)
+            tokens = attention_half(block, tokens, attn_mask=bias, tap=tap)
             if r > 0:
                 metric = tap.pop().mean(dim=1)[:, prefix:]  # the patch tokens' keys, averaged over heads
                 matching = bipartite_soft_matching(metric, r, offset=prefix)
-                patches, patch_sizes = merge_by_size(tokens[:, prefix:], sizes[:, prefix:], matching)
                 if groups is not None:
-                    groups.move(matching.destination(patches.shape[1] + r))
-                tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
-                sizes = torch.cat([sizes[:, :prefix], patch_sizes], dim=1)
+                    groups.move(matching.destination(metric.shape[1]))
+                tokens, sizes = merge_by_size(tokens, sizes, matching)
                 if self.proportional_attention:
                     bias = sizes.log()[:, None, None, :]  # a token of s patches weighs in attention as s patches
             tokens = mlp_half(block, tokens)
