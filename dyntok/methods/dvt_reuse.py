@@ -171,7 +171,7 @@ class FeatureReuse(nn.Module):
                  eps: float = 1e-6, resampling: str = "bilinear", class_fill: str = "mean") -> None:
         super().__init__()
         self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
-        self.resampling, self.class_fill = resampling, class_fill
+        self.class_fill = class_fill
         self.register_buffer("resampling_weights", _patch_resampling(previous_grid, grid, 0, resampling),
                              persistent=False)
         self.norm = nn.LayerNorm(dim, eps=eps)
@@ -218,7 +218,6 @@ class RelationReuse(nn.Module):
                  resampling: str = "bilinear") -> None:
         super().__init__()
         self.previous_grid, self.grid, self.num_prefix = previous_grid, grid, num_prefix
-        self.resampling = resampling
         self.register_buffer("resampling_weights", _patch_resampling(previous_grid, grid, num_prefix, resampling),
                              persistent=False)
         self.mlp = nn.Sequential(nn.Conv2d(channels, channels * expansion, kernel_size=1), nn.GELU(),

@@ -235,10 +235,6 @@ class _Tap:
             handle.remove()
         self._handles = self._register() if hooked else []
 
-    @property
-    def hooked(self) -> bool:
-        return bool(self._handles)
-
     def take(self, attended: Attended) -> None:
         """Record what a lean half computed."""
         raise NotImplementedError
