@@ -40,7 +40,7 @@ from dyntok.measure.speed import first_images, measure_throughput
 from dyntok.models.vit import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_at_scale import create_for_timing, environment  # noqa: E402  (a sibling script, not a package)
+from speed_at_scale import budget_text, create_for_timing, environment  # noqa: E402  (a sibling script, not a package)
 
 #: Within this share of the target a fitted budget counts as landed (#26).
 TOLERANCE = 0.10
@@ -93,8 +93,7 @@ def time_sweep(model, fit: list, batch: int, repeats: int) -> list[dict[str, Any
     """Every budget of the method's sweep: milliseconds per batch of ``batch`` fit images, and mean GMACs per
     image over the fit images (what the budget costs on them: content decides it for some methods)."""
     model.calibrate(fit)  # what the sweep is built from (DVT's held-out confidences)
-    images = torch.cat([images for images, _ in fit])
-    batches = list(images[:timed_images(batch)].split(batch))
+    images, batches = torch.cat([images for images, _ in fit]), timed_batches(fit, batch)
     timer, budget = wall_clock_timer(repeats), model.get_budget()
     points = []
     for point in model.budget_sweep():
@@ -108,8 +107,13 @@ def time_sweep(model, fit: list, batch: int, repeats: int) -> list[dict[str, Any
 
 def time_dense(dense, fit: list, batch: int, repeats: int) -> dict[str, float]:
     """The dense model on the batches :func:`time_sweep` times: milliseconds per batch and GMACs per image."""
-    batches = list(torch.cat([images for images, _ in fit])[:timed_images(batch)].split(batch))
-    return {"ms": wall_clock_timer(repeats)(dense.predict, batches), "gmacs": dense.dense_macs() / 1e9}
+    return {"ms": wall_clock_timer(repeats)(dense.predict, timed_batches(fit, batch)),
+            "gmacs": dense.dense_macs() / 1e9}
+
+
+def timed_batches(fit: list, batch: int) -> list[torch.Tensor]:
+    """The fit images a budget is timed on, in batches of ``batch``: as many as ``calibrate_latency`` times."""
+    return list(torch.cat([images for images, _ in fit])[:timed_images(batch)].split(batch))
 
 
 def measure_size(size: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -168,7 +172,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | {_range(row)} | "
                          f"{row['share']:g} | {row['target_ms']:.2f} | unreachable | | | {row['unreachable']} |")
             continue
-        budget = ", ".join(f"{knob}={_short(value)}" for knob, value in row["budget"].items())
+        budget = budget_text(row["budget"])
         lines.append(f"| {row['size']} | {row['images']} | {row['method']} | {row['batch']} | {_range(row)} | "
                      f"{row['share']:g} | {row['target_ms']:.2f} | {row['measured_ms']:.2f} | {row['landed']:.2f} | {row['dense_ms']:.2f} | {budget} |")
     return "\n".join(lines + render_sweeps(results)) + "\n"
@@ -189,7 +193,7 @@ def render_sweeps(results: dict[str, Any]) -> list[str]:
             if sweep["method"] == "dense":
                 continue
             for point in sorted(sweep["points"], key=lambda point: point["gmacs"]):
-                budget = ", ".join(f"{knob}={_short(value)}" for knob, value in point["budget"].items())
+                budget = budget_text(point["budget"])
                 lines.append(f"| {sweep['method']} | {budget} | {point['gmacs']:.3f} | {point['ms']:.2f} | "
                              f"{point['ms'] / dense['ms']:.2f} |")
     return lines
@@ -232,14 +236,6 @@ def plot_sweeps(results: dict[str, Any], path: Path) -> Path:
 
 def _range(row: dict[str, Any]) -> str:
     return f"{row['fastest_ms']:.2f}-{row['slowest_ms']:.2f}"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_short(item) for item in value) + "]"
-    return str(value)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -68,7 +68,7 @@ from dyntok.pretrained import available
 from dyntok.training.distributed import select_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_at_scale import backbone_name, environment  # noqa: E402  (a sibling script, not a package)
+from speed_at_scale import backbone_name, budget_text, environment  # noqa: E402  (a sibling script, not a package)
 
 DEFAULT_SIZES = ("vit_cifar_micro", "deit_small")
 #: Where the weights of a dyntok model without shipped weights come from.
@@ -381,7 +381,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def _table_line(row: dict[str, Any]) -> str:
-    budget = ", ".join(f"{key}={_short(value)}" for key, value in row.get("budget", {}).items())
+    budget = budget_text(row.get("budget", {}))
     check = row.get("agreement")
     agree = f"{'yes' if check['agree'] else 'NO'} ({check['max_abs_logit_diff']:.1e})" if check else "-"
     if row["status"] != "measured":
@@ -389,13 +389,6 @@ def _table_line(row: dict[str, Any]) -> str:
     return (f"| {row['method']} | {budget} | {row['weights']} | {agree} | {row['dyntok_latency_ms']:.2f} | "
             f"{row['official_latency_ms']:.2f} | {row['latency_ratio']:.2f} | {row['throughput_ratio']:.2f} | "
             f"{row['dyntok_calls']} / {row['official_calls']} |")
-
-
-def _short(value: Any) -> str:
-    """A budget value as the table shows it: numbers to 3 significant digits."""
-    if isinstance(value, list):
-        return "[" + ", ".join(map(_short, value)) + "]"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

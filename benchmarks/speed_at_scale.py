@@ -62,6 +62,17 @@ def create_for_timing(method: str, size: str, **overrides: Any):
     return model
 
 
+def budget_text(budget: dict[str, Any]) -> str:
+    """A budget as the reports' tables show it: ``knob=value`` pairs, numbers to 3 significant digits."""
+    return ", ".join(f"{knob}={_short(value)}" for knob, value in budget.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_short, value)) + "]"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the figures depend on: the processor (or GPU), torch and its threads."""
     cpu = platform.processor() or platform.machine()
